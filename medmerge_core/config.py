@@ -1,0 +1,203 @@
+"""The YAML experiment config: typed dataclasses, checked key by key with one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medmerge_core.errors import InputError
+
+PIPELINES: tuple[str, ...] = ("ft", "lp_ft", "average_ft", "medmerge")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet18"
+    image_size: int = 64
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    granularity: str = "kernel"
+    freeze_bn: bool = False
+    # The probe uses the LP settings unless these are given.
+    epochs: int | None = None
+    lr: float | None = None
+
+
+@dataclass(frozen=True)
+class InMergeSettings:
+    p: float = 0.3
+    tau: float = 0.3
+    alpha: float = 0.8
+    skip_layers: int = 10
+    start_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    data: dict[str, Any]
+    sources: dict[str, str]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))
+    seed: int = 0
+    output_dir: str = "runs"
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    device: str = "auto"
+    amp: bool | None = None
+    channels_last: bool | None = None
+    lp: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-4))
+    ft: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-5))
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    inmerge: InMergeSettings | None = None
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise InputError(f"name: '{self.name}' may use only letters, digits, '_', '.', '-'")
+        for pipeline in self.pipelines:
+            if pipeline not in PIPELINES:
+                raise InputError(f"pipelines: unknown '{pipeline}'; expected one of {PIPELINES}")
+        needs_two = {"average_ft", "medmerge"} & set(self.pipelines)
+        if needs_two and len(self.sources) < 2:
+            raise InputError(f"sources: {sorted(needs_two)} need at least 2 sources")
+        if not self.sources:
+            raise InputError("sources: at least one source is required")
+        if "format" not in self.data:
+            raise InputError("data.format: missing")
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise InputError(f"{key}: must be >= 1")
+        if self.merge.granularity not in ("kernel", "layer", "parameter"):
+            raise InputError(
+                f"merge.granularity: unknown '{self.merge.granularity}'; "
+                "expected kernel, layer or parameter"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """Convert/validate one value against a type hint; raise InputError naming `where`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _check(value, option, where)
+            except InputError as exc:
+                errors.append(str(exc))
+        raise InputError(errors[0])
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, where + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise InputError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
+        _, item = typing.get_args(hint)
+        return {str(k): _check(v, item, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise InputError(
+            f"{where}: expected {hint.__name__}, got {type(value).__name__} ({value!r})"
+        )
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise InputError(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for key in required:
+        if key not in kwargs:
+            raise InputError(f"{prefix}{key}: missing")
+    return cls(**kwargs)
+
+
+def _substitute(value: Any, variables: dict[str, str]) -> Any:
+    """Replace ${name} in strings (e.g. ${data_root} from the command line)."""
+    if isinstance(value, str):
+
+        def repl(match: re.Match[str]) -> str:
+            key = match.group(1)
+            if key not in variables:
+                raise InputError(f"${{{key}}}: not set (pass --set {key}=...)")
+            return variables[key]
+
+        return re.sub(r"\$\{(\w+)\}", repl, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, variables) for v in value]
+    return value
+
+
+def config_from_dict(
+    data: dict[str, Any], variables: dict[str, str] | None = None
+) -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise InputError("config: top level must be a mapping")
+    return _build(ExperimentConfig, _substitute(data, variables or {}))
+
+
+def load_config(path: Path, variables: dict[str, str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{path}{where}: invalid YAML") from exc
+    try:
+        return config_from_dict(data or {}, variables)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

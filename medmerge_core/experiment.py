@@ -1,0 +1,284 @@
+"""FT, LP-FT, uniform-average + FT and MedMerge pipelines, driven by one config.
+
+A run folder holds: config.yaml (resolved), metrics.jsonl (per epoch), results.json (per
+method, rewritten atomically after each method), coefficients.npz + coefficient_summary.json
+(MedMerge), checkpoints/<method>.pt (best model) and state/ (what a resumed run needs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medmerge_core.config import ExperimentConfig, dump_config
+from medmerge_core.data.base import BatchLoader, TaskData
+from medmerge_core.errors import InputError
+from medmerge_core.io import atomic_savez, atomic_torch_save, atomic_write_json, atomic_write_text
+from medmerge_core.merge import MergedModel, export_coefficients
+from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
+from medmerge_core.train import (
+    FitResult,
+    Runtime,
+    StageConfig,
+    StepHook,
+    TensorBatches,
+    evaluate,
+    extract_features,
+    fit,
+    seed_everything,
+)
+
+
+@dataclass
+class RunContext:
+    """What every pipeline needs; built once per run."""
+
+    config: ExperimentConfig
+    task: TaskData
+    sources: dict[str, StateDict]
+    runtime: Runtime
+    run_dir: Path
+    show_progress: bool
+
+    def loaders(self) -> tuple[BatchLoader, BatchLoader, BatchLoader]:
+        c = self.config
+        return (
+            BatchLoader(self.task.train, c.batch_size, shuffle=True, seed=c.seed),
+            BatchLoader(self.task.val, c.eval_batch_size),
+            BatchLoader(self.task.test, c.eval_batch_size),
+        )
+
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(self.config.seed)  # the same head init for every method of a seed
+        return build_model(self.config.model.arch, self.task.num_classes, self.task.in_channels)
+
+    def stage(
+        self,
+        model: nn.Module,
+        method: str,
+        stage: str,
+        settings: StageConfig,
+        train: Any,
+        val: Any,
+        before_step: StepHook | None = None,
+    ) -> dict[str, Any]:
+        """Run one resumable training stage; a completed stage is loaded, not re-run."""
+        state_dir = self.run_dir / "state"
+        done = state_dir / f"{method}.{stage}.done.pt"
+        if done.exists():
+            saved = torch.load(done, map_location=self.runtime.device, weights_only=True)
+            model.load_state_dict(saved["model"])
+            return saved["summary"]
+        start = time.perf_counter()
+        result: FitResult = fit(
+            model,
+            train,
+            val,
+            settings,
+            self.runtime,
+            multilabel=self.task.multilabel,
+            name=f"{method} {stage}",
+            before_step=before_step,
+            checkpoint=state_dir / f"{method}.{stage}.ckpt.pt",
+            metrics_log=self.run_dir / "metrics.jsonl",
+            show_progress=self.show_progress,
+        )
+        summary = {
+            "best_epoch": result.best_epoch,
+            "val": result.best_val,
+            "seconds": time.perf_counter() - start,
+        }
+        atomic_torch_save({"model": model.state_dict(), "summary": summary}, done)
+        (state_dir / f"{method}.{stage}.ckpt.pt").unlink(missing_ok=True)
+        return summary
+
+    def inmerge_hook(self) -> StepHook | None:
+        settings = self.config.inmerge
+        if settings is None:
+            return None
+        from medmerge_core.inmerge import InMergeConfig, inmerge_
+
+        config = InMergeConfig(
+            p=settings.p,
+            tau=settings.tau,
+            alpha=settings.alpha,
+            skip_layers=settings.skip_layers,
+            start_epoch=settings.start_epoch,
+        )
+        generator = torch.Generator().manual_seed(self.config.seed)
+
+        def hook(model: nn.Module, epoch: int) -> None:
+            if epoch >= config.start_epoch:
+                inmerge_(model, config, generator)
+
+        return hook
+
+    def finetune(self, model: nn.Module, method: str) -> dict[str, Any]:
+        c = self.config
+        train, val, _ = self.loaders()
+        settings = StageConfig(c.ft.epochs, c.ft.lr, c.ft.weight_decay)
+        return self.stage(model, method, "ft", settings, train, val, self.inmerge_hook())
+
+
+def _ft(ctx: RunContext, method: str, source: str) -> tuple[nn.Module, dict[str, Any]]:
+    model = ctx.runtime.model(_with_backbone(ctx.new_model(), ctx.sources[source]))
+    return model, {"ft": ctx.finetune(model, method)}
+
+
+def _lp_ft(ctx: RunContext, method: str, source: str) -> tuple[nn.Module, dict[str, Any]]:
+    """LP on features cached once from the frozen backbone (no augmentation), then FT."""
+    c = ctx.config
+    model = ctx.runtime.model(_with_backbone(ctx.new_model(), ctx.sources[source]))
+    backbone, head = split_head(model)
+    start = time.perf_counter()
+    in_order = BatchLoader(ctx.task.train, c.eval_batch_size)
+    train_x, train_y = extract_features(backbone, in_order, ctx.runtime)
+    val_x, val_y = extract_features(backbone, ctx.loaders()[1], ctx.runtime)
+    feature_seconds = time.perf_counter() - start
+    del backbone
+    lp = ctx.stage(
+        head,
+        method,
+        "lp",
+        StageConfig(c.lp.epochs, c.lp.lr, c.lp.weight_decay),
+        TensorBatches(train_x, train_y, c.batch_size, shuffle=True, seed=c.seed),
+        TensorBatches(val_x, val_y, c.eval_batch_size, shuffle=False),
+    )
+    lp["seconds"] += feature_seconds
+    return model, {"lp": lp, "ft": ctx.finetune(model, method)}
+
+
+def _merged(ctx: RunContext) -> MergedModel:
+    c = ctx.config
+    names = list(ctx.sources)
+    return MergedModel(
+        ctx.new_model(),
+        [ctx.sources[n] for n in names],
+        names,
+        granularity=c.merge.granularity,  # type: ignore[arg-type]
+        freeze_bn=c.merge.freeze_bn,
+    )
+
+
+def _average_ft(ctx: RunContext, method: str, _: str) -> tuple[nn.Module, dict[str, Any]]:
+    model = ctx.runtime.model(_merged(ctx).bake())
+    return model, {"ft": ctx.finetune(model, method)}
+
+
+def _medmerge(ctx: RunContext, method: str, _: str) -> tuple[nn.Module, dict[str, Any]]:
+    c = ctx.config
+    merged = ctx.runtime.model(_merged(ctx))
+    train, val, _test = ctx.loaders()
+    probe = StageConfig(
+        c.merge.epochs if c.merge.epochs is not None else c.lp.epochs,
+        c.merge.lr if c.merge.lr is not None else c.lp.lr,
+        c.lp.weight_decay,
+    )
+    stages = {"probe": ctx.stage(merged, method, "probe", probe, train, val)}
+    atomic_savez(ctx.run_dir / "coefficients.npz", export_coefficients(merged))
+    atomic_write_json(ctx.run_dir / "coefficient_summary.json", merged.layer_summary())
+    model = ctx.runtime.model(merged.bake())
+    del merged
+    stages["ft"] = ctx.finetune(model, method)
+    return model, stages
+
+
+def _with_backbone(model: nn.Module, backbone: StateDict) -> nn.Module:
+    state = model.state_dict()
+    state.update(backbone)
+    model.load_state_dict(state)
+    return model
+
+
+Pipeline = Callable[[RunContext, str, str], tuple[nn.Module, dict[str, Any]]]
+PIPELINE_FUNCTIONS: dict[str, Pipeline] = {
+    "ft": _ft,
+    "lp_ft": _lp_ft,
+    "average_ft": _average_ft,
+    "medmerge": _medmerge,
+}
+
+
+def planned_methods(config: ExperimentConfig) -> list[tuple[str, str, str]]:
+    """(method id, pipeline, source) in run order: per-source baselines, then merges."""
+    plan = []
+    for pipeline in config.pipelines:
+        if pipeline in ("ft", "lp_ft"):
+            plan += [(f"{pipeline}:{s}", pipeline, s) for s in config.sources]
+        else:
+            plan.append((pipeline, pipeline, ""))
+    return plan
+
+
+def prepare_run_dir(config: ExperimentConfig) -> Path:
+    """Create the run folder, or check that an existing one was made by the same config."""
+    run_dir = Path(config.output_dir) / config.name
+    resolved = dump_config(config)
+    saved = run_dir / "config.yaml"
+    if saved.exists() and saved.read_text(encoding="utf-8") != resolved:
+        raise InputError(
+            f"{saved}: this run folder was made by a different config; "
+            "change `name` or delete the folder"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, resolved)
+    return run_dir
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = run_dir / "results.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def run_experiment(
+    config: ExperimentConfig, *, task: TaskData | None = None, show_progress: bool = True
+) -> dict[str, Any]:
+    """Run every planned method (skipping ones already finished) and return results.json."""
+    run_dir = prepare_run_dir(config)
+    seed_everything(config.seed)
+    runtime = Runtime.detect(config.device, config.amp, config.channels_last)
+    if task is None:
+        from medmerge_core.data.registry import load_task
+
+        task = load_task(
+            config.data, image_size=config.model.image_size, seed=config.seed, run_dir=run_dir
+        )
+    sources = {
+        name: load_source(spec, config.model.arch, task.in_channels)
+        for name, spec in config.sources.items()
+    }
+    ctx = RunContext(config, task, sources, runtime, run_dir, show_progress)
+    results = load_results(run_dir)
+    for method, pipeline, source in planned_methods(config):
+        if method in results:
+            continue
+        seed_everything(config.seed)
+        start = time.perf_counter()
+        model, stages = PIPELINE_FUNCTIONS[pipeline](ctx, method, source)
+        test = evaluate(model, ctx.loaders()[2], runtime, task.multilabel)
+        save_checkpoint(
+            run_dir / "checkpoints" / f"{method.replace(':', '_')}.pt",
+            model,
+            config.model.arch,
+            method=method,
+            num_classes=task.num_classes,
+            in_channels=task.in_channels,
+        )
+        results[method] = {
+            "method": method,
+            "pipeline": pipeline,
+            "source": source,
+            "test": test,
+            "stages": stages,
+            "seconds": time.perf_counter() - start,
+        }
+        atomic_write_json(run_dir / "results.json", results)
+    return results

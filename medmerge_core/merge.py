@@ -1,0 +1,282 @@
+"""MedMerge: a learnable, kernel-level weighted merge of d >= 2 backbones (Almakky et al. 2024).
+
+For d = 2 each merged kernel j is exactly the paper's  w_j * theta_b + (1 - w_j) * theta_c,
+with w_j initialised to 0.5.
+
+Generalisation to d > 2 (documented choice): each kernel j learns d - 1 free coefficients
+w_j1..w_j(d-1); the last source gets the remainder, so the merged kernel is
+
+    sum_{i<d} w_ji * theta_i  +  (1 - sum_{i<d} w_ji) * theta_d,
+
+an affine combination (weights sum to one, unconstrained like the paper's w), initialised at
+1/d each. At d = 2 it is exactly the paper's formula with w_j = w_j1.
+
+What is merged: the weight (and bias, sharing the same coefficient) of every Conv2d and every
+backbone Linear (VGG's fc6/fc7). BatchNorm affine parameters and running statistics start as
+the mean over the sources; integer buffers (num_batches_tracked) take the maximum. The head is new.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from medmerge_core.errors import InputError
+from medmerge_core.models import StateDict, head_name
+
+Granularity = Literal["kernel", "layer", "parameter"]
+GRANULARITIES: tuple[str, ...] = ("kernel", "layer", "parameter")
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def coefficient_shape(weight_shape: torch.Size, granularity: Granularity) -> tuple[int, ...]:
+    """Shape of one source's coefficients for a weight, broadcastable against that weight."""
+    rest = (1,) * (len(weight_shape) - 1)
+    if granularity == "kernel":
+        return (weight_shape[0], *rest)
+    if granularity == "layer":
+        return (1, *rest)
+    if granularity == "parameter":
+        return tuple(weight_shape)
+    raise InputError(f"merge.granularity: unknown '{granularity}'; expected one of {GRANULARITIES}")
+
+
+def full_coefficients(free: torch.Tensor) -> torch.Tensor:
+    """[d-1, ...] free coefficients -> [d, ...], the last source taking 1 - sum of the others."""
+    return torch.cat([free, 1.0 - free.sum(0, keepdim=True)], dim=0)
+
+
+def combine(stack: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """Merged tensor sum_i c_i * theta_i for a stack [d, *shape] and free coefficients [d-1, ...].
+
+    Pure and vectorised: one multiply and one reduction per tensor, no loop over kernels.
+    With d = 2 and w = 1 (or 0) the result is source 0 (or 1) bit for bit.
+    """
+    coef = full_coefficients(free)
+    coef = coef.reshape(coef.shape + (1,) * (stack.ndim - coef.ndim))
+    return (coef * stack).sum(0)
+
+
+def mergeable_keys(model: nn.Module) -> list[tuple[str, str | None]]:
+    """(weight key, bias key or None) of every Conv2d and backbone Linear, in module order."""
+    head = head_name(model)
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and name != head:
+            bias = f"{name}.bias" if module.bias is not None else None
+            pairs.append((f"{name}.weight", bias))
+    return pairs
+
+
+def check_sources(sources: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> None:
+    """Same keys and shapes everywhere, or one error that names both mismatching sources."""
+    if len(sources) < 2:
+        raise InputError(f"sources: MedMerge needs at least 2 sources, got {len(sources)}")
+    ref = sources[0]
+    for name, source in zip(names[1:], sources[1:], strict=True):
+        extra = sorted(set(source) ^ set(ref))
+        if extra:
+            raise InputError(
+                f"sources '{names[0]}' and '{name}' have different architectures "
+                f"(key '{extra[0]}' is in only one)"
+            )
+        for key, value in source.items():
+            if value.shape != ref[key].shape:
+                raise InputError(
+                    f"sources '{names[0]}' and '{name}' have different architectures: '{key}' is "
+                    f"{tuple(ref[key].shape)} vs {tuple(value.shape)}"
+                )
+
+
+def average_state(sources: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
+    """Mean of float tensors, max of integer ones (num_batches_tracked is a count)."""
+    out: StateDict = {}
+    for key in sources[0]:
+        stack = torch.stack([s[key] for s in sources])
+        out[key] = stack.mean(0) if stack.is_floating_point() else stack.max(0).values
+    return out
+
+
+def merge_state_dicts(
+    sources: Sequence[Mapping[str, torch.Tensor]],
+    coefficients: Mapping[str, torch.Tensor],
+    bias_of: Mapping[str, str],
+) -> StateDict:
+    """Merged backbone state: coefficients[key] is [d-1, ...] for each merged weight key.
+
+    bias_of maps each merged bias key to its weight key; a bias without its own coefficients
+    shares its weight's (kernel and layer granularity). Everything else (BN, buffers) is averaged.
+    """
+    out = average_state(sources)
+    for key, free in coefficients.items():
+        out[key] = combine(torch.stack([s[key] for s in sources]), free)
+    for bias, weight in bias_of.items():
+        shared = coefficients.get(bias, coefficients[weight].flatten(1))
+        out[bias] = combine(torch.stack([s[bias] for s in sources]), shared)
+    return out
+
+
+class MergedModel(nn.Module):
+    """The MedMerge probe: frozen sources, learnable merge coefficients, BN and a new head.
+
+    `model` is the target-task model (built by models.build_model, so its head is new). Its
+    merged tensors are replaced on every forward by ones computed from the source stacks with
+    torch.func.functional_call, so autograd reaches the coefficients and never the sources.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sources: Sequence[Mapping[str, torch.Tensor]],
+        source_names: Sequence[str] | None = None,
+        granularity: Granularity = "kernel",
+        freeze_bn: bool = False,
+        init: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        names = list(source_names or [f"source{i}" for i in range(len(sources))])
+        check_sources(sources, names)
+        state = model.state_dict()
+        head = head_name(model) + "."
+        backbone = [k for k in state if not k.startswith(head)]
+        if set(backbone) != set(sources[0]):
+            extra = sorted(set(backbone) ^ set(sources[0]))[0]
+            raise InputError(
+                f"source '{names[0]}' does not match the model's architecture (key '{extra}')"
+            )
+        d = len(sources)
+        init_values = list(init) if init is not None else [1.0 / d] * (d - 1)
+        if len(init_values) != d - 1:
+            raise InputError(f"merge.init: expected {d - 1} values for {d} sources")
+
+        self.model = model
+        self.source_names = names
+        self.granularity = granularity
+        self.freeze_bn = freeze_bn
+        self.weight_keys: list[str] = []
+        self.bias_of: dict[str, str] = {}
+        self.coefficients = nn.ParameterList()
+
+        model.load_state_dict({**state, **average_state(sources)})
+        for index, (weight, bias) in enumerate(mergeable_keys(model)):
+            self.weight_keys.append(weight)
+            shape = coefficient_shape(state[weight].shape, granularity)
+            free = torch.stack([torch.full(shape, v) for v in init_values])
+            self.coefficients.append(nn.Parameter(free))
+            self.register_buffer(
+                f"source_w{index}", torch.stack([s[weight] for s in sources]), persistent=False
+            )
+            targets = [weight]
+            if bias is not None:
+                self.register_buffer(
+                    f"source_b{index}", torch.stack([s[bias] for s in sources]), persistent=False
+                )
+                if granularity == "parameter":
+                    self.coefficients.append(
+                        nn.Parameter(torch.stack([torch.full(state[bias].shape, v)
+                                                  for v in init_values]))
+                    )
+                targets.append(bias)
+            for key in targets:
+                model.get_parameter(key).requires_grad_(False)
+            if bias is not None:
+                self.bias_of[bias] = weight
+        self._set_bn_trainable(not freeze_bn)
+
+    def _set_bn_trainable(self, trainable: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, NORM_TYPES):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(trainable)
+
+    def train(self, mode: bool = True) -> MergedModel:
+        super().train(mode)
+        if self.freeze_bn:  # frozen BN keeps its averaged running statistics too
+            for module in self.model.modules():
+                if isinstance(module, NORM_TYPES):
+                    module.eval()
+        return self
+
+    def coefficient_map(self) -> dict[str, torch.Tensor]:
+        """Free coefficients [d-1, ...] per merged key (biases appear only at 'parameter')."""
+        out: dict[str, torch.Tensor] = {}
+        coefs = iter(self.coefficients)
+        for weight in self.weight_keys:
+            out[weight] = next(coefs)
+            bias = next((b for b, w in self.bias_of.items() if w == weight), None)
+            if bias is not None and self.granularity == "parameter":
+                out[bias] = next(coefs)
+        return out
+
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """The merged conv/linear tensors, computed with a few vectorised ops per layer."""
+        coefs = self.coefficient_map()
+        out: dict[str, torch.Tensor] = {}
+        for index, weight in enumerate(self.weight_keys):
+            out[weight] = combine(getattr(self, f"source_w{index}"), coefs[weight])
+            bias_stack = getattr(self, f"source_b{index}", None)
+            if bias_stack is not None:
+                bias = f"{weight[: -len('.weight')]}.bias"
+                out[bias] = combine(bias_stack, coefs.get(bias, coefs[weight].flatten(1)))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.merged_tensors(), (x,), strict=False)
+
+    @torch.no_grad()
+    def bake(self) -> nn.Module:
+        """A plain torchvision model with the merged convs, the learned BN and the head."""
+        baked = copy.deepcopy(self.model)
+        for key, value in self.merged_tensors().items():
+            baked.get_parameter(key).copy_(value)
+        for param in baked.parameters():
+            param.requires_grad_(True)
+        baked.train(self.training)
+        return baked
+
+    def num_coefficients(self) -> int:
+        return sum(p.numel() for p in self.coefficients)
+
+    @torch.no_grad()
+    def coefficient_arrays(self) -> dict[str, np.ndarray]:
+        """Every source's coefficient per merged key: [d, ...] float32 (the last is implied)."""
+        return {
+            key: full_coefficients(free.detach().float().cpu()).numpy()
+            for key, free in self.coefficient_map().items()
+        }
+
+    def layer_summary(self) -> list[dict[str, object]]:
+        """Per merged layer: coefficient count and mean / std / min / max per source."""
+        rows = []
+        for key, coef in self.coefficient_arrays().items():
+            if key in self.bias_of:
+                continue
+            flat = coef.reshape(coef.shape[0], -1)
+            rows.append(
+                {
+                    "layer": key.removesuffix(".weight"),
+                    "coefficients": int(flat.shape[1]),
+                    "mean": [float(v) for v in flat.mean(1)],
+                    "std": [float(v) for v in flat.std(1)],
+                    "min": [float(v) for v in flat.min(1)],
+                    "max": [float(v) for v in flat.max(1)],
+                }
+            )
+        return rows
+
+
+def export_coefficients(merged: MergedModel) -> dict[str, np.ndarray]:
+    """Arrays for an .npz: one [d, ...] array per layer plus per-layer summary columns."""
+    arrays = {f"coef/{k}": v for k, v in merged.coefficient_arrays().items()}
+    summary = merged.layer_summary()
+    arrays["layers"] = np.array([row["layer"] for row in summary])
+    arrays["sources"] = np.array(merged.source_names)
+    arrays["layer_mean"] = np.array([row["mean"] for row in summary], dtype=np.float32)
+    arrays["layer_std"] = np.array([row["std"] for row in summary], dtype=np.float32)
+    return arrays

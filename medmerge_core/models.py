@@ -1,0 +1,259 @@
+"""torchvision CNN builders with a task head, and loading of merge sources.
+
+A *source* is a backbone state dict (every key except the classification head) produced from a
+torchvision weights enum, a local checkpoint, `zeros` (the paper's Fig. 4 ablation) or a seeded
+random init. All sources of one merge share one architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from medmerge_core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+# Architectures whose head and stem we know how to swap. Any torchvision classification model
+# with one of these head layouts works; these are the ones we test and can recognise.
+KNOWN_ARCHS: tuple[str, ...] = (
+    "densenet121",
+    "densenet169",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "vgg11_bn",
+    "vgg16_bn",
+    "efficientnet_b0",
+    "mobilenet_v3_large",
+)
+
+
+def head_name(model: nn.Module) -> str:
+    """Dotted name of the final Linear layer (the task head)."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise InputError(f"model {type(model).__name__}: no Linear classification head found")
+    return last
+
+
+def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def stem_conv_name(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name
+    raise InputError(f"model {type(model).__name__}: no Conv2d found")
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A randomly initialised torchvision CNN with a new C-class head and a 1- or 3-channel stem."""
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise InputError(f"model.arch: unknown torchvision classification model '{arch}'")
+    if in_channels not in (1, 3):
+        raise InputError(f"in_channels: must be 1 or 3, got {in_channels}")
+    if num_classes < 1:
+        raise InputError(f"num_classes: must be >= 1, got {num_classes}")
+    model = torchvision.models.get_model(arch, weights=None)
+    head = head_name(model)
+    old = model.get_submodule(head)
+    _set_module(model, head, nn.Linear(old.in_features, num_classes))
+    if in_channels != 3:
+        stem = stem_conv_name(model)
+        conv: nn.Conv2d = model.get_submodule(stem)
+        _set_module(
+            model,
+            stem,
+            nn.Conv2d(
+                in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+                conv.bias is not None,
+            ),
+        )
+    return model
+
+
+def backbone_keys(model: nn.Module) -> list[str]:
+    """State-dict keys that belong to the backbone (everything but the head)."""
+    prefix = head_name(model) + "."
+    return [k for k in model.state_dict() if not k.startswith(prefix)]
+
+
+def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Adapt a pretrained stem to in_channels, as timm does: sum RGB for grayscale."""
+    have = weight.shape[1]
+    if have == in_channels:
+        return weight
+    if have == 3 and in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    if have == 1 and in_channels == 3:
+        return weight.repeat(1, 3, 1, 1) / 3.0
+    raise InputError(f"stem conv: cannot adapt {have} input channels to {in_channels}")
+
+
+def identify_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Which known architecture a backbone state dict belongs to (keys and shapes), if any."""
+    keys = {k for k in state if not k.endswith("num_batches_tracked")}
+    for arch in KNOWN_ARCHS:
+        with torch.device("meta"):
+            reference = build_model(arch, 2, 3)
+        ref = {k: v.shape for k, v in reference.state_dict().items()}
+        head = head_name(reference) + "."
+        ref_backbone = {k for k in ref if not k.startswith(head) and "num_batches" not in k}
+        if ref_backbone <= keys and all(
+            state[k].shape[2:] == ref[k][2:] and state[k].shape[0] == ref[k][0]
+            for k in ref_backbone
+        ):
+            return arch
+    return None
+
+
+def _unwrap_checkpoint(obj: object, path: Path) -> tuple[StateDict, str | None]:
+    """Accept a raw state dict or our checkpoint dict {'arch', 'state_dict', ...}."""
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        state, arch = obj["state_dict"], obj.get("arch")
+    elif isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        state, arch = obj["model"], obj.get("arch")
+    else:
+        state, arch = obj, None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InputError(f"{path}: not a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state, arch if isinstance(arch, str) else None
+
+
+def _load_checkpoint(
+    path: Path, arch: str, reference: nn.Module, in_channels: int
+) -> StateDict:
+    if not path.is_file():
+        raise InputError(f"source checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise InputError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
+    state, saved_arch = _unwrap_checkpoint(obj, path)
+    found = saved_arch or identify_arch(state)
+    if found is not None and found != arch:
+        raise InputError(f"{path}: checkpoint is {found} but model.arch is {arch}")
+    expected = reference.state_dict()
+    wanted = backbone_keys(reference)
+    missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise InputError(
+            f"{path}: not a {arch} backbone ({len(missing)} keys missing, e.g. '{missing[0]}')"
+        )
+    stem = stem_conv_name(reference) + ".weight"
+    out: StateDict = {}
+    for key in wanted:
+        if key not in state:
+            out[key] = expected[key].clone()
+            continue
+        value = state[key]
+        if key == stem:
+            value = adapt_stem(value, in_channels)
+        if value.shape != expected[key].shape:
+            raise InputError(
+                f"{path}: '{key}' has shape {tuple(value.shape)}, {arch} expects "
+                f"{tuple(expected[key].shape)}"
+            )
+        out[key] = value.to(expected[key].dtype)
+    head = head_name(reference) + "."
+    dropped = [k for k in state if k.startswith(head)]
+    if dropped and any(state[k].shape != expected[k].shape for k in dropped if k in expected):
+        log.info("%s: dropped a head of the wrong size (%s); a new head is used", path, dropped[0])
+    return out
+
+
+def _load_torchvision_weights(name: str, arch: str, in_channels: int) -> StateDict:
+    """Resolve 'DenseNet121_Weights.IMAGENET1K_V1' (or 'IMAGENET1K_V1' / 'DEFAULT') and fetch."""
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        member = name.split(".")[-1]
+        if "." in name and name.split(".")[0] != enum.__name__:
+            raise InputError(f"source '{name}': weights are for another model than {arch}")
+        weights = enum[member]
+    except KeyError as exc:
+        raise InputError(f"source '{name}': unknown weights for {arch}") from exc
+    try:
+        full = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError, OSError, HTTPError offline
+        raise InputError(
+            f"source '{name}': could not download {weights.url} ({type(exc).__name__}); "
+            "this machine may be offline: download it elsewhere and pass the .pth path instead"
+        ) from exc
+    reference = build_model(arch, 2, in_channels)
+    head = head_name(reference) + "."
+    state = {k: v for k, v in full.items() if not k.startswith(head)}
+    stem = stem_conv_name(reference) + ".weight"
+    state[stem] = adapt_stem(state[stem], in_channels)
+    return state
+
+
+def load_source(spec: str, arch: str, in_channels: int = 3) -> StateDict:
+    """Backbone state dict for a source spec.
+
+    Specs: `zeros`; `random` or `random:SEED`; `torchvision:ENUM` (e.g.
+    `torchvision:DenseNet121_Weights.IMAGENET1K_V1`); otherwise a checkpoint path.
+    """
+    reference = build_model(arch, 2, in_channels)
+    keys = backbone_keys(reference)
+    if spec == "zeros":
+        state = reference.state_dict()
+        # Zero conv/linear weights, but keep BN identity-like so the network is well defined.
+        return {
+            k: (torch.zeros_like(state[k]) if state[k].ndim >= 2 else state[k].clone())
+            for k in keys
+        }
+    if spec == "random" or spec.startswith("random:"):
+        seed_text = spec.partition(":")[2] or "0"
+        try:
+            seed = int(seed_text)
+        except ValueError as exc:
+            raise InputError(f"source '{spec}': seed must be an integer") from exc
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(arch, 2, in_channels)
+        state = model.state_dict()
+        return {k: state[k] for k in keys}
+    if spec.startswith("torchvision:"):
+        return _load_torchvision_weights(spec.removeprefix("torchvision:"), arch, in_channels)
+    return _load_checkpoint(Path(spec).expanduser(), arch, reference, in_channels)
+
+
+def save_checkpoint(path: Path, model: nn.Module, arch: str, **meta: object) -> None:
+    """Write {'arch', 'state_dict', **meta} atomically (tmp file, then os.replace)."""
+    from medmerge_core.io import atomic_torch_save
+
+    atomic_torch_save({"arch": arch, "state_dict": model.state_dict(), **meta}, path)
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(a copy of the model whose head is Identity, the model's own head) for cached LP."""
+    name = head_name(model)
+    head = model.get_submodule(name)
+    backbone = copy.deepcopy(model)
+    _set_module(backbone, name, nn.Identity())
+    return backbone, head

@@ -1,0 +1,282 @@
+"""One training loop for LP, FT and the MedMerge probe, on CPU or GPU.
+
+Device specifics (AMP dtype, channels_last, grad scaling) live in a `Runtime` that the loop
+uses uniformly; the loop itself never branches on the device (timm's approach).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from medmerge_core.errors import InputError, NonFiniteLossError
+from medmerge_core.io import append_jsonl, atomic_torch_save
+from medmerge_core.metrics import classification_metrics
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+StepHook = Callable[[nn.Module, int], None]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors run: device, autocast dtype (None = fp32) and memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    @classmethod
+    def detect(
+        cls, device: str = "auto", amp: bool | None = None, channels_last: bool | None = None
+    ) -> Runtime:
+        """CUDA (with bf16/fp16 AMP and channels_last) when present, else fp32 on CPU."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device: '{device}' requested but CUDA is not available")
+        on_gpu = dev.type == "cuda"
+        use_amp = on_gpu if amp is None else amp
+        amp_dtype = None
+        if use_amp:
+            bf16 = on_gpu and torch.cuda.is_bf16_supported()
+            amp_dtype = torch.bfloat16 if bf16 or not on_gpu else torch.float16
+        use_cl = on_gpu if channels_last is None else channels_last
+        fmt = torch.channels_last if use_cl else torch.contiguous_format
+        return cls(dev, amp_dtype, fmt)
+
+    def autocast(self) -> AbstractContextManager:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Optimiser settings for one stage (LP, probe or FT): AdamW as in the paper."""
+
+    epochs: int
+    lr: float
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise InputError(f"epochs: must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise InputError(f"lr: must be > 0, got {self.lr}")
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Cross-entropy, or BCE over observed entries for multi-label (NaN labels are ignored)."""
+    logits = logits.float()
+    if not multilabel:
+        return nn.functional.cross_entropy(logits, labels.long())
+    observed = ~torch.isnan(labels)
+    target = torch.nan_to_num(labels.float())
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (loss * observed).sum() / observed.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Batches, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over a loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for x, y in batches:
+        with runtime.autocast():
+            out = model(runtime.inputs(x))
+        logits.append(out.float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(
+    model: nn.Module, batches: Batches, runtime: Runtime, multilabel: bool = False
+) -> dict[str, float]:
+    logits, labels = predict(model, batches, runtime)
+    metrics = classification_metrics(logits, labels, multilabel)
+    metrics["loss"] = float(
+        task_loss(torch.from_numpy(logits), torch.from_numpy(labels), multilabel)
+    )
+    return metrics
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Batches,
+    val_batches: Batches,
+    stage: StageConfig,
+    runtime: Runtime,
+    *,
+    multilabel: bool = False,
+    name: str = "train",
+    before_step: StepHook | None = None,
+    checkpoint: Path | None = None,
+    metrics_log: Path | None = None,
+    show_progress: bool = True,
+) -> FitResult:
+    """Train the parameters that require grad with AdamW; keep the best epoch by val macro-F1.
+
+    The model ends holding its best weights. With `checkpoint`, the full state (model,
+    optimiser, scaler, best weights, history) is written atomically after each epoch, and a
+    later call with the same checkpoint resumes after the last completed epoch.
+    `before_step(model, epoch)` runs before every optimiser step (e.g. InMerge).
+    """
+    params = trainable_parameters(model)
+    if not params:
+        raise InputError(f"{name}: nothing to train (no parameter requires grad)")
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    scaler = runtime.grad_scaler()
+    best_state = copy.deepcopy(model.state_dict())
+    result = FitResult(best_epoch=-1, best_val={})
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=runtime.device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        best_state = saved["best_state"]
+        result = FitResult(saved["best_epoch"], saved["best_val"], saved["history"])
+        start = saved["epoch"] + 1
+
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task(name, total=stage.epochs, completed=start, status="")
+        for epoch in range(start, stage.epochs):
+            model.train()
+            total, count = 0.0, 0
+            for step, (x, y) in enumerate(train_batches):
+                if before_step is not None:
+                    before_step(model, epoch)
+                with runtime.autocast():
+                    logits = model(runtime.inputs(x))
+                loss = task_loss(logits, y.to(runtime.device), multilabel)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"{name}: loss is {loss.item()} at epoch {epoch}, step {step}; "
+                        "check the inputs or lower the learning rate"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += float(loss.detach()) * len(x)
+                count += len(x)
+            val = evaluate(model, val_batches, runtime, multilabel)
+            record = {"stage": name, "epoch": epoch, "train_loss": total / max(count, 1)}
+            record.update({f"val_{k}": v for k, v in val.items()})
+            result.history.append(record)
+            if result.best_epoch < 0 or val["macro_f1"] > result.best_val["macro_f1"]:
+                result.best_epoch, result.best_val = epoch, val
+                best_state = copy.deepcopy(model.state_dict())
+            if metrics_log is not None:
+                append_jsonl(metrics_log, record)
+            if checkpoint is not None:
+                atomic_torch_save(
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "best_state": best_state,
+                        "best_epoch": result.best_epoch,
+                        "best_val": result.best_val,
+                        "history": result.history,
+                    },
+                    checkpoint,
+                )
+            progress.update(
+                task, advance=1, status=f"loss {record['train_loss']:.3f} "
+                f"val F1 {val['macro_f1']:.3f}"
+            )
+    model.load_state_dict(best_state)
+    return result
+
+
+class TensorBatches:
+    """Seeded shuffled batches over in-memory tensors (cached LP features)."""
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0
+    ) -> None:
+        self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        self.epoch += 1
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.x[index], self.y[index]
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, batches: Batches, runtime: Runtime
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features of a frozen backbone (eval mode), computed once for cached LP."""
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in batches:
+        with runtime.autocast():
+            feats.append(backbone(runtime.inputs(x)).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels).to(runtime.device)
