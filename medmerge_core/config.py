@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -142,7 +143,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
-            close = [k for k in known if k.startswith(str(key)[:3])]
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise InputError(f"{prefix}{key}: unknown key{hint}")
     kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}

@@ -121,7 +121,8 @@ def identify_arch(state: Mapping[str, torch.Tensor]) -> str | None:
         ref = {k: v.shape for k, v in reference.state_dict().items()}
         head = head_name(reference) + "."
         ref_backbone = {k for k in ref if not k.startswith(head) and "num_batches" not in k}
-        if ref_backbone <= keys and all(
+        leftover = keys - ref_backbone
+        if ref_backbone <= keys and all(k.startswith(head) for k in leftover) and all(
             state[k].shape[2:] == ref[k][2:] and state[k].shape[0] == ref[k][0]
             for k in ref_backbone
         ):

@@ -1,0 +1,160 @@
+"""MedMerge probe step vs full fine-tuning step, and cached vs uncached LP epoch.
+
+Ratios are measured side by side in one process: the variants are interleaved, each repeat
+times several steps, and the median over repeats is reported (this machine is noisy).
+
+    python benchmarks/bench_probe.py                 # CPU targets from the core issue
+    python benchmarks/bench_probe.py --gpu           # adds DenseNet-121 @224 b64 on CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from medmerge_core.data.base import ArraySplit, BatchLoader
+from medmerge_core.merge import MergedModel
+from medmerge_core.models import build_model, load_source, split_head
+from medmerge_core.train import Runtime, TensorBatches, extract_features, task_loss
+
+
+def make_step(model: torch.nn.Module, runtime: Runtime, x: torch.Tensor, y: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scaler = runtime.grad_scaler()
+    x, y = runtime.inputs(x), y.to(runtime.device)
+
+    def step() -> None:
+        with runtime.autocast():
+            loss = task_loss(model(x), y, False)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def timed(fn: Callable[[], None], steps: int, sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], steps: int, repeats: int, sync: Callable[[], None]
+) -> dict[str, list[float]]:
+    for fn in fns.values():  # warm-up (allocator, cudnn autotune)
+        timed(fn, 2, sync)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))
+        for name in order:
+            times[name].append(timed(fns[name], steps, sync))
+    return times
+
+
+def probe_vs_ft(
+    arch: str, size: int, batch: int, runtime: Runtime, steps: int, repeats: int
+) -> tuple[dict[str, list[float]], float]:
+    torch.manual_seed(0)
+    sources = [load_source(f"random:{s}", arch, 3) for s in (1, 2)]
+    ft_model = runtime.model(build_model(arch, 2, 3))
+    probe_model = runtime.model(MergedModel(build_model(arch, 2, 3), sources))
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    times = interleaved(
+        {"ft": make_step(ft_model.train(), runtime, x, y),
+         "probe": make_step(probe_model.train(), runtime, x, y)},
+        steps, repeats, sync,
+    )
+    ratios = [p / f for p, f in zip(times["probe"], times["ft"], strict=True)]
+    return times, statistics.median(ratios)
+
+
+def cached_vs_uncached_lp(size: int, n: int, repeats: int) -> tuple[float, float, float]:
+    """One LP epoch on cached features vs one LP epoch through the frozen backbone."""
+    runtime = Runtime.detect("cpu")
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, 1)
+    backbone, head = split_head(model)
+    backbone.eval()
+    rng = np.random.default_rng(0)
+    split = ArraySplit(rng.integers(0, 255, (n, size, size), dtype=np.uint8), np.arange(n) % 2)
+    loader = BatchLoader(split, 32, shuffle=True)
+    feats, labels = extract_features(backbone, BatchLoader(split, 128), runtime)
+    cached = TensorBatches(feats, labels, 32, shuffle=True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
+
+    def epoch(batches, through_backbone: bool) -> None:
+        for x, y in batches:
+            if through_backbone:
+                with torch.no_grad():
+                    x = backbone(x)
+            loss = task_loss(head(x), y, False)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    times = interleaved(
+        {"uncached": lambda: epoch(loader, True), "cached": lambda: epoch(cached, False)},
+        1, repeats, lambda: None,
+    )
+    ratio = statistics.median(
+        c / u for c, u in zip(times["cached"], times["uncached"], strict=True)
+    )
+    return statistics.median(times["uncached"]), statistics.median(times["cached"]), ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="also run the CUDA benchmarks")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console()
+    table = Table(title="MedMerge probe step / full fine-tuning step (median of interleaved runs)")
+    for column in ("device", "model", "input", "batch", "FT ms/step", "probe ms/step",
+                   "probe/FT", "target"):
+        table.add_column(column, justify="right")
+    cases = [("cpu", "resnet18", 64, 64, 1.10), ("cpu", "densenet121", 64, 32, 1.10)]
+    if args.gpu and torch.cuda.is_available():
+        cases.append(("cuda", "densenet121", 224, 64, 1.05))
+    for device, arch, size, batch, target in cases:
+        runtime = Runtime.detect(device)
+        times, ratio = probe_vs_ft(arch, size, batch, runtime, args.steps, args.repeats)
+        ft_ms = statistics.median(times["ft"]) * 1e3
+        table.add_row(
+            device, arch, f"{size}x{size}", str(batch), f"{ft_ms:.1f}",
+            f"{statistics.median(times['probe']) * 1e3:.1f}", f"{ratio:.3f}",
+            f"<= {target} {'ok' if ratio <= target else 'MISSED'}",
+        )
+        if device == "cuda":
+            console.print(
+                f"CUDA FT throughput {arch} @{size} b{batch} (AMP {runtime.amp_dtype}, "
+                f"channels_last): {batch / (ft_ms / 1e3):.0f} img/s (target >= 2000 on H100)"
+            )
+    console.print(table)
+    uncached, cached, ratio = cached_vs_uncached_lp(64, 512, max(3, args.repeats // 2))
+    lp = Table(title="LP epoch (ResNet-18, 512 images 64x64, CPU): cached features vs uncached")
+    for column in ("uncached s", "cached s", "cached/uncached", "target"):
+        lp.add_column(column, justify="right")
+    lp.add_row(f"{uncached:.3f}", f"{cached:.4f}", f"{ratio:.4f}",
+               f"<= 0.1 {'ok' if ratio <= 0.1 else 'MISSED'}")
+    console.print(lp)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The papers' datasets and generic layouts, one module per family; see registry.load_task."""

@@ -1,0 +1,77 @@
+"""Pipelines end to end on tiny data: run folder contents, resumption and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import medmerge_core.experiment as experiment
+from medmerge_core.cli import main
+from medmerge_core.config import config_from_dict
+from medmerge_core.errors import InputError
+from medmerge_core.models import build_model, save_checkpoint
+
+
+def make_config(tmp_path, **overrides):
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        save_checkpoint(tmp_path / f"src{seed}.pt", build_model("resnet18", 4, 1), "resnet18")
+    data = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"format": "given"},
+        "sources": {"a": str(tmp_path / "src1.pt"), "b": str(tmp_path / "src2.pt")},
+        "model": {"arch": "resnet18", "image_size": 32},
+        "lp": {"epochs": 1, "lr": 1e-3},
+        "ft": {"epochs": 1, "lr": 1e-4},
+        "batch_size": 32,
+    }
+    data.update(overrides)
+    return config_from_dict(data)
+
+
+def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_path, monkeypatch):
+    config = make_config(tmp_path)
+    results = experiment.run_experiment(config, task=tiny_task, show_progress=False)
+    assert list(results) == ["ft:a", "ft:b", "lp_ft:a", "lp_ft:b", "average_ft", "medmerge"]
+    run = tmp_path / "runs" / "tiny"
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "coefficients.npz",
+                 "coefficient_summary.json", "checkpoints/medmerge.pt"):
+        assert (run / name).exists(), name
+    assert {"accuracy", "macro_f1", "auroc"} <= set(results["medmerge"]["test"])
+    assert results["lp_ft:a"]["stages"]["lp"]["seconds"] > 0
+    summary = json.loads((run / "coefficient_summary.json").read_text())
+    assert len(summary) == 20 and summary[0]["coefficients"] == 64
+
+    # An interrupted run: results.json lost, completed stages kept. Nothing retrains.
+    (run / "results.json").unlink()
+    monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("retrained a stage"))
+    again = experiment.run_experiment(config, task=tiny_task, show_progress=False)
+    assert again["medmerge"]["test"] == results["medmerge"]["test"]
+
+
+def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> None:
+    experiment.prepare_run_dir(make_config(tmp_path))
+    with pytest.raises(InputError, match="made by a different config"):
+        experiment.prepare_run_dir(make_config(tmp_path, seed=3))
+
+
+def test_cli_reports_a_config_typo_on_one_line(tmp_path, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ndata: {format: synthetic}\nsources: {a: zeros, b: zeros}\n"
+                    "fine_tune: {epochs: 1}\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "fine_tune: unknown key" in err and "c.yaml" in err
+
+
+def test_quick_demo_runs_end_to_end(tmp_path) -> None:
+    from medmerge_core.demo import DemoSettings, run_demo
+
+    results = run_demo(tmp_path / "demo", DemoSettings.quick(), device="cpu",
+                       show_progress=False)
+    assert set(results) == {"ft:generic", "ft:related", "lp_ft:generic", "lp_ft:related",
+                            "average_ft", "medmerge"}
+    assert (tmp_path / "demo" / "target" / "coefficients_heatmap.png").stat().st_size > 1000
