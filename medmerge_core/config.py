@@ -79,8 +79,9 @@ class ExperimentConfig:
             raise InputError(f"sources: {sorted(needs_two)} need at least 2 sources")
         if not self.sources:
             raise InputError("sources: at least one source is required")
-        if "format" not in self.data:
-            raise InputError("data.format: missing")
+        from medmerge_core.data.registry import validate_spec
+
+        validate_spec(self.data, where="data")
         for key in ("batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise InputError(f"{key}: must be >= 1")

@@ -88,7 +88,8 @@ def run_demo(
     config = ExperimentConfig(
         name="target",
         output_dir=str(out),
-        data={"format": "synthetic", "task": "target", "n_train": s.target_train},
+        data={"format": "synthetic", "task": "target"}
+        | ({"n_train": s.target_train} if s.target_train else {}),
         sources={"generic": str(generic_ckpt.resolve()), "related": str(related_ckpt.resolve())},
         model=ModelConfig(arch=s.arch, image_size=s.image_size),
         seed=s.seed,

@@ -38,6 +38,9 @@ def test_defaults_and_scientific_notation(tmp_path) -> None:
         ({"sources": {"a": "random:1"}}, r"sources: .* need at least 2 sources"),
         ({"inmerge": {"p": "high"}}, r"inmerge.p: expected float"),
         ({"modell": {}}, r"modell: unknown key"),
+        ({"data": {"format": "synthetic"}}, r"data.task: required for format 'synthetic'"),
+        ({"data": {"format": "chexpert", "root": "/x", "policy": "U-Twos"}}, r"data.policy"),
+        ({"data": {"format": "mnist"}}, r"data.format: unknown value 'mnist'"),
     ],
 )
 def test_bad_fields_are_named(patch: dict, message: str) -> None:
@@ -51,8 +54,8 @@ def test_missing_required_key() -> None:
 
 
 def test_variables_are_substituted_and_missing_ones_named() -> None:
-    data = {**BASE, "data": {"format": "csv", "root": "${data_root}/isic"}}
-    assert config_from_dict(data, {"data_root": "/d"}).data["root"] == "/d/isic"
+    data = {**BASE, "data": {"format": "aptos", "root": "${data_root}/aptos"}}
+    assert config_from_dict(data, {"data_root": "/d"}).data["root"] == "/d/aptos"
     with pytest.raises(InputError, match=r"\$\{data_root\}: not set"):
         config_from_dict(data)
 

@@ -21,7 +21,7 @@ def make_config(tmp_path, **overrides):
     data = {
         "name": "tiny",
         "output_dir": str(tmp_path / "runs"),
-        "data": {"format": "given"},
+        "data": {"format": "synthetic", "task": "target"},  # the task is passed in
         "sources": {"a": str(tmp_path / "src1.pt"), "b": str(tmp_path / "src2.pt")},
         "model": {"arch": "resnet18", "image_size": 32},
         "lp": {"epochs": 1, "lr": 1e-3},
