@@ -1,0 +1,290 @@
+"""InMerge: in-model merging of similar convolution kernels (Wang et al. 2025).
+
+During fine-tuning, each kernel (output channel) of a deep conv layer is, with probability ``p``,
+paired with one random other kernel of the same layer; if the two are similar (cosine > ``tau``)
+the kernel is pulled towards its partner: ``K_i <- alpha * K_i + (1 - alpha) * K_j``. This reduces
+kernel redundancy and acts as a regulariser; inference cost is unchanged.
+
+Differences from the public code, on purpose:
+
+- Conv layers are found with ``model.modules()`` (every ``nn.Conv2d``, in module registration
+  order), so ResNets (basic and bottleneck blocks, including the ``downsample`` convs), DenseNets
+  and VGGs are all merged; the public traversal only merges VGG.
+- The in-place hook is a no-op when ``model.training`` is False, so evaluation never changes
+  weights.
+- Each layer is vectorised: all partners are drawn at once, one batched cosine, one masked update.
+
+Layer counting: conv layer ``k`` is the ``k``-th ``nn.Conv2d`` yielded by ``model.modules()``
+(0-based; modules registered twice count once). Layers with ``k < skip_layers`` are never touched
+and consume no randomness. Only ``nn.Conv2d`` counts (not ``ConvTranspose2d``, ``Conv1d``/``3d``,
+nor ``nn.Linear``). Grouped / depthwise convs are merged like any other: a kernel is one slice
+``weight[i]`` whatever its groups. Conv biases are left untouched: the paper merges kernels only,
+and a bias is one scalar whose "similarity" is meaningless.
+
+Random draws (the contract the tests reproduce): for each eligible layer in order, with
+``C = C_out >= 2`` and ``g`` the CPU generator::
+
+    u = torch.rand(C, generator=g)                   # kernel i draws a partner iff u[i] < p
+    r = torch.randint(0, C - 1, (C,), generator=g)   # uniform over the C - 1 other kernels
+    j = r + (r >= arange(C))                         # shift so that j != i
+
+Both draws happen for every eligible layer whatever ``p``, so the stream position depends only on
+the layer shapes. Layers with ``C_out == 1`` have nothing to merge and draw nothing. Randomness is
+drawn on the CPU and then moved to the weight's device, so CPU and GPU runs pick the same partners.
+
+Numerics: the cosine and the interpolation are computed in float32 (also for fp16/bf16 weights)
+and the result is cast back to the weight's dtype. The interpolation is
+``torch.lerp(K_i, K_j, 1 - alpha)`` (mathematically ``alpha * K_i + (1 - alpha) * K_j``, in one
+fused pass; exact at alpha = 0 and 1). Kernels whose norm is zero have cosine 0. Kernels that are
+not merged are written back bit for bit unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from medmerge_core.errors import InputError
+
+__all__ = [
+    "InMergeConfig",
+    "InMergeStats",
+    "conv_layers",
+    "conv_weight_keys",
+    "inmerge_",
+    "inmerge_state_dict",
+    "merge_kernels",
+]
+
+_EPS = 1e-12  # Guards the cosine against zero-norm kernels (their cosine becomes 0).
+
+
+@dataclass(frozen=True)
+class InMergeConfig:
+    """InMerge hyper-parameters (defaults from the paper).
+
+    p: probability that a kernel draws a partner. tau: cosine threshold (strictly greater merges).
+    alpha: weight kept by the kernel itself. skip_layers: number of leading conv layers never
+    merged (L_s). start_epoch: first training epoch in which the training loop applies InMerge
+    (see ``active``); the merge functions themselves ignore it.
+    """
+
+    p: float = 0.3
+    tau: float = 0.3
+    alpha: float = 0.8
+    skip_layers: int = 10
+    start_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        # Normalised to plain float/int so numpy scalars from YAML or sweeps behave the same.
+        for name, low, high in (("p", 0.0, 1.0), ("tau", -1.0, 1.0), ("alpha", 0.0, 1.0)):
+            object.__setattr__(self, name, _check_real(name, getattr(self, name), low, high))
+        for name in ("skip_layers", "start_epoch"):
+            object.__setattr__(self, name, _check_count(name, getattr(self, name)))
+
+    def active(self, epoch: int) -> bool:
+        """Whether InMerge should run in ``epoch`` (0-based), so loops share one rule."""
+        return epoch >= self.start_epoch
+
+
+def _check_real(name: str, value: object, low: float, high: float) -> float:
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and low <= value <= high
+    )
+    if not ok:
+        raise InputError(f"inmerge.{name}: must be in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value: object) -> int:
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0):
+        raise InputError(f"inmerge.{name}: must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class InMergeStats:
+    """What one application did, for logs and metrics.
+
+    layers: conv layers considered (index >= skip_layers). kernels_drawn: kernels that drew a
+    partner. kernels_merged: kernels whose partner was similar enough and that were updated.
+    """
+
+    layers: int = 0
+    kernels_drawn: int = 0
+    kernels_merged: int = 0
+
+    def __add__(self, other: InMergeStats) -> InMergeStats:
+        return InMergeStats(
+            self.layers + other.layers,
+            self.kernels_drawn + other.kernels_drawn,
+            self.kernels_merged + other.kernels_merged,
+        )
+
+
+def _check_generator(generator: object) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"generator: must be a CPU torch.Generator (draws are made on the CPU so that CPU and "
+            f"GPU runs agree), got device {generator.device}"
+        )
+    return generator
+
+
+def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Dot product of matching rows, in true float32 on every device.
+
+    On CPU a batched matmul avoids the full-size temporary of ``(a * b).sum(1)`` (about 2x
+    faster); on GPU the elementwise form is used because cuBLAS may run fp32 matmuls in TF32
+    (``allow_tf32``), which would move the cosine enough to change merge decisions.
+    """
+    if a.device.type == "cpu":
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).flatten()
+    return (a * b).sum(dim=1)
+
+
+def _merge_layer(
+    weight: Tensor, config: InMergeConfig, generator: torch.Generator, inplace: bool
+) -> tuple[Tensor, int, Tensor]:
+    """Core of InMerge on one conv weight: returns (weight, kernels drawn, kernels merged).
+
+    The merged count stays a device tensor so callers can sum over layers and synchronise a GPU
+    once, not once per layer. With ``inplace`` the weight is updated and returned; otherwise a new
+    tensor is returned and the input is left alone (it is returned as is when nothing was drawn).
+    """
+    c_out = weight.shape[0]
+    if c_out < 2:
+        return weight, 0, torch.zeros((), dtype=torch.int64)
+    u = torch.rand(c_out, generator=generator)
+    r = torch.randint(0, c_out - 1, (c_out,), generator=generator)
+    partner = r + (r >= torch.arange(c_out)).to(r.dtype)
+    idx = torch.nonzero(u < config.p).flatten()  # CPU: no device sync.
+    drawn = int(idx.numel())
+    if drawn == 0:
+        return weight, 0, torch.zeros((), dtype=torch.int64)
+
+    device = weight.device
+    both = torch.cat([idx, partner[idx]]).to(device)
+    # One gather of the pre-merge rows: reads never see this layer's updates (simultaneous).
+    rows = weight.detach().index_select(0, both).reshape(2 * drawn, -1).float()
+    k_i, k_j = rows[:drawn], rows[drawn:]
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    cos = _rowwise_dot(k_i, k_j) / (norms[:drawn] * norms[drawn:]).clamp_min(_EPS)
+    merge = cos > config.tau
+    # lerp(K_i, K_j, 1 - alpha) == alpha * K_i + (1 - alpha) * K_j in one fused pass.
+    merged_rows = torch.lerp(k_i, k_j, 1.0 - config.alpha)
+    new_rows = torch.where(merge.unsqueeze(1), merged_rows, k_i)
+    new_rows = new_rows.to(weight.dtype).reshape(drawn, *weight.shape[1:])
+    dst_idx = both[:drawn]
+    if inplace:
+        weight.index_copy_(0, dst_idx, new_rows)
+        out = weight
+    else:
+        out = weight.detach().index_copy(0, dst_idx, new_rows)
+    return out, drawn, merge.sum()
+
+
+def merge_kernels(
+    weight: Tensor, config: InMergeConfig, generator: torch.Generator
+) -> tuple[Tensor, int, int]:
+    """InMerge on a single conv weight ``[C_out, ...]``, ignoring ``skip_layers``.
+
+    Returns ``(new_weight, kernels_drawn, kernels_merged)``; the input is not modified. Exposed
+    for custom traversals; ``inmerge_`` and ``inmerge_state_dict`` share the same core.
+    """
+    _check_generator(generator)
+    if weight.dim() < 2:
+        raise ValueError(f"weight: expected at least 2 dimensions, got shape {tuple(weight.shape)}")
+    with torch.no_grad():
+        out, drawn, merged = _merge_layer(weight, config, generator, inplace=False)
+    return out, drawn, int(merged.item())
+
+
+def conv_layers(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
+    """Every ``nn.Conv2d`` with its qualified name, in ``model.modules()`` order (InMerge order)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            yield name, module
+
+
+def conv_weight_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the Conv2d weights in InMerge layer order, for ``inmerge_state_dict``.
+
+    Keys follow ``model.state_dict()`` naming; a parametrized conv weight (whose state-dict key is
+    ``...parametrizations.weight.original``) is not supported and raises a ValueError.
+    """
+    keys = []
+    for name, module in conv_layers(model):
+        if "weight" not in module._parameters:
+            raise ValueError(f"{name}: conv weight is not a plain parameter (parametrized?)")
+        keys.append(f"{name}.weight" if name else "weight")
+    return keys
+
+
+def inmerge_(model: nn.Module, config: InMergeConfig, generator: torch.Generator) -> InMergeStats:
+    """Apply InMerge in place to every eligible Conv2d of ``model``; call before a training step.
+
+    A no-op (zero stats, no randomness consumed) when ``model.training`` is False, so evaluation
+    can never change weights. Runs under ``torch.no_grad``; works on any device and memory format.
+    """
+    _check_generator(generator)
+    if not model.training:
+        return InMergeStats()
+    layers, drawn_total = 0, 0
+    merged_total = torch.zeros((), dtype=torch.int64)
+    with torch.no_grad():
+        for index, (_, conv) in enumerate(conv_layers(model)):
+            if index < config.skip_layers:
+                continue
+            layers += 1
+            _, drawn, merged = _merge_layer(conv.weight, config, generator, inplace=True)
+            drawn_total += drawn
+            if drawn:
+                merged_total = merged_total.to(merged.device) + merged
+    return InMergeStats(layers, drawn_total, int(merged_total.item()))
+
+
+def inmerge_state_dict(
+    state: Mapping[str, Tensor],
+    conv_weight_keys: Sequence[str],
+    config: InMergeConfig,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """Return a new state dict with InMerge applied to the listed conv weights (in that order).
+
+    For the federated strategy, which holds weights rather than a module. ``skip_layers`` applies
+    to the order of ``conv_weight_keys`` (use ``conv_weight_keys(model)`` for module order). The
+    input is never modified; merged weights are new tensors, other entries are passed through as
+    the same objects. Same seed and same keys give the same result as ``inmerge_`` on the model.
+    """
+    _check_generator(generator)
+    out = dict(state)
+    seen: set[str] = set()
+    for key in conv_weight_keys:
+        if key in seen:
+            raise InputError(f"{key}: listed twice in conv_weight_keys")
+        seen.add(key)
+        tensor = state.get(key)
+        if not isinstance(tensor, Tensor):
+            raise InputError(f"{key}: conv weight missing from the state dict")
+        if tensor.dim() != 4 or not tensor.is_floating_point():
+            raise InputError(
+                f"{key}: expected a 4-D floating conv weight, got shape {tuple(tensor.shape)} "
+                f"and dtype {tensor.dtype}"
+            )
+    with torch.no_grad():
+        for index, key in enumerate(conv_weight_keys):
+            if index < config.skip_layers:
+                continue
+            out[key], _, _ = _merge_layer(state[key], config, generator, inplace=False)
+    return out

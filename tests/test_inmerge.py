@@ -1,0 +1,386 @@
+"""InMerge: exact semantics on hand-built layers, and coverage on real torchvision CNNs.
+
+The public InMerge code merges nothing in ResNets/DenseNets and merges during validation; these
+tests pin the fixed behaviour (every Conv2d in module order, eval untouched, pre-merge reads).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from medmerge_core.errors import InputError
+from medmerge_core.inmerge import (
+    InMergeConfig,
+    InMergeStats,
+    conv_weight_keys,
+    inmerge_,
+    inmerge_state_dict,
+    merge_kernels,
+)
+
+ALL = {"p": 1.0, "tau": -1.0, "skip_layers": 0}  # Every kernel draws a partner and merges.
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These tests are many small tensor ops: with several intra-op threads on a busy 2-core
+    machine each op can stall on an OpenMP barrier (measured: 60 s vs 26 s for this file).
+    Results do not depend on it; the previous setting is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _draws(seed: int, c_out: int) -> tuple[Tensor, Tensor]:
+    """Reproduce one layer's draws from the documented contract: (u, partner)."""
+    g = _gen(seed)
+    u = torch.rand(c_out, generator=g)
+    r = torch.randint(0, c_out - 1, (c_out,), generator=g)
+    partner = torch.tensor([int(r[i]) + (1 if int(r[i]) >= i else 0) for i in range(c_out)])
+    return u, partner
+
+
+def _conv_with(kernels: list[list[float]]) -> nn.Conv2d:
+    """A Conv2d(1, C, (1, 2)) whose kernel i is the 2-vector ``kernels[i]``."""
+    conv = nn.Conv2d(1, len(kernels), kernel_size=(1, 2), bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(kernels).reshape(len(kernels), 1, 1, 2))
+    return conv
+
+
+def _conv_stack(seed: int, widths: tuple[int, ...] = (3, 8, 16, 16, 32)) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for c_in, c_out in itertools.pairwise(widths):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _conv_weights(model: nn.Module) -> list[Tensor]:
+    return [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _changed_layers(before: list[Tensor], model: nn.Module) -> list[bool]:
+    return [not torch.equal(b, a) for b, a in zip(before, _conv_weights(model), strict=True)]
+
+
+# --- exact semantics on hand-built layers ---------------------------------------------------
+
+
+def test_hand_built_layer_exact_result() -> None:
+    # K0 . K3 = -1, K1 ~ K0 and K1 ~ K2 at cos 0.707, K0 _|_ K2. alpha=0.75 keeps values exact.
+    conv = _conv_with([[1, 0], [1, 1], [0, 1], [-1, 0]])
+    before = conv.weight.detach().clone().reshape(4, 2)
+    config = InMergeConfig(p=0.5, tau=0.3, alpha=0.75, skip_layers=0)
+    seed = 31
+    u, partner = _draws(seed, 4)
+    drawn = (u < 0.5).tolist()
+    # Seed 31 gives: 0 draws 3 (cos -1: kept), 1 draws 0 (merged), 2 draws 1 (merged), 3 draws
+    # nothing. 2 reads the *pre-merge* K1 although K1 itself is merged (simultaneous update):
+    # reading the new K1 = [1, 0.75] would give K2 = [0.25, 0.9375] instead of [0.25, 1].
+    assert drawn == [True, True, True, False]
+    assert partner.tolist()[:3] == [3, 0, 1]
+
+    stats = inmerge_(conv, config, _gen(seed))
+
+    expected = torch.tensor([[1.0, 0.0], [1.0, 0.75], [0.25, 1.0], [-1.0, 0.0]])
+    by_formula = before.clone()
+    for i in (1, 2):  # The merged ones: alpha * K_i + (1 - alpha) * K_j from pre-merge weights.
+        by_formula[i] = 0.75 * before[i] + 0.25 * before[int(partner[i])]
+    assert torch.equal(by_formula, expected)
+    assert torch.equal(conv.weight.detach().reshape(4, 2), expected)
+    assert stats == InMergeStats(layers=1, kernels_drawn=3, kernels_merged=2)
+
+
+def test_simultaneous_update_when_two_kernels_pick_each_other() -> None:
+    conv = _conv_with([[1, 0], [1, 1]])  # With C_out=2 each kernel must pick the other.
+    stats = inmerge_(conv, InMergeConfig(alpha=0.75, **ALL), _gen(0))
+    # Sequential updates would give K1 = 0.75*[1,1] + 0.25*[1,0.25] = [1, 0.8125].
+    assert torch.equal(conv.weight.detach().reshape(2, 2), torch.tensor([[1, 0.25], [1, 0.75]]))
+    assert stats.kernels_merged == 2
+
+
+def test_p1_tau_minus1_merges_every_kernel_with_its_drawn_partner() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 9, 3)
+    before = conv.weight.detach().clone()
+    stats = inmerge_(conv, InMergeConfig(alpha=0.8, **ALL), _gen(5))
+    after = conv.weight.detach()
+    _, partner = _draws(5, 9)
+    assert (partner != torch.arange(9)).all()
+    assert stats == InMergeStats(layers=1, kernels_drawn=9, kernels_merged=9)
+    for i in range(9):
+        assert not torch.equal(after[i], before[i])
+        expected = torch.lerp(before[i], before[int(partner[i])], 1 - 0.8)
+        torch.testing.assert_close(after[i], expected, rtol=0, atol=1e-6)
+
+
+def test_p0_merges_nothing() -> None:
+    model = _conv_stack(0)
+    before = _conv_weights(model)
+    stats = inmerge_(model, InMergeConfig(p=0.0, tau=-1.0, skip_layers=0), _gen(0))
+    assert stats == InMergeStats(layers=4, kernels_drawn=0, kernels_merged=0)
+    assert not any(_changed_layers(before, model))
+
+
+def test_dissimilar_kernels_are_untouched() -> None:
+    conv = nn.Conv2d(6, 6, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(6).reshape(6, 6, 1, 1))  # Mutually orthogonal: cos = 0.
+    stats = inmerge_(conv, InMergeConfig(p=1.0, tau=0.0, skip_layers=0), _gen(0))
+    assert stats == InMergeStats(layers=1, kernels_drawn=6, kernels_merged=0)
+    assert torch.equal(conv.weight.detach().reshape(6, 6), torch.eye(6))
+    # Opposed kernels (cos = -0.89) are below tau = 0.3 too; tau = -1 merges them.
+    anti = _conv_with([[1, 0], [-1, 0.5]])
+    kept = inmerge_(anti, InMergeConfig(p=1.0, tau=0.3, skip_layers=0), _gen(0))
+    assert kept.kernels_merged == 0
+    assert inmerge_(anti, InMergeConfig(**ALL), _gen(0)).kernels_merged == 2
+
+
+def test_single_output_channel_and_bias_untouched() -> None:
+    torch.manual_seed(0)
+    single = nn.Conv2d(3, 1, 3)
+    w = single.weight.detach().clone()
+    g = _gen(0)
+    state = g.get_state()
+    assert inmerge_(single, InMergeConfig(**ALL), g) == InMergeStats(layers=1)
+    assert torch.equal(single.weight, w)
+    assert torch.equal(g.get_state(), state)  # Nothing to merge: no randomness consumed.
+
+    conv = nn.Conv2d(3, 8, 3, bias=True)
+    bias = conv.bias.detach().clone()
+    inmerge_(conv, InMergeConfig(**ALL), _gen(0))
+    assert torch.equal(conv.bias, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_fp32_computation(dtype: torch.dtype) -> None:
+    low = _conv_stack(0).to(dtype)
+    ref = copy.deepcopy(low).float()  # Same values, upcast: the fp32 path InMerge must follow.
+    config = InMergeConfig(p=0.5, tau=0.0, skip_layers=0)
+    s_low = inmerge_(low, config, _gen(3))
+    s_ref = inmerge_(ref, config, _gen(3))
+    assert s_low == s_ref and s_low.kernels_merged > 0
+    for a, b in zip(_conv_weights(low), _conv_weights(ref), strict=True):
+        assert a.dtype == dtype
+        assert torch.equal(a, b.to(dtype))
+
+
+def test_fp16_cosine_does_not_overflow() -> None:
+    # Similar kernels (cos ~ 0.9) whose squared norm (~5e5) overflows fp16 (max 65504): a cosine
+    # computed in fp16 would be inf/inf = nan and merge nothing.
+    torch.manual_seed(0)
+    weight = torch.randn(1, 64, 3, 3) * 30 + torch.randn(8, 64, 3, 3) * 10
+    conv = nn.Conv2d(64, 8, 3, bias=False).half()
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    stats = inmerge_(conv, InMergeConfig(p=1.0, tau=0.5, skip_layers=0), _gen(0))
+    assert stats.kernels_merged == 8
+    assert torch.isfinite(conv.weight).all()
+
+
+def test_channels_last_gives_same_result() -> None:
+    plain = _conv_stack(0)
+    cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    config = InMergeConfig(p=0.5, tau=0.0, skip_layers=1)
+    assert inmerge_(plain, config, _gen(1)) == inmerge_(cl, config, _gen(1))
+    for a, b in zip(_conv_weights(plain), _conv_weights(cl), strict=True):
+        assert torch.equal(a, b)
+
+
+# --- layers, modes, seeds -----------------------------------------------------------------------
+
+
+def test_shallow_layers_bit_for_bit_untouched() -> None:
+    model = _conv_stack(0)
+    before = _conv_weights(model)
+    stats = inmerge_(model, InMergeConfig(p=1.0, tau=-1.0, skip_layers=2), _gen(0))
+    assert _changed_layers(before, model) == [False, False, True, True]
+    assert stats == InMergeStats(layers=2, kernels_drawn=48, kernels_merged=48)
+
+
+def test_eval_mode_never_touches_weights() -> None:
+    model = _conv_stack(0).eval()
+    before = _conv_weights(model)
+    g = _gen(0)
+    state = g.get_state()
+    assert inmerge_(model, InMergeConfig(**ALL), g) == InMergeStats()
+    assert not any(_changed_layers(before, model))
+    assert torch.equal(g.get_state(), state)
+    model.train()  # Sanity: the same call in training mode does merge.
+    assert inmerge_(model, InMergeConfig(**ALL), g).kernels_merged > 0
+
+
+def test_same_seed_same_result_different_seed_differs() -> None:
+    config = InMergeConfig(p=0.5, tau=-1.0, skip_layers=0)
+    a, b, c = _conv_stack(0), _conv_stack(0), _conv_stack(0)
+    inmerge_(a, config, _gen(7))
+    inmerge_(b, config, _gen(7))
+    inmerge_(c, config, _gen(8))
+    wa, wb, wc = _conv_weights(a), _conv_weights(b), _conv_weights(c)
+    assert all(torch.equal(x, y) for x, y in zip(wa, wb, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(wa, wc, strict=True))
+
+
+# --- state-dict version -------------------------------------------------------------------------
+
+
+def test_state_dict_version_pure_and_equal_to_in_place() -> None:
+    with torch.no_grad():
+        model = torchvision.models.get_model("resnet18", weights=None)
+    model.train()
+    keys = conv_weight_keys(model)
+    state = model.state_dict()  # Aliases the parameters: in-place edits would show here.
+    snapshot = {k: v.clone() for k, v in state.items()}
+    config = InMergeConfig(p=0.3, tau=0.0, skip_layers=4)
+
+    merged = inmerge_state_dict(state, keys, config, _gen(11))
+
+    assert merged is not state and merged.keys() == state.keys()
+    assert all(torch.equal(state[k], snapshot[k]) for k in state)  # Input untouched.
+    for k, v in state.items():
+        if k not in keys:
+            assert merged[k] is v
+    assert sum(not torch.equal(merged[k], state[k]) for k in keys) > 0
+
+    stats = inmerge_(model, config, _gen(11))
+    assert stats.layers == len(keys) - 4 and stats.kernels_merged > 0
+    after = model.state_dict()
+    assert all(torch.equal(after[k], merged[k]) for k in after)
+
+
+def test_merge_kernels_leaves_input_alone() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    w0 = w.clone()
+    out, drawn, merged = merge_kernels(w, InMergeConfig(**ALL), _gen(0))
+    assert torch.equal(w, w0) and not torch.equal(out, w)
+    assert (drawn, merged) == (8, 8)
+
+
+def test_state_dict_rejects_bad_keys() -> None:
+    state = {"conv.weight": torch.randn(4, 3, 3, 3), "fc.weight": torch.randn(2, 4)}
+    config = InMergeConfig(skip_layers=0)
+    with pytest.raises(InputError, match=r"missing\.weight"):
+        inmerge_state_dict(state, ["missing.weight"], config, _gen(0))
+    with pytest.raises(InputError, match=r"fc\.weight: expected a 4-D"):
+        inmerge_state_dict(state, ["conv.weight", "fc.weight"], config, _gen(0))
+
+
+# --- torchvision CNNs (the public code's traversal merges nothing in ResNet/DenseNet) ----------
+
+CONV_COUNTS = {"resnet18": 20, "resnet50": 53, "densenet121": 120, "vgg16_bn": 13}
+
+
+def _build(name: str) -> nn.Module:
+    """The torchvision architecture with random conv weights, without initialising the rest.
+
+    Only the Conv2d weights are read here, and VGG's 120M-parameter classifier init alone takes
+    seconds on 2 cores, so the model is built on the meta device, given uninitialised storage,
+    and only its convs get torchvision's own init (Kaiming normal, fan_out).
+    """
+    with torch.device("meta"):
+        model = torchvision.models.get_model(name, weights=None)
+    model = model.to_empty(device="cpu").train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def _restore(model: nn.Module, weights: list[Tensor]) -> None:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        for conv, w in zip(convs, weights, strict=True):
+            conv.weight.copy_(w)
+
+
+@pytest.mark.parametrize("name", list(CONV_COUNTS))
+def test_torchvision_models(name: str) -> None:
+    model = _build(name)
+    keys = conv_weight_keys(model)
+    assert len(keys) == CONV_COUNTS[name]
+    if name == "resnet50":
+        assert "layer1.0.downsample.0.weight" in keys  # Downsample convs count, in module order.
+        assert keys.index("layer1.0.downsample.0.weight") == keys.index("layer1.0.conv3.weight") + 1
+    before = _conv_weights(model)
+    eligible = sum(w.shape[0] for w in before[10:])
+
+    # p=1, tau=-1: every kernel of every layer from the 11th on merges; the first 10 never do.
+    stats = inmerge_(model, InMergeConfig(p=1.0, tau=-1.0, skip_layers=10), _gen(0))
+    changed = _changed_layers(before, model)
+    assert sum(changed) == CONV_COUNTS[name] - 10
+    assert changed[:10] == [False] * 10 and changed[-1]
+    assert stats == InMergeStats(CONV_COUNTS[name] - 10, eligible, eligible)
+
+    # Default p. Random-init kernels are nearly orthogonal: cos ~ N(0, 1/(C_in*k*k)), std <=
+    # 0.125 here, so the paper's tau = 0.3 (meant for trained, redundant kernels) would merge
+    # almost nothing. tau = 0 keeps the gate meaningful (it rejects about half of the drawn
+    # pairs) while deep layers change: ~p/2 = 15% of eligible kernels should merge.
+    _restore(model, before)
+    stats = inmerge_(model, InMergeConfig(p=0.3, tau=0.0, alpha=0.8, skip_layers=10), _gen(0))
+    after = _conv_weights(model)
+    changed = _changed_layers(before, model)
+    assert changed[:10] == [False] * 10
+    assert changed[-1]
+    assert sum(changed[10:]) >= 0.9 * (len(changed) - 10)
+    assert 0.25 * eligible < stats.kernels_drawn < 0.35 * eligible
+    assert 0.3 * stats.kernels_drawn < stats.kernels_merged < 0.7 * stats.kernels_drawn
+    rows_changed = sum(
+        int((b != a).flatten(1).any(dim=1).sum()) for b, a in zip(before, after, strict=True)
+    )
+    assert rows_changed == stats.kernels_merged
+
+
+# --- config validation --------------------------------------------------------------------------
+
+
+def test_config_error_message_names_field() -> None:
+    with pytest.raises(InputError) as info:
+        InMergeConfig(p=1.5)
+    assert str(info.value) == "inmerge.p: must be in [0, 1], got 1.5"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("p", -0.1),
+        ("p", float("nan")),
+        ("p", "0.3"),
+        ("tau", 1.01),
+        ("tau", -1.5),
+        ("alpha", 1.2),
+        ("alpha", -0.2),
+        ("skip_layers", -1),
+        ("skip_layers", 2.5),
+        ("skip_layers", True),
+        ("start_epoch", -3),
+    ],
+)
+def test_invalid_config_fields(field: str, value: object) -> None:
+    with pytest.raises(InputError, match=rf"^inmerge\.{field}: "):
+        InMergeConfig(**{field: value})
+
+
+def test_config_defaults_and_active() -> None:
+    config = InMergeConfig(start_epoch=2)
+    assert (config.p, config.tau, config.alpha, config.skip_layers) == (0.3, 0.3, 0.8, 10)
+    assert [config.active(e) for e in range(4)] == [False, False, True, True]
+    from_numpy = InMergeConfig(p=np.float32(0.5), skip_layers=np.int64(3))  # e.g. from a sweep
+    assert (from_numpy.p, from_numpy.skip_layers) == (0.5, 3)
+    assert type(from_numpy.p) is float and type(from_numpy.skip_layers) is int
