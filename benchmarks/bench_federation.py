@@ -1,0 +1,117 @@
+"""Federation benchmark: overhead vs one process, bytes per round, and the fp16 option.
+
+1. `--bytes`: bytes on the wire per fine-tuning round (server -> sites and back, one model per
+   site each way, plus the evaluation broadcast) for ResNet-18 and DenseNet-121, fp32 vs fp16.
+2. `--overhead`: the same collect / merge / fine-tune work (a) through the federation on an
+   in-process Grid (message packing, fp16, screening, FedAvg, InMerge, checkpoints) and (b) as
+   plain function calls in one process; prints the ratio. For the Flower simulation wall time
+   run `flwr run .` (README) and compare its log with (b).
+3. `--fp16`: final test metrics of the same run with fp32 and fp16 weights on the wire.
+
+Usage: python benchmarks/bench_federation.py [--bytes] [--overhead] [--fp16] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+
+from client.client_app import app as client_app
+from medmerge_core.federation import (
+    FederationConfig,
+    ModelInfo,
+    compress,
+    coordinator_merge,
+    institution_backbone,
+    model_reference,
+    node_settings,
+    site_evaluate,
+    site_train,
+    transport_keys,
+)
+from medmerge_core.models import build_model
+from medmerge_core.train import Runtime
+from server.inprocess import InProcessGrid
+from server.server_app import run_federation
+
+SIM_NODES = [{"partition-id": i, "num-partitions": 6} for i in range(6)]
+
+
+def bytes_per_round() -> None:
+    print(f"{'arch':14} {'params':>10} {'fp32 MB/round':>14} {'fp16 MB/round':>14}  (3 sites)")
+    for arch in ("resnet18", "densenet121"):
+        model = build_model(arch, 3, 1)
+        meta, _, norm = model_reference(ModelInfo(arch, 3, 1))
+        keys = transport_keys(meta, norm, fedbn=False)
+        state = {k: v for k, v in model.state_dict().items() if k in keys}
+        row = []
+        for fp16 in (False, True):
+            one = ArrayRecord(compress(state, fp16)).count_bytes()
+            row.append(3 * one * 3 / 2**20)  # train down + train up + evaluate down, 3 sites
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{arch:14} {params:>10,} {row[0]:>14.1f} {row[1]:>14.1f}")
+
+
+def one_process(cfg: FederationConfig) -> float:
+    """The federation's work as direct calls: 2 backbones, 1 merge, R rounds x 3 sites."""
+    began = time.perf_counter()
+    runtime = Runtime.detect(cfg.device)
+    nodes = [node_settings(n, cfg) for n in SIM_NODES]
+    sources = [institution_backbone(n, cfg, runtime)[0] for n in nodes if n.role == "institution"]
+    coordinator = next(n for n in nodes if n.role == "coordinator")
+    state, info, _, _ = coordinator_merge(sources, ["a", "b"], coordinator, cfg, runtime)
+    sites = [n for n in nodes if n.role == "site"]
+    for server_round in range(1, cfg.rounds + 1):
+        updates = [site_train(state, info, s, cfg, runtime, server_round) for s in sites]
+        total = sum(n for _, n, _ in updates)
+        state = {
+            k: sum(u[k].double() * n / total for u, n, _ in updates).to(v.dtype)
+            if v.is_floating_point() else v
+            for k, v in state.items()
+        }  # fmt: skip
+        for s in sites:
+            site_evaluate(state, info, s, cfg, runtime)
+    return time.perf_counter() - began
+
+
+def federated(run_config: dict) -> tuple[float, dict]:
+    began = time.perf_counter()
+    history = run_federation(InProcessGrid(client_app, SIM_NODES, run_config), run_config)
+    return time.perf_counter() - began, history[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bytes", action="store_true")
+    parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    everything = not (args.bytes or args.overhead or args.fp16)
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench_federation_"))
+    small = {"output-dir": str(out), "rounds": 2, "synthetic-n-train": 200,
+             "synthetic-n-val": 80, "synthetic-n-test": 120}  # fmt: skip
+    if args.bytes or everything:
+        bytes_per_round()
+    if args.overhead or everything:
+        cfg = FederationConfig.from_run_config({**small, "run-name": "direct"})
+        direct = one_process(cfg)
+        fed, _ = federated({**small, "run-name": "overhead"})
+        print(f"one process {direct:.1f} s, federation (in-process grid) {fed:.1f} s, "
+              f"ratio {fed / direct:.2f}x (target <= 1.3x)")  # fmt: skip
+    if args.fp16 or everything:
+        for fp16 in (False, True):
+            _, last = federated({**small, "run-name": f"fp16-{fp16}", "fp16": fp16})
+            print(f"fp16={fp16!s:5}  MB/round {last['mbytes']:.1f}  test acc "
+                  f"{last['eval_accuracy']:.4f}  macro-F1 {last['eval_macro_f1']:.4f}  "
+                  f"AUROC {last['eval_auroc']:.4f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()

@@ -1,0 +1,1 @@
+"""Flower ServerApp and strategy of the MedMerge federation (thin adapters)."""

@@ -1,0 +1,97 @@
+"""Unit tests of the Flower-free federation logic (medmerge_core.federation): fast, no runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medmerge_core.errors import InputError
+from medmerge_core.federation import (
+    FederationConfig,
+    FederationRun,
+    ModelInfo,
+    compress,
+    model_reference,
+    node_settings,
+    restore_dtypes,
+    screen_replies,
+    shard_task,
+    transport_keys,
+)
+
+
+def test_run_config_is_typed_and_typos_are_errors() -> None:
+    cfg = FederationConfig.from_run_config({"rounds": 5, "ft-lr": 1, "sim-roles": "site, site"})
+    assert cfg.rounds == 5 and cfg.ft_lr == 1.0 and cfg.sim_roles == ("site", "site")
+    with pytest.raises(InputError, match="unknown key 'round'"):
+        FederationConfig.from_run_config({"round": 5})
+    with pytest.raises(InputError, match="fedbn"):
+        FederationConfig.from_run_config({"fedbn": "yes"})
+    with pytest.raises(InputError, match=r"inmerge\.p"):
+        FederationConfig.from_run_config({"inmerge-p": 2.0})
+
+
+def test_roles_from_node_config_and_from_partition_id(tmp_path) -> None:
+    cfg = FederationConfig(output_dir=str(tmp_path))
+    site = node_settings({"role": "site", "data": "synthetic:target", "shard": "1/3"}, cfg)
+    assert (site.role, site.shard) == ("site", (1, 3))
+    sims = [node_settings({"partition-id": i, "num-partitions": 6}, cfg) for i in range(6)]
+    assert [s.role for s in sims] == list(cfg.sim_roles)
+    assert sims[1].data == "synthetic:related_b" and sims[1].checkpoint.endswith("institution-1.pt")
+    assert [s.shard for s in sims[2:]] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    with pytest.raises(InputError, match="num-supernodes=6"):
+        node_settings({"partition-id": 0, "num-partitions": 4}, cfg)
+    with pytest.raises(InputError, match="role"):
+        node_settings({"role": "hacker"}, cfg)
+
+
+def test_shards_are_disjoint_and_cover_every_split(tiny_task) -> None:
+    parts = [shard_task(tiny_task, i, 3, seed=0) for i in range(3)]
+    images = np.concatenate([p.train.images for p in parts])
+    assert len(images) == len(tiny_task.train)
+    distinct = {img.tobytes() for img in tiny_task.train.images}
+    assert {img.tobytes() for img in images} == distinct
+    assert all(set(p.train.labels) == {0, 1} for p in parts)  # stratified
+
+
+def test_screening_names_each_bad_reply() -> None:
+    base = {"w": torch.zeros(4, 3), "n": torch.zeros((), dtype=torch.int64)}
+    good = [{"w": torch.full((4, 3), 0.1 * (i + 1)), "n": base["n"]} for i in range(3)]
+    replies = {f"node{i}": s for i, s in enumerate(good)}
+    replies["nan"] = {"w": torch.full((4, 3), float("nan")), "n": base["n"]}
+    replies["shape"] = {"w": torch.zeros(3, 4), "n": base["n"]}
+    replies["dtype"] = {"w": torch.zeros(4, 3, dtype=torch.float64), "n": base["n"]}
+    replies["keys"] = {"w": torch.zeros(4, 3)}
+    replies["huge"] = {"w": torch.full((4, 3), 100.0), "n": base["n"]}
+    accepted, rejected = screen_replies(replies, base, outlier_factor=10)
+    assert accepted == ["node0", "node1", "node2"]
+    assert "NaN" in rejected["nan"] and "shape" in rejected["shape"]
+    assert "dtype" in rejected["dtype"] and "missing" in rejected["keys"]
+    assert "median" in rejected["huge"]
+    fp16 = {"w": torch.zeros(4, 3, dtype=torch.float16), "n": base["n"]}
+    assert screen_replies({"a": fp16}, base, 10, allow_fp16=True)[0] == ["a"]
+
+
+def test_dtypes_come_from_the_model_not_the_aggregate() -> None:
+    meta, conv, norm = model_reference(ModelInfo("resnet18", 3, 1))
+    assert conv[0] == "conv1.weight" and "bn1.running_mean" in norm
+    keys = transport_keys(meta, norm, fedbn=False)
+    assert "bn1.num_batches_tracked" not in keys and "bn1.weight" in keys
+    assert not set(transport_keys(meta, norm, fedbn=True)) & set(norm)
+    aggregate = {"bn1.num_batches_tracked": torch.tensor(2.6, dtype=torch.float64),
+                 "conv1.weight": torch.zeros(64, 1, 7, 7, dtype=torch.float16)}  # fmt: skip
+    fixed = restore_dtypes(aggregate, meta)
+    assert fixed["bn1.num_batches_tracked"].dtype == torch.int64
+    assert int(fixed["bn1.num_batches_tracked"]) == 3
+    assert fixed["conv1.weight"].dtype == torch.float32
+    assert compress({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.int64)}, True)[
+        "b"
+    ].dtype == torch.int64
+
+
+def test_a_run_folder_refuses_a_different_config(tmp_path) -> None:
+    FederationRun(FederationConfig(output_dir=str(tmp_path), rounds=2))
+    FederationRun(FederationConfig(output_dir=str(tmp_path), rounds=5))  # more rounds: resume
+    with pytest.raises(InputError, match="ft_lr"):
+        FederationRun(FederationConfig(output_dir=str(tmp_path), ft_lr=0.5))
