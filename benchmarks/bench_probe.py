@@ -74,9 +74,13 @@ def probe_vs_ft(
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
     times = interleaved(
-        {"ft": make_step(ft_model.train(), runtime, x, y),
-         "probe": make_step(probe_model.train(), runtime, x, y)},
-        steps, repeats, sync,
+        {
+            "ft": make_step(ft_model.train(), runtime, x, y),
+            "probe": make_step(probe_model.train(), runtime, x, y),
+        },
+        steps,
+        repeats,
+        sync,
     )
     ratios = [p / f for p, f in zip(times["probe"], times["ft"], strict=True)]
     return times, statistics.median(ratios)
@@ -108,7 +112,9 @@ def cached_vs_uncached_lp(size: int, n: int, repeats: int) -> tuple[float, float
 
     times = interleaved(
         {"uncached": lambda: epoch(loader, True), "cached": lambda: epoch(cached, False)},
-        1, repeats, lambda: None,
+        1,
+        repeats,
+        lambda: None,
     )
     ratio = statistics.median(
         c / u for c, u in zip(times["cached"], times["uncached"], strict=True)
@@ -126,8 +132,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     console = Console()
     table = Table(title="MedMerge probe step / full fine-tuning step (median of interleaved runs)")
-    for column in ("device", "model", "input", "batch", "FT ms/step", "probe ms/step",
-                   "probe/FT", "target"):
+    for column in (
+        "device",
+        "model",
+        "input",
+        "batch",
+        "FT ms/step",
+        "probe ms/step",
+        "probe/FT",
+        "target",
+    ):
         table.add_column(column, justify="right")
     cases = [("cpu", "resnet18", 64, 64, 1.10), ("cpu", "densenet121", 64, 32, 1.10)]
     if args.gpu and torch.cuda.is_available():
@@ -137,8 +151,13 @@ def main() -> None:
         times, ratio = probe_vs_ft(arch, size, batch, runtime, args.steps, args.repeats)
         ft_ms = statistics.median(times["ft"]) * 1e3
         table.add_row(
-            device, arch, f"{size}x{size}", str(batch), f"{ft_ms:.1f}",
-            f"{statistics.median(times['probe']) * 1e3:.1f}", f"{ratio:.3f}",
+            device,
+            arch,
+            f"{size}x{size}",
+            str(batch),
+            f"{ft_ms:.1f}",
+            f"{statistics.median(times['probe']) * 1e3:.1f}",
+            f"{ratio:.3f}",
             f"<= {target} {'ok' if ratio <= target else 'MISSED'}",
         )
         if device == "cuda":
@@ -151,8 +170,12 @@ def main() -> None:
     lp = Table(title="LP epoch (ResNet-18, 512 images 64x64, CPU): cached features vs uncached")
     for column in ("uncached s", "cached s", "cached/uncached", "target"):
         lp.add_column(column, justify="right")
-    lp.add_row(f"{uncached:.3f}", f"{cached:.4f}", f"{ratio:.4f}",
-               f"<= 0.1 {'ok' if ratio <= 0.1 else 'MISSED'}")
+    lp.add_row(
+        f"{uncached:.3f}",
+        f"{cached:.4f}",
+        f"{ratio:.4f}",
+        f"<= 0.1 {'ok' if ratio <= 0.1 else 'MISSED'}",
+    )
     console.print(lp)
 
 

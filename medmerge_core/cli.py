@@ -34,11 +34,19 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
     task = load_task(spec, image_size=args.image_size, seed=args.seed)
     init = load_source(args.init, args.arch, task.in_channels) if args.init else None
     metrics = pretrain_source(
-        args.arch, task, args.out, StageConfig(args.epochs, args.lr), Runtime.detect(args.device),
-        init=init, batch_size=args.batch_size, seed=args.seed,
+        args.arch,
+        task,
+        args.out,
+        StageConfig(args.epochs, args.lr),
+        Runtime.detect(args.device),
+        init=init,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
-    console.print(f"saved {args.out}; test accuracy {metrics['accuracy']:.3f}, "
-                  f"macro-F1 {metrics['macro_f1']:.3f}")
+    console.print(
+        f"saved {args.out}; test accuracy {metrics['accuracy']:.3f}, "
+        f"macro-F1 {metrics['macro_f1']:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,14 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the pipelines of a YAML config (resumes a run folder)")
     run.add_argument("config", type=Path)
     run.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="fill ${NAME} in the config, e.g. --set data_root=/data",
     )
     run.add_argument("--no-progress", action="store_true")
     pre = sub.add_parser("pretrain", help="pretrain a source backbone on a dataset (resumable)")
     pre.add_argument("--arch", required=True)
-    pre.add_argument("--data", action="append", required=True, metavar="KEY=VALUE",
-                     help="data spec entries, e.g. --data format=ham10000 --data root=/d/HAM")
+    pre.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="KEY=VALUE",
+        help="data spec entries, e.g. --data format=ham10000 --data root=/d/HAM",
+    )
     pre.add_argument("--init", default=None, help="source spec to start from (e.g. an enum)")
     pre.add_argument("--image-size", type=int, default=224)
     pre.add_argument("--epochs", type=int, default=10)

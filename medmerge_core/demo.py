@@ -48,14 +48,19 @@ class DemoSettings:
     def quick(cls) -> DemoSettings:
         """A seconds-long smoke version for tests."""
         return cls(
-            image_size=32, source_train=128, source_epochs=1, target_train=64,
-            lp_epochs=1, ft_epochs=1, batch_size=32,
+            image_size=32,
+            source_train=128,
+            source_epochs=1,
+            target_train=64,
+            lp_epochs=1,
+            ft_epochs=1,
+            batch_size=32,
         )
 
 
 def run_demo(
     out: Path,
-    settings: DemoSettings = DemoSettings(),  # noqa: B008 - frozen dataclass
+    settings: DemoSettings = DemoSettings(),
     *,
     device: str = "auto",
     show_progress: bool = True,
@@ -72,15 +77,28 @@ def run_demo(
     generic_ckpt, related_ckpt = source_dir / "generic.pt", source_dir / "related.pt"
     console.print(f"[bold]1/3[/] pretraining the generic source on '{generic_task.name}'")
     generic = pretrain_source(
-        s.arch, generic_task, generic_ckpt, stage, runtime, batch_size=s.batch_size,
-        seed=s.seed, show_progress=show_progress,
+        s.arch,
+        generic_task,
+        generic_ckpt,
+        stage,
+        runtime,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        show_progress=show_progress,
     )
     console.print(f"    generic source test accuracy {generic['accuracy']:.3f}")
     console.print(f"[bold]2/3[/] pretraining the related source on '{related_task.name}'")
     init = load_source(str(generic_ckpt), s.arch, generic_task.in_channels)
     related = pretrain_source(
-        s.arch, related_task, related_ckpt, stage, runtime, init=init,
-        batch_size=s.batch_size, seed=s.seed + 1, show_progress=show_progress,
+        s.arch,
+        related_task,
+        related_ckpt,
+        stage,
+        runtime,
+        init=init,
+        batch_size=s.batch_size,
+        seed=s.seed + 1,
+        show_progress=show_progress,
     )
     console.print(f"    related source test accuracy {related['accuracy']:.3f}")
 

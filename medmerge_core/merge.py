@@ -179,8 +179,9 @@ class MergedModel(nn.Module):
                 )
                 if granularity == "parameter":
                     self.coefficients.append(
-                        nn.Parameter(torch.stack([torch.full(state[bias].shape, v)
-                                                  for v in init_values]))
+                        nn.Parameter(
+                            torch.stack([torch.full(state[bias].shape, v) for v in init_values])
+                        )
                     )
                 targets.append(bias)
             for key in targets:

@@ -12,9 +12,11 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 def _safe_auroc(y_true: np.ndarray, scores: np.ndarray, **kwargs: object) -> float:
     """AUROC, or NaN where it is undefined (a split with a single class)."""
+    if len(np.unique(y_true)) < 2:
+        return float("nan")
     try:
         return float(roc_auc_score(y_true, scores, **kwargs))
-    except ValueError:
+    except ValueError:  # e.g. a multi-class split missing a class
         return float("nan")
 
 

@@ -122,9 +122,13 @@ def identify_arch(state: Mapping[str, torch.Tensor]) -> str | None:
         head = head_name(reference) + "."
         ref_backbone = {k for k in ref if not k.startswith(head) and "num_batches" not in k}
         leftover = keys - ref_backbone
-        if ref_backbone <= keys and all(k.startswith(head) for k in leftover) and all(
-            state[k].shape[2:] == ref[k][2:] and state[k].shape[0] == ref[k][0]
-            for k in ref_backbone
+        if (
+            ref_backbone <= keys
+            and all(k.startswith(head) for k in leftover)
+            and all(
+                state[k].shape[2:] == ref[k][2:] and state[k].shape[0] == ref[k][0]
+                for k in ref_backbone
+            )
         ):
             return arch
     return None
@@ -146,9 +150,7 @@ def _unwrap_checkpoint(obj: object, path: Path) -> tuple[StateDict, str | None]:
     return state, arch if isinstance(arch, str) else None
 
 
-def _load_checkpoint(
-    path: Path, arch: str, reference: nn.Module, in_channels: int
-) -> StateDict:
+def _load_checkpoint(path: Path, arch: str, reference: nn.Module, in_channels: int) -> StateDict:
     if not path.is_file():
         raise InputError(f"source checkpoint not found: {path}")
     try:

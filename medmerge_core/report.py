@@ -79,8 +79,9 @@ def plot_coefficient_heatmap(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
-        raise RuntimeError("plotting needs matplotlib: pip install 'medmerge-federation[plots]'") \
-            from exc
+        raise RuntimeError(
+            "plotting needs matplotlib: pip install 'medmerge-federation[plots]'"
+        ) from exc
     labels = list(layer_means)
     data = np.stack([np.asarray(layer_means[k], dtype=float) for k in labels])
     fig, ax = plt.subplots(figsize=(max(6.0, data.shape[1] * 0.12), 1.0 + 0.5 * len(labels)))

@@ -236,8 +236,9 @@ def fit(
                     checkpoint,
                 )
             progress.update(
-                task, advance=1, status=f"loss {record['train_loss']:.3f} "
-                f"val F1 {val['macro_f1']:.3f}"
+                task,
+                advance=1,
+                status=f"loss {record['train_loss']:.3f} val F1 {val['macro_f1']:.3f}",
             )
     model.load_state_dict(best_state)
     return result

@@ -49,7 +49,7 @@ def test_bad_fields_are_named(patch: dict, message: str) -> None:
 
 
 def test_missing_required_key() -> None:
-    with pytest.raises(InputError, match="^sources: missing$"):
+    with pytest.raises(InputError, match=r"^sources: missing$"):
         config_from_dict({"name": "t", "data": {"format": "synthetic"}})
 
 
@@ -61,9 +61,9 @@ def test_variables_are_substituted_and_missing_ones_named() -> None:
 
 
 def test_missing_file_and_bad_yaml(tmp_path) -> None:
-    with pytest.raises(InputError, match="config not found: .*none.yaml"):
+    with pytest.raises(InputError, match=r"config not found: .*none.yaml"):
         load_config(tmp_path / "none.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
-    with pytest.raises(InputError, match="bad.yaml line .*: invalid YAML"):
+    with pytest.raises(InputError, match=r"bad.yaml line .*: invalid YAML"):
         load_config(bad)

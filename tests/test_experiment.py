@@ -37,8 +37,14 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
     results = experiment.run_experiment(config, task=tiny_task, show_progress=False)
     assert list(results) == ["ft:a", "ft:b", "lp_ft:a", "lp_ft:b", "average_ft", "medmerge"]
     run = tmp_path / "runs" / "tiny"
-    for name in ("config.yaml", "metrics.jsonl", "results.json", "coefficients.npz",
-                 "coefficient_summary.json", "checkpoints/medmerge.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "results.json",
+        "coefficients.npz",
+        "coefficient_summary.json",
+        "checkpoints/medmerge.pt",
+    ):
         assert (run / name).exists(), name
     assert {"accuracy", "macro_f1", "auroc"} <= set(results["medmerge"]["test"])
     assert results["lp_ft:a"]["stages"]["lp"]["seconds"] > 0
@@ -54,14 +60,16 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
 
 def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> None:
     experiment.prepare_run_dir(make_config(tmp_path))
-    with pytest.raises(InputError, match="made by a different config"):
+    with pytest.raises(InputError, match=r"made by a different config"):
         experiment.prepare_run_dir(make_config(tmp_path, seed=3))
 
 
 def test_cli_reports_a_config_typo_on_one_line(tmp_path, capsys) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("name: x\ndata: {format: synthetic}\nsources: {a: zeros, b: zeros}\n"
-                    "fine_tune: {epochs: 1}\n")
+    path.write_text(
+        "name: x\ndata: {format: synthetic}\nsources: {a: zeros, b: zeros}\n"
+        "fine_tune: {epochs: 1}\n"
+    )
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "fine_tune: unknown key" in err and "c.yaml" in err
@@ -70,8 +78,13 @@ def test_cli_reports_a_config_typo_on_one_line(tmp_path, capsys) -> None:
 def test_quick_demo_runs_end_to_end(tmp_path) -> None:
     from medmerge_core.demo import DemoSettings, run_demo
 
-    results = run_demo(tmp_path / "demo", DemoSettings.quick(), device="cpu",
-                       show_progress=False)
-    assert set(results) == {"ft:generic", "ft:related", "lp_ft:generic", "lp_ft:related",
-                            "average_ft", "medmerge"}
+    results = run_demo(tmp_path / "demo", DemoSettings.quick(), device="cpu", show_progress=False)
+    assert set(results) == {
+        "ft:generic",
+        "ft:related",
+        "lp_ft:generic",
+        "lp_ft:related",
+        "average_ft",
+        "medmerge",
+    }
     assert (tmp_path / "demo" / "target" / "coefficients_heatmap.png").stat().st_size > 1000

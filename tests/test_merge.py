@@ -160,8 +160,14 @@ def test_frozen_bn_stays_at_the_source_mean(tiny_task) -> None:
     srcs = sources()
     model = merged(freeze_bn=True)
     one_batch = [next(iter(BatchLoader(tiny_task.train, 16, shuffle=True)))]
-    fit(model, one_batch, one_batch, StageConfig(1, 1e-2), Runtime.detect("cpu"),
-        show_progress=False)
+    fit(
+        model,
+        one_batch,
+        one_batch,
+        StageConfig(1, 1e-2),
+        Runtime.detect("cpu"),
+        show_progress=False,
+    )
     mean = (srcs[0]["bn1.weight"] + srcs[1]["bn1.weight"]) / 2
     assert torch.equal(model.model.bn1.weight, mean)
     mean_rm = (srcs[0]["bn1.running_mean"] + srcs[1]["bn1.running_mean"]) / 2
@@ -180,7 +186,7 @@ def test_probe_lowers_validation_loss(tiny_task) -> None:
 
 def test_mismatched_architectures_name_both_sources() -> None:
     torch.manual_seed(0)
-    with pytest.raises(InputError, match="'imagenet' and 'ham'.*different architectures"):
+    with pytest.raises(InputError, match=r"'imagenet' and 'ham'.*different architectures"):
         MergedModel(
             build_model("resnet18", 2, 1),
             [load_source("random:1", "resnet18", 1), load_source("random:1", "resnet34", 1)],
@@ -189,12 +195,12 @@ def test_mismatched_architectures_name_both_sources() -> None:
 
 
 def test_single_source_is_rejected() -> None:
-    with pytest.raises(InputError, match="at least 2 sources"):
+    with pytest.raises(InputError, match=r"at least 2 sources"):
         MergedModel(build_model("resnet18", 2, 1), sources()[:1])
 
 
 def test_unknown_granularity_is_rejected() -> None:
-    with pytest.raises(InputError, match="merge.granularity"):
+    with pytest.raises(InputError, match=r"merge.granularity"):
         merged(granularity="channel")
 
 

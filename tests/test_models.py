@@ -19,8 +19,12 @@ from medmerge_core.models import (
 
 @pytest.mark.parametrize(
     ("arch", "head"),
-    [("densenet121", "classifier"), ("resnet18", "fc"), ("resnet50", "fc"),
-     ("vgg16_bn", "classifier.6")],
+    [
+        ("densenet121", "classifier"),
+        ("resnet18", "fc"),
+        ("resnet50", "fc"),
+        ("vgg16_bn", "classifier.6"),
+    ],
 )
 def test_build_model_has_new_head_and_channel_stem(arch: str, head: str) -> None:
     with torch.device("meta"):
@@ -77,20 +81,20 @@ def test_rgb_checkpoint_is_adapted_to_gray_by_summing(tmp_path) -> None:
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(InputError, match="source checkpoint not found: .*nope.pt"):
+    with pytest.raises(InputError, match=r"source checkpoint not found: .*nope.pt"):
         load_source(str(tmp_path / "nope.pt"), "resnet18", 1)
 
 
 def test_corrupt_checkpoint_names_the_file(tmp_path) -> None:
     path = tmp_path / "bad.pt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="bad.pt: cannot load checkpoint"):
+    with pytest.raises(InputError, match=r"bad.pt: cannot load checkpoint"):
         load_source(str(path), "resnet18", 1)
 
 
 def test_checkpoint_of_another_architecture_names_both(tmp_path) -> None:
     torch.save(build_model("resnet34", 2, 1).state_dict(), tmp_path / "r34.pt")
-    with pytest.raises(InputError, match="checkpoint is resnet34 but model.arch is resnet18"):
+    with pytest.raises(InputError, match=r"checkpoint is resnet34 but model.arch is resnet18"):
         load_source(str(tmp_path / "r34.pt"), "resnet18", 1)
 
 
@@ -101,14 +105,14 @@ def test_torchvision_weights_offline_is_a_clear_error(monkeypatch) -> None:
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(InputError, match="could not download .*offline"):
+    with pytest.raises(InputError, match=r"could not download .*offline"):
         load_source("torchvision:ResNet18_Weights.IMAGENET1K_V1", "resnet18", 3)
-    with pytest.raises(InputError, match="unknown weights"):
+    with pytest.raises(InputError, match=r"unknown weights"):
         load_source("torchvision:NOPE", "resnet18", 3)
 
 
 def test_unknown_arch_and_bad_channels() -> None:
-    with pytest.raises(InputError, match="model.arch: unknown"):
+    with pytest.raises(InputError, match=r"model.arch: unknown"):
         build_model("resnet19", 2)
-    with pytest.raises(InputError, match="in_channels"):
+    with pytest.raises(InputError, match=r"in_channels"):
         build_model("resnet18", 2, 4)

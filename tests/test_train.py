@@ -30,16 +30,32 @@ def test_interrupted_fit_resumes_after_the_last_completed_epoch(tiny_task, tmp_p
     torch.manual_seed(0)
     model = build_model("resnet18", 2, 1)
     with pytest.raises(Interrupt):
-        fit(model, train, val, StageConfig(3, 1e-3), runtime, before_step=stop_in_epoch_2,
-            checkpoint=ckpt, show_progress=False)
+        fit(
+            model,
+            train,
+            val,
+            StageConfig(3, 1e-3),
+            runtime,
+            before_step=stop_in_epoch_2,
+            checkpoint=ckpt,
+            show_progress=False,
+        )
     saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 1 and len(saved["history"]) == 2
 
     seen = []
     torch.manual_seed(0)
     fresh = build_model("resnet18", 2, 1)
-    result = fit(fresh, train, val, StageConfig(3, 1e-3), runtime,
-                 before_step=lambda m, e: seen.append(e), checkpoint=ckpt, show_progress=False)
+    result = fit(
+        fresh,
+        train,
+        val,
+        StageConfig(3, 1e-3),
+        runtime,
+        before_step=lambda m, e: seen.append(e),
+        checkpoint=ckpt,
+        show_progress=False,
+    )
     assert set(seen) == {2}  # only the missing epoch ran
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
 
@@ -48,9 +64,14 @@ def test_best_epoch_by_validation_macro_f1_is_restored(tiny_task) -> None:
     runtime = Runtime.detect("cpu")
     torch.manual_seed(0)
     model = build_model("resnet18", 2, 1)
-    result = fit(model, BatchLoader(tiny_task.train, 32, shuffle=True),
-                 BatchLoader(tiny_task.val, 32), StageConfig(3, 1e-3), runtime,
-                 show_progress=False)
+    result = fit(
+        model,
+        BatchLoader(tiny_task.train, 32, shuffle=True),
+        BatchLoader(tiny_task.val, 32),
+        StageConfig(3, 1e-3),
+        runtime,
+        show_progress=False,
+    )
     best = max(result.history, key=lambda h: h["val_macro_f1"])
     assert result.best_epoch == best["epoch"]
     assert result.best_val["macro_f1"] == best["val_macro_f1"]
@@ -63,10 +84,17 @@ def test_nan_loss_is_a_clear_error(tiny_task) -> None:
         with torch.no_grad():
             m.fc.weight.fill_(float("nan"))
 
-    with pytest.raises(NonFiniteLossError, match="ft: loss is nan at epoch 0, step 0"):
-        fit(model, BatchLoader(tiny_task.train, 32), BatchLoader(tiny_task.val, 32),
-            StageConfig(1, 1e-3), Runtime.detect("cpu"), name="ft", before_step=poison,
-            show_progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"ft: loss is nan at epoch 0, step 0"):
+        fit(
+            model,
+            BatchLoader(tiny_task.train, 32),
+            BatchLoader(tiny_task.val, 32),
+            StageConfig(1, 1e-3),
+            Runtime.detect("cpu"),
+            name="ft",
+            before_step=poison,
+            show_progress=False,
+        )
 
 
 def test_metrics_multiclass_and_multilabel() -> None:
