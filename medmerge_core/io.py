@@ -37,7 +37,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -85,7 +85,12 @@ def plot_coefficient_heatmap(
     labels = list(layer_means)
     data = np.stack([np.asarray(layer_means[k], dtype=float) for k in labels])
     fig, ax = plt.subplots(figsize=(max(6.0, data.shape[1] * 0.12), 1.0 + 0.5 * len(labels)))
-    image = ax.imshow(data, aspect="auto", cmap="coolwarm", vmin=0.0, vmax=1.0)
+    # Centre the colour scale on the initial value so that small moves stay visible.
+    centre = float(np.median(data))
+    spread = max(float(np.abs(data - centre).max()), 1e-3)
+    image = ax.imshow(
+        data, aspect="auto", cmap="coolwarm", vmin=centre - spread, vmax=centre + spread
+    )
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("conv layer (input → output)")
     ax.set_title(title or f"mean learnt coefficient of '{source_name}' per layer")

@@ -1,0 +1,1 @@
+"""Study drivers: paper reproductions, ablations and robustness studies (see each module)."""

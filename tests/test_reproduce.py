@@ -1,0 +1,107 @@
+"""Tiny end-to-end runs of the study drivers (issue 6 and issue 4 part 4) on generated data.
+
+The real MedMNIST files are not needed: small .npz files in the official layout stand in for
+them, so these tests run anywhere in well under a minute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulations import reproduce, robustness
+from simulations.common import update_section
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fake breastmnist / pneumoniamnist .npz files: noise plus a bright square for class 1."""
+    root = tmp_path_factory.mktemp("medmnist")
+    rng = np.random.default_rng(0)
+    for flag, sizes in (("breastmnist", (16, 8, 8)), ("pneumoniamnist", (16, 8, 8))):
+        arrays = {}
+        for split, n in zip(("train", "val", "test"), sizes, strict=True):
+            labels = np.arange(n) % 2
+            images = rng.integers(0, 120, (n, 28, 28)).astype(np.uint8)
+            images[labels == 1, 8:20, 8:20] += 100
+            arrays[f"{split}_images"] = images
+            arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+        np.savez(root / f"{flag}.npz", **arrays)
+    return root
+
+
+TINY = ["--image-size", "16", "--no-progress"]
+
+
+def test_plan_covers_the_paper_ablations() -> None:
+    specs = {spec.group: spec for spec in reproduce.plan(reproduce.STUDIES)}
+    assert specs["main"].pipelines == ("ft", "lp_ft", "average_ft", "medmerge")
+    assert specs["bn_frozen"].freeze_bn and not specs["main"].freeze_bn
+    assert (specs["layer"].granularity, specs["parameter"].granularity) == ("layer", "parameter")
+    assert specs["zeros_a"].sources == ("A", "zeros") and specs["zeros_b"].sources == ("B", "zeros")
+    assert specs["three"].sources == ("A", "B", "C")
+    settings = reproduce.Settings(data_root=Path("data"), ablation_seeds=(0,))
+    assert settings.seeds_for(specs["layer"]) == (0,)
+    assert settings.seeds_for(specs["main"]) == (0, 1, 2, 3, 4)
+    sources = {name: {"spec": name} for name in ("A", "B", "zeros")}
+    config = reproduce.make_config(settings, specs["bn_frozen"], 0, sources)
+    assert config.merge.freeze_bn and config.pipelines == ["medmerge"]
+    assert reproduce.method_ids(specs["main"])[:2] == ["ft:A", "ft:B"]
+
+
+def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
+    """Main comparison and three sources (the ablations run the same MedMerge pipeline)."""
+    results, figures = tmp_path / "RESULTS.md", tmp_path / "results"
+    argv = [
+        "--data-root", str(data_root), "--out", str(tmp_path / "runs"),
+        "--results", str(results), "--figures", str(figures), *TINY, "--seeds", "0",
+        "--studies", "main", "three", "--lp-epochs", "1", "--ft-epochs", "1",
+        "--source-epochs", "1", "--synthetic-train", "16", "--synthetic-val", "8",
+        "--lp-lr", "1e-3",
+    ]  # fmt: skip
+    assert reproduce.main(argv) == 0
+    text = results.read_text()
+    assert "<!-- reproduce-resnet18-16:start -->" in text
+    assert "stand-in for ImageNet" in text and "python -m simulations.reproduce" in text
+    assert "learning rates LP/probe 0.001" in text  # the deviation is stated
+    for needle in ("FT A", "LP-FT B", "Avg+FT", "MedMerge", "A + B + C: MedMerge",
+                   "C alone: LP-FT C", "relative to LP", "Every run"):
+        assert needle in text, needle
+    for key in ("fig2_main", "fig2_ablations", "three_sources"):
+        png = figures / f"resnet18-16_{key}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"results/{png.name}" in text
+
+    # Resuming runs nothing new and, with --report-only, rewrites the same tables.
+    reproduce.main([*argv, "--report-only"])
+    assert results.read_text().split("Every run")[1] == text.split("Every run")[1]
+
+
+def test_robustness_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    update_section(results, "other", "kept")  # another driver's section must survive
+    argv = [
+        "--data-root", str(data_root), "--out", str(tmp_path / "runs"),
+        "--results", str(results), *TINY, "--seeds", "0", "--epochs", "1",
+        "--datasets", "breastmnist", "--max-train", "16", "--skip-layers", "0", "--tau", "-1",
+    ]  # fmt: skip
+    assert robustness.main(argv) == 0
+    text = results.read_text()
+    assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text
+    section = text.split("<!-- robustness:start -->")[1].split("<!-- robustness:end -->")[0]
+    assert "python -m simulations.robustness" in section and "### breastmnist" in section
+    for row in ("clean", "gaussian_noise/3", "blur/1", "contrast/2", "jpeg/3", "mean corrupted"):
+        assert f"| {row} |" in section or f"| **{row}** |" in section, row
+    # tau = -1 and no skipped layers: InMerge must have merged kernels, so it did something.
+    assert " 0 of " not in section.split("at the initial weights")[0].split("merges")[-1]
+
+
+def test_update_section_replaces_only_its_block(tmp_path: Path) -> None:
+    path = tmp_path / "R.md"
+    update_section(path, "a", "one")
+    update_section(path, "b", "two")
+    update_section(path, "a", "three")
+    text = path.read_text()
+    assert "three" in text and "one" not in text and "two" in text
+    assert text.index("<!-- a:start -->") < text.index("<!-- b:start -->")
