@@ -63,6 +63,27 @@ def combine(stack: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
     return (coef * stack).sum(0)
 
 
+def kernel_major(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack d sources' [C_out, ...] tensors as [C_out, d, K] for batched per-kernel products."""
+    return torch.stack([t.reshape(t.shape[0], -1) for t in tensors], dim=1).contiguous()
+
+
+def combine_kernel_major(stack: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """`combine` for a [C_out, d, K] stack, as one batched matmul per layer: [C_out, K].
+
+    Kernel and layer coefficients become a [C_out, 1, d] batch of rows, so neither the forward
+    nor the coefficient gradient materialises a d-times-larger product (the probe step stays
+    close to a plain fine-tuning step). Exact at the endpoints, like `combine`.
+    """
+    coef = full_coefficients(free)  # [d, *coefficient_shape]
+    d, c_out = stack.shape[1], stack.shape[0]
+    if coef[0].numel() in (1, c_out):  # layer or kernel granularity
+        rows = coef.reshape(d, -1).t().expand(c_out, d).unsqueeze(1)
+        return torch.bmm(rows, stack).squeeze(1)
+    per_element = coef.reshape(d, c_out, -1).transpose(0, 1)  # parameter granularity
+    return (per_element * stack).sum(1)
+
+
 def mergeable_keys(model: nn.Module) -> list[tuple[str, str | None]]:
     """(weight key, bias key or None) of every Conv2d and backbone Linear, in module order."""
     head = head_name(model)
@@ -160,6 +181,7 @@ class MergedModel(nn.Module):
         self.granularity = granularity
         self.freeze_bn = freeze_bn
         self.weight_keys: list[str] = []
+        self.shapes = {k: v.shape for k, v in state.items()}
         self.bias_of: dict[str, str] = {}
         self.coefficients = nn.ParameterList()
 
@@ -170,12 +192,12 @@ class MergedModel(nn.Module):
             free = torch.stack([torch.full(shape, v) for v in init_values])
             self.coefficients.append(nn.Parameter(free))
             self.register_buffer(
-                f"source_w{index}", torch.stack([s[weight] for s in sources]), persistent=False
+                f"source_w{index}", kernel_major([s[weight] for s in sources]), persistent=False
             )
             targets = [weight]
             if bias is not None:
                 self.register_buffer(
-                    f"source_b{index}", torch.stack([s[bias] for s in sources]), persistent=False
+                    f"source_b{index}", kernel_major([s[bias] for s in sources]), persistent=False
                 )
                 if granularity == "parameter":
                     self.coefficients.append(
@@ -220,11 +242,15 @@ class MergedModel(nn.Module):
         coefs = self.coefficient_map()
         out: dict[str, torch.Tensor] = {}
         for index, weight in enumerate(self.weight_keys):
-            out[weight] = combine(getattr(self, f"source_w{index}"), coefs[weight])
+            shape = self.shapes[weight]
+            out[weight] = combine_kernel_major(
+                getattr(self, f"source_w{index}"), coefs[weight]
+            ).view(shape)
             bias_stack = getattr(self, f"source_b{index}", None)
             if bias_stack is not None:
                 bias = f"{weight[: -len('.weight')]}.bias"
-                out[bias] = combine(bias_stack, coefs.get(bias, coefs[weight].flatten(1)))
+                free = coefs.get(bias, coefs[weight].flatten(1))
+                out[bias] = combine_kernel_major(bias_stack, free).view(shape[0])
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

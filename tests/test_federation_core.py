@@ -85,9 +85,10 @@ def test_dtypes_come_from_the_model_not_the_aggregate() -> None:
     assert fixed["bn1.num_batches_tracked"].dtype == torch.int64
     assert int(fixed["bn1.num_batches_tracked"]) == 3
     assert fixed["conv1.weight"].dtype == torch.float32
-    assert compress({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.int64)}, True)[
-        "b"
-    ].dtype == torch.int64
+    assert (
+        compress({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.int64)}, True)["b"].dtype
+        == torch.int64
+    )
 
 
 def test_a_run_folder_refuses_a_different_config(tmp_path) -> None:

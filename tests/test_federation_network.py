@@ -106,8 +106,10 @@ def test_tls_authenticated_federation_completes(tmp_path) -> None:
         out = sh(str(BIN / "flwr"), "run", str(ROOT), "hospitals", "--format", "json",
                  "-c", overrides, env=env)  # fmt: skip
         run_id = json.loads(out)["run-id"]
-        subprocess.run([str(BIN / "flwr"), "log", str(run_id), "hospitals", "--stream"], env=env,
-                       capture_output=True, timeout=420, check=False)  # fmt: skip
+        # Returns when the run ends; on a slow machine the status check below reports the rest.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([str(BIN / "flwr"), "log", str(run_id), "hospitals", "--stream"],
+                           env=env, capture_output=True, timeout=900, check=False)  # fmt: skip
         listing = json.loads(sh(str(BIN / "flwr"), "ls", "hospitals", "--run-id", str(run_id),
                                 "--format", "json", env=env))  # fmt: skip
         status = [r["status"] for r in listing["runs"]]

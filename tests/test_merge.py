@@ -147,9 +147,10 @@ def test_probe_step_trains_only_coefficients_bn_and_head(tiny_task) -> None:
     one_batch = [next(iter(BatchLoader(tiny_task.train, 16, shuffle=True)))]
     fit(model, one_batch, one_batch, stage, Runtime.detect("cpu"), show_progress=False)
     for index in range(len(model.weight_keys)):  # frozen source stacks, bit for bit
-        stack = getattr(model, f"source_w{index}")
+        stack = getattr(model, f"source_w{index}")  # [C_out, d, K]
         key = model.weight_keys[index]
-        assert torch.equal(stack[0], before[0][key]) and torch.equal(stack[1], before[1][key])
+        for d in (0, 1):
+            assert torch.equal(stack[:, d].reshape(before[d][key].shape), before[d][key])
     assert all(not torch.equal(a, b) for a, b in zip(coefs, model.coefficients, strict=True))
     assert not torch.equal(bn, model.model.bn1.weight)
     assert not torch.equal(head, model.model.fc.weight)

@@ -1,0 +1,149 @@
+"""The run folder: phase outputs, per-round checkpoint, metrics, and their console view."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from medmerge_core.errors import InputError
+from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.transport import ModelInfo
+from medmerge_core.io import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl
+from medmerge_core.models import StateDict
+
+
+class FederationRun:
+    """Files of one federated run; every write is atomic, so a crash never loses a round.
+
+    config.json (fingerprint), sources.pt (phase 1), merged.pt + coefficient_summary.json
+    (phase 2), checkpoint.pt (global model, round, strategy state, history; after every
+    round), metrics.jsonl (one line per phase / round), final.pt (the final model).
+    """
+
+    def __init__(self, cfg: FederationConfig) -> None:
+        self.cfg = cfg
+        self.dir = cfg.run_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        saved = self.dir / "config.json"
+        fingerprint = cfg.fingerprint()
+        if saved.exists():
+            old = json.loads(saved.read_text(encoding="utf-8"))
+            if old != fingerprint:
+                keys = set(old) | set(fingerprint)
+                diff = sorted(k for k in keys if old.get(k) != fingerprint.get(k))
+                raise InputError(
+                    f"{saved}: this run folder was made by a different run config "
+                    f"(differs in {', '.join(diff)}); change run-name or delete the folder"
+                )
+        else:
+            atomic_write_json(saved, fingerprint)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    def load_sources(self) -> tuple[list[StateDict], list[str]] | None:
+        path = self.dir / "sources.pt"
+        if not path.exists():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["sources"], saved["names"]
+
+    def save_sources(self, sources: Sequence[StateDict], names: Sequence[str]) -> None:
+        atomic_torch_save({"sources": list(sources), "names": list(names)}, self.dir / "sources.pt")
+
+    def load_merged(self) -> tuple[StateDict, ModelInfo] | None:
+        path = self.dir / "merged.pt"
+        if not path.exists():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["state_dict"], ModelInfo(**saved["info"])
+
+    def save_merged(
+        self, state: StateDict, info: ModelInfo, summary: list[dict[str, Any]],
+        metrics: Mapping[str, float],
+    ) -> None:  # fmt: skip
+        atomic_write_json(self.dir / "coefficient_summary.json", summary)
+        atomic_torch_save(
+            {"state_dict": state, "info": dataclasses.asdict(info), "arch": info.arch,
+             "metrics": dict(metrics)},
+            self.dir / "merged.pt",
+        )  # fmt: skip
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """{'round', 'state_dict', 'strategy', 'history'} of the last completed round."""
+        path = self.dir / "checkpoint.pt"
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save_round(
+        self,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        strategy_state: Mapping[str, Any],
+        history: Sequence[Mapping[str, Any]],
+    ) -> None:
+        atomic_torch_save(
+            {"round": server_round, "state_dict": dict(state), "strategy": dict(strategy_state),
+             "history": [dict(h) for h in history]},
+            self.dir / "checkpoint.pt",
+        )  # fmt: skip
+
+    def save_final(self, state: Mapping[str, torch.Tensor], info: ModelInfo) -> None:
+        atomic_torch_save(
+            {"arch": info.arch, "state_dict": dict(state), **info.as_config()},
+            self.dir / "final.pt",
+        )
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        append_jsonl(self.metrics_path, dict(record))
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+
+def round_table(history: Sequence[Mapping[str, Any]]) -> Table:
+    """Per-round metrics as a rich table (the console view of metrics.jsonl)."""
+    table = Table(title="Federated fine-tuning")
+    columns = [
+        ("round", "round", "{}"), ("sites", "sites", "{}"), ("rejected", "rejected", "{}"),
+        ("train loss", "train_loss", "{:.4f}"), ("test acc", "eval_accuracy", "{:.4f}"),
+        ("test macro-F1", "eval_macro_f1", "{:.4f}"), ("test AUROC", "eval_auroc", "{:.4f}"),
+        ("InMerge kernels", "inmerge_kernels", "{}"), ("MB sent", "mbytes", "{:.1f}"),
+        ("seconds", "seconds", "{:.1f}"),
+    ]  # fmt: skip
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+    for row in history:
+        cells = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        table.add_row(*cells)
+    return table
+
+
+def render(table: Table, width: int = 120) -> str:
+    """A rich table as plain text, for log files and `flwr log`."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, force_terminal=False, color_system=None).print(table)
+    return buffer.getvalue()
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A short content hash of a state dict (resume and reproducibility checks)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,107 @@
+"""What travels: the model description, FedBN / integer-buffer key selection, fp16, dtypes.
+
+`ModelInfo` is sent as config so every node can rebuild the merged model; `model_reference`
+gives the keys, shapes and dtypes everything is checked and restored against.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from medmerge_core.inmerge import InMergeConfig, conv_weight_keys, inmerge_state_dict
+from medmerge_core.merge import NORM_TYPES
+from medmerge_core.models import StateDict, build_model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server and the sites need to rebuild the merged model (sent as config)."""
+
+    arch: str
+    num_classes: int
+    in_channels: int
+
+    def build(self) -> nn.Module:
+        return build_model(self.arch, self.num_classes, self.in_channels)
+
+    def as_config(self) -> dict[str, Any]:
+        return {"arch": self.arch, "num-classes": self.num_classes, "in-channels": self.in_channels}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelInfo:
+        return cls(str(config["arch"]), int(config["num-classes"]), int(config["in-channels"]))
+
+
+def model_reference(info: ModelInfo) -> tuple[StateDict, list[str], list[str]]:
+    """(meta state dict: keys, shapes, dtypes; conv keys in InMerge order; norm-layer keys).
+
+    Fresh containers each call (callers may edit them); the model is built once per `info`.
+    """
+    meta, conv, norm = _reference(info)
+    return dict(meta), list(conv), list(norm)
+
+
+@functools.lru_cache(maxsize=16)
+def _reference(info: ModelInfo) -> tuple[StateDict, list[str], list[str]]:
+    with torch.device("meta"):
+        model = info.build()
+    return dict(model.state_dict()), conv_weight_keys(model), norm_keys(model)
+
+
+def norm_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of every normalisation layer (affine params and running stats)."""
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            keys += [f"{name}.{k}" for k in module.state_dict()]
+    return keys
+
+
+def transport_keys(meta: Mapping[str, torch.Tensor], norm: Sequence[str], fedbn: bool) -> list[str]:
+    """Keys that travel each round: floating tensors only, and no norm layers under FedBN.
+
+    Integer buffers (BN's num_batches_tracked) stay put: averaging a step count is meaningless,
+    FedAvg would turn it into float64, and Flower's DP clipping cannot scale integer arrays.
+    """
+    local = set(norm) if fedbn else set()
+    return [k for k, v in meta.items() if v.dtype.is_floating_point and k not in local]
+
+
+def compress(state: Mapping[str, torch.Tensor], fp16: bool) -> StateDict:
+    """fp32/fp64 tensors to fp16 when asked (half the bytes); integers untouched."""
+    if not fp16:
+        return dict(state)
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def restore_dtypes(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> StateDict:
+    """Cast to the model's own dtypes: fp16 back to fp32, FedAvg's float64 counts to int64."""
+    out = {}
+    for key, value in state.items():
+        dtype = reference[key].dtype
+        if not dtype.is_floating_point and value.is_floating_point():
+            value = value.round()
+        out[key] = value.to(dtype)
+    return out
+
+
+def apply_inmerge(
+    state: Mapping[str, torch.Tensor],
+    conv_keys: Sequence[str],
+    config: InMergeConfig,
+    generator: torch.Generator,
+) -> tuple[StateDict, int]:
+    """InMerge on an aggregate; returns (new state, kernels changed) for the round log."""
+    merged = inmerge_state_dict(state, conv_keys, config, generator)
+    changed = sum(
+        int((merged[k] != state[k]).flatten(1).any(1).sum()) for k in conv_keys if k in state
+    )
+    return merged, changed

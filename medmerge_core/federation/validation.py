@@ -1,0 +1,98 @@
+"""Reply screening: keys, shapes, dtypes, NaN/Inf and update-norm outliers, naming the node."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from medmerge_core.models import backbone_keys, build_model, stem_conv_name
+
+
+def check_update(
+    state: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    allow_fp16: bool = False,
+) -> str | None:
+    """Why a reply's weights are unusable (keys, shapes, dtypes, NaN/Inf), or None if fine."""
+    missing = [k for k in reference if k not in state]
+    extra = [k for k in state if k not in reference]
+    if missing or extra:
+        key = (missing or extra)[0]
+        what = "missing" if missing else "unexpected"
+        return f"{len(missing)} keys missing, {len(extra)} unexpected ({what} '{key}')"
+    for key, ref in reference.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            return f"'{key}' has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        ok = value.dtype == ref.dtype or (
+            allow_fp16 and ref.is_floating_point() and value.dtype == torch.float16
+        )
+        if not ok:
+            return f"'{key}' has dtype {value.dtype}, expected {ref.dtype}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"'{key}' contains NaN or Inf"
+    return None
+
+
+def check_backbone(
+    state: Mapping[str, torch.Tensor], arch: str, allow_fp16: bool = False
+) -> str | None:
+    """check_update for an institution's backbone (1- or 3-channel stem, no head)."""
+    with torch.device("meta"):
+        probe = build_model(arch, 2, 3)
+    stem = stem_conv_name(probe) + ".weight"
+    channels = int(state[stem].shape[1]) if stem in state and state[stem].ndim == 4 else 3
+    if channels not in (1, 3):
+        return f"'{stem}' has {channels} input channels; expected 1 or 3"
+    with torch.device("meta"):
+        model = build_model(arch, 2, channels)
+    keys = set(backbone_keys(model))
+    reference = {k: v for k, v in model.state_dict().items() if k in keys}
+    return check_update(state, reference, allow_fp16)
+
+
+def update_norm(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of (state - base) over the floating-point tensors, computed in float64."""
+    total = 0.0
+    for key, value in state.items():
+        if value.is_floating_point():
+            diff = value.double() - base[key].double()
+            total += float(diff.square().sum())
+    return math.sqrt(total)
+
+
+def screen_replies(
+    replies: Mapping[str, Mapping[str, torch.Tensor]],
+    reference: Mapping[str, torch.Tensor],
+    outlier_factor: float,
+    allow_fp16: bool = False,
+) -> tuple[list[str], dict[str, str]]:
+    """(accepted node names, {rejected node: reason}).
+
+    A reply is rejected for bad keys / shapes / dtypes / NaN / Inf, or when its update norm
+    (against `reference`, the weights the node was sent) exceeds `outlier_factor` times the
+    median norm of the *other* well-formed replies. With one reply the outlier test is skipped.
+    """
+    rejected: dict[str, str] = {}
+    norms: dict[str, float] = {}
+    for node, state in replies.items():
+        reason = check_update(state, reference, allow_fp16)
+        if reason is None:
+            norms[node] = update_norm(state, reference)
+        else:
+            rejected[node] = reason
+    for node, norm in norms.items():
+        others = [v for k, v in norms.items() if k != node]
+        if not others:
+            continue
+        median = float(np.median(others))
+        if median > 0 and norm > outlier_factor * median:
+            rejected[node] = (
+                f"update norm {norm:.3g} is {norm / median:.1f}x the median of the others "
+                f"({median:.3g}; limit {outlier_factor:g}x)"
+            )
+    accepted = [n for n in replies if n not in rejected]
+    return accepted, rejected
