@@ -25,13 +25,18 @@ from medmerge_core.data.synthetic import SYNTHETIC_TASKS, make_task
 TARGET_IMAGES_PER_S = 2000.0
 
 
-def images_per_second(name: str, images: int, size: int, repeats: int) -> list[float]:
-    """Throughput of make_task over `repeats` runs (val/test hold one image each)."""
+def images_per_second(name: str, images: int, size: int, repeats: int) -> list[tuple[float, float]]:
+    """(CPU-time, wall-clock) throughput of make_task per run (val/test hold one image each).
+
+    CPU time is what one core spends, so it stays meaningful on a shared, busy machine; wall
+    time is what a user waits on an idle one.
+    """
     rates = []
     for repeat in range(repeats):
-        start = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         make_task(name, n_train=images, n_val=1, n_test=1, image_size=size, seed=repeat)
-        rates.append((images + 2) / (time.perf_counter() - start))
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        rates.append(((images + 2) / cpu, (images + 2) / wall))
     return rates
 
 
@@ -48,29 +53,32 @@ def main() -> int:
     make_task("target", n_train=8, n_val=1, n_test=1, image_size=args.size)  # warm-up
 
     table = Table(title=f"Synthetic task generation, {args.size}x{args.size}, one core")
-    for column in ("task", "images/run", "median img/s", "min img/s", "max img/s", "target"):
+    columns = ("task", "images/run", "img/s (CPU time)", "min", "max", "img/s (wall)", "target")
+    for column in columns:
         table.add_column(column, justify="left" if column == "task" else "right")
     medians = {}
     for name in SYNTHETIC_TASKS:
         rates = images_per_second(name, args.images, args.size, args.repeats)
-        medians[name] = statistics.median(rates)
-        ok = medians[name] >= TARGET_IMAGES_PER_S
+        cpu = [r[0] for r in rates]
+        medians[name] = statistics.median(cpu)
         table.add_row(
             name,
             str(args.images + 2),
             f"{medians[name]:,.0f}",
-            f"{min(rates):,.0f}",
-            f"{max(rates):,.0f}",
-            "[green]meets[/]" if ok else "[red]below[/]",
+            f"{min(cpu):,.0f}",
+            f"{max(cpu):,.0f}",
+            f"{statistics.median(r[1] for r in rates):,.0f}",
+            "[green]meets[/]" if medians[name] >= TARGET_IMAGES_PER_S else "[red]below[/]",
         )
     console = Console()
     console.print(table)
     slowest = min(medians, key=medians.get)
     verdict = "meets" if medians[slowest] >= TARGET_IMAGES_PER_S else "does NOT meet"
     console.print(
-        f"Slowest task {slowest}: {medians[slowest]:,.0f} img/s = "
+        f"Slowest task {slowest}: {medians[slowest]:,.0f} img/s per core = "
         f"{medians[slowest] / TARGET_IMAGES_PER_S:.2f}x the {TARGET_IMAGES_PER_S:,.0f} img/s "
-        f"target: {verdict} it (median of {args.repeats})."
+        f"target: {verdict} it (median of {args.repeats}, CPU time; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)."
     )
     return 0
 

@@ -43,9 +43,7 @@ class ArraySplit:
                 f"{tuple(self.images.shape)}"
             )
         if len(self.labels) != len(self.images):
-            raise InputError(
-                f"labels: {len(self.labels)} labels for {len(self.images)} images"
-            )
+            raise InputError(f"labels: {len(self.labels)} labels for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -155,9 +153,8 @@ class BatchLoader:
             order = np.arange(n)
         self.epoch += 1
         for start in range(0, n, self.batch_size):
-            index = np.sort(order[start : start + self.batch_size]) if not self.shuffle else (
-                order[start : start + self.batch_size]
-            )
-            yield normalize_batch(self.split.images[index]), torch.as_tensor(
-                self.split.labels[index]
+            index = order[start : start + self.batch_size]
+            yield (
+                normalize_batch(self.split.images[index]),
+                torch.as_tensor(self.split.labels[index]),
             )

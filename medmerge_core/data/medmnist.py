@@ -117,7 +117,7 @@ def load_medmnist(
         path = Path(text).expanduser()
         if not path.is_file():
             raise InputError(f"{path}: no such MedMNIST .npz file")
-        flag = path.stem
+        flag = path.stem.lower()
         for s in MEDMNIST_SIZES[1:]:
             flag = flag.removesuffix(f"_{s}")
     else:
@@ -129,23 +129,7 @@ def load_medmnist(
     if len(shapes) != 1:
         raise InputError(f"{path}: splits have different image shapes {sorted(shapes)}")
     raw = {s: _check_labels(path, s, arrays[f"{s}_labels"], len(images[s])) for s in _SPLITS}
-    widths = {labels.shape[1] for labels in raw.values()}
-    if len(widths) != 1:
-        raise InputError(f"{path}: splits have different label widths {sorted(widths)}")
-    width = widths.pop()
-    multilabel = width > 1
-    if multilabel:
-        labels = {s: _multilabel(path, s, raw[s]) for s in _SPLITS}
-        count = width
-    else:
-        labels = {s: _multiclass(path, s, raw[s]) for s in _SPLITS}
-        count = max(int(y.max(initial=-1)) for y in labels.values()) + 1
-        known = _CLASS_NAMES.get(flag)
-        if known is not None and count > len(known):
-            raise InputError(
-                f"{path}: labels go up to {count - 1} but {flag} has {len(known)} classes"
-            )
-        count = len(known) if known is not None else count
+    labels, count = _task_labels(path, flag, raw)
     splits = {
         s: ArraySplit(
             images[s], labels[s], ids=np.array([f"{flag}/{s}/{i}" for i in range(len(images[s]))])
@@ -158,7 +142,7 @@ def load_medmnist(
         splits["val"],
         splits["test"],
         class_names=medmnist_class_names(flag, count),
-        multilabel=multilabel,
+        multilabel=labels["train"].ndim == 2,
         notes={"source": "medmnist", "path": str(path), "flag": flag},
     )
 
@@ -253,6 +237,26 @@ def _check_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndar
     if len(labels) != n:
         raise InputError(f"{path}: {key}: {len(labels)} labels for {n} images")
     return labels
+
+
+def _task_labels(
+    path: Path, flag: str, raw: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], int]:
+    """Per-split labels (int64 [N], or float32 [N,L] when L > 1) and the number of classes."""
+    widths = {labels.shape[1] for labels in raw.values()}
+    if len(widths) != 1:
+        raise InputError(f"{path}: splits have different label widths {sorted(widths)}")
+    width = widths.pop()
+    if width > 1:
+        return {s: _multilabel(path, s, y) for s, y in raw.items()}, width
+    labels = {s: _multiclass(path, s, y) for s, y in raw.items()}
+    count = max(int(y.max()) for y in labels.values()) + 1
+    known = _CLASS_NAMES.get(flag)
+    if known is None:
+        return labels, count
+    if count > len(known):
+        raise InputError(f"{path}: labels go up to {count - 1} but {flag} has {len(known)} classes")
+    return labels, len(known)
 
 
 def _multiclass(path: Path, split: str, labels: np.ndarray) -> np.ndarray:

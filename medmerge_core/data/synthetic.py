@@ -68,8 +68,8 @@ _RELATED_STYLE = _Style(
 )
 _TARGET_STYLE = _Style(
     contrast=(0.14, 0.28),
-    spicule=(0.5, 1.2),
-    heterogeneity=(0.07, 0.16),
+    spicule=(0.6, 1.3),
+    heterogeneity=(0.08, 0.17),
     speckle=(0.04, 0.09),
     hyper_rate=0.25,
 )
@@ -230,10 +230,10 @@ def _ellipse(aspect: np.ndarray, tilt: np.ndarray) -> np.ndarray:
     return 1.0 / np.sqrt((1 + c2) / 2 + (1 - c2) / (2 * aspect[:, None] ** 2))
 
 
-def _wobble(rng: np.random.Generator, amplitude: np.ndarray, orders: range) -> np.ndarray:
+def _wobble(rng: np.random.Generator, b: int, orders: range, amplitude: float) -> np.ndarray:
     """Smooth random border wobble [B,_BINS]: sum of cos(k*theta + phase), as one matmul."""
     k = np.asarray(orders)[:, None] * _bin_angles()[None, :]
-    a = rng.uniform(0, 1, (len(amplitude), len(orders))) * amplitude
+    a = rng.uniform(0, amplitude, (b, len(orders)))
     phase = rng.uniform(0, 2 * np.pi, a.shape)
     return (a * np.cos(phase)) @ np.cos(k) - (a * np.sin(phase)) @ np.sin(k)
 
@@ -242,7 +242,7 @@ def _spikes(rng: np.random.Generator, b: int, n_max: int = 12) -> np.ndarray:
     """Thin radial spikes [B,_BINS]: 6-12 per image, each touching only the bins it covers."""
     step = 2 * np.pi / _BINS
     count = rng.integers(6, n_max + 1, b)
-    where = rng.uniform(0, 2 * np.pi, (b, n_max, 1))
+    where = rng.uniform(0, 2 * np.pi, (b, n_max, 1))  # uniform, so the bin origin is irrelevant
     width = rng.uniform(0.15, 0.3, (b, n_max, 1))
     length = rng.uniform(0.5, 1.0, (b, n_max, 1)) * (np.arange(n_max) < count[:, None])[..., None]
     reach = int(np.ceil(0.3 / step)) + 1
@@ -261,8 +261,8 @@ def _lesion_profile(
     b = len(spiculated)
     amp = rng.uniform(*strength, b) * spiculated
     shape = _ellipse(rng.uniform(0.65, 1.0, b), rng.uniform(0, np.pi, b))
-    lobes = _wobble(rng, np.full((b, 1), 0.06), range(2, 5))
-    micro = _wobble(rng, np.full((b, 1), 0.04), range(5, 10))
+    lobes = _wobble(rng, b, range(2, 5), 0.06)
+    micro = _wobble(rng, b, range(5, 10), 0.04)
     return shape * (1.0 + lobes + amp[:, None] * (_spikes(rng, b) + micro))
 
 
