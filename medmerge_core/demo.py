@@ -32,14 +32,14 @@ class DemoSettings:
     """Sized so the whole demo finishes in under 10 minutes on a 2-core CPU."""
 
     arch: str = "resnet18"
-    image_size: int = 32
-    source_train: int = 1200
+    image_size: int = 28
+    source_train: int = 800
     source_epochs: int = 3
     source_lr: float = 1e-3
     target_train: int | None = None  # the synthetic target's default (a few hundred)
-    lp_epochs: int = 6
+    lp_epochs: int = 5
     lp_lr: float = 1e-3
-    ft_epochs: int = 6
+    ft_epochs: int = 5
     ft_lr: float = 1e-4
     batch_size: int = 32
     seed: int = 0
