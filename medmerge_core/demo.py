@@ -130,7 +130,7 @@ def run_demo(
             {"target": layer_means_from_npz(run_dir / "coefficients.npz", 0)},
             "generic",
             run_dir / "coefficients_heatmap.png",
-            title="MedMerge: mean learnt weight w of the generic source per conv layer",
+            title="MedMerge: mean w (generic source) per conv layer",
         )
         console.print(f"heatmap: {png}")
     except RuntimeError as exc:

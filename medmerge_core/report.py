@@ -84,7 +84,7 @@ def plot_coefficient_heatmap(
         ) from exc
     labels = list(layer_means)
     data = np.stack([np.asarray(layer_means[k], dtype=float) for k in labels])
-    fig, ax = plt.subplots(figsize=(max(6.0, data.shape[1] * 0.12), 1.0 + 0.5 * len(labels)))
+    fig, ax = plt.subplots(figsize=(max(8.0, data.shape[1] * 0.12), 1.0 + 0.5 * len(labels)))
     # Centre the colour scale on the initial value so that small moves stay visible.
     centre = float(np.median(data))
     spread = max(float(np.abs(data - centre).max()), 1e-3)
