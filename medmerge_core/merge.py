@@ -138,8 +138,9 @@ def merge_state_dicts(
     for key, free in coefficients.items():
         out[key] = combine(torch.stack([s[key] for s in sources]), free)
     for bias, weight in bias_of.items():
-        shared = coefficients.get(bias, coefficients[weight].flatten(1))
-        out[bias] = combine(torch.stack([s[bias] for s in sources]), shared)
+        if bias not in coefficients:  # shares its weight's coefficients
+            shared = coefficients[weight].flatten(1)
+            out[bias] = combine(torch.stack([s[bias] for s in sources]), shared)
     return out
 
 
@@ -181,6 +182,7 @@ class MergedModel(nn.Module):
         self.granularity = granularity
         self.freeze_bn = freeze_bn
         self.weight_keys: list[str] = []
+        self.bias_keys: list[str | None] = []
         self.shapes = {k: v.shape for k, v in state.items()}
         self.bias_of: dict[str, str] = {}
         self.coefficients = nn.ParameterList()
@@ -188,6 +190,7 @@ class MergedModel(nn.Module):
         model.load_state_dict({**state, **average_state(sources)})
         for index, (weight, bias) in enumerate(mergeable_keys(model)):
             self.weight_keys.append(weight)
+            self.bias_keys.append(bias)
             shape = coefficient_shape(state[weight].shape, granularity)
             free = torch.stack([torch.full(shape, v) for v in init_values])
             self.coefficients.append(nn.Parameter(free))
@@ -230,9 +233,8 @@ class MergedModel(nn.Module):
         """Free coefficients [d-1, ...] per merged key (biases appear only at 'parameter')."""
         out: dict[str, torch.Tensor] = {}
         coefs = iter(self.coefficients)
-        for weight in self.weight_keys:
+        for weight, bias in zip(self.weight_keys, self.bias_keys, strict=True):
             out[weight] = next(coefs)
-            bias = next((b for b, w in self.bias_of.items() if w == weight), None)
             if bias is not None and self.granularity == "parameter":
                 out[bias] = next(coefs)
         return out
@@ -246,9 +248,9 @@ class MergedModel(nn.Module):
             out[weight] = combine_kernel_major(
                 getattr(self, f"source_w{index}"), coefs[weight]
             ).view(shape)
-            bias_stack = getattr(self, f"source_b{index}", None)
-            if bias_stack is not None:
-                bias = f"{weight[: -len('.weight')]}.bias"
+            bias = self.bias_keys[index]
+            if bias is not None:
+                bias_stack = getattr(self, f"source_b{index}")
                 free = coefs.get(bias, coefs[weight].flatten(1))
                 out[bias] = combine_kernel_major(bias_stack, free).view(shape[0])
         return out
