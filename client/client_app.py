@@ -15,6 +15,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from medmerge_core.errors import InputError
 from medmerge_core.federation import (
+    FedBNStore,
     FederationConfig,
     ModelInfo,
     NodeSettings,
@@ -24,6 +25,7 @@ from medmerge_core.federation import (
     model_reference,
     node_settings,
     site_evaluate,
+    site_state_dir,
     site_train,
 )
 from medmerge_core.models import StateDict
@@ -82,12 +84,16 @@ def merge(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _local_bn(msg: Message, context: Context, cfg: FederationConfig) -> StateDict | None:
-    """FedBN: this site's own norm layers, or the merged model's the first time."""
+def _local_bn(
+    msg: Message, cfg: FederationConfig, settings: NodeSettings, up_to: int
+) -> StateDict | None:
+    """FedBN: this site's own norm layers after round `up_to` or earlier, or the merged
+    model's the first time."""
     if not cfg.fedbn:
         return None
-    if "fedbn" in context.state:
-        return context.state["fedbn"].to_torch_state_dict()  # type: ignore[union-attr]
+    saved = FedBNStore(site_state_dir(settings, cfg)).latest(up_to)
+    if saved is not None:
+        return saved
     if "local-init" in msg.content:
         return msg.content["local-init"].to_torch_state_dict()  # type: ignore[union-attr]
     return None
@@ -101,11 +107,11 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])  # type: ignore[index,arg-type]
     state, examples, metrics = site_train(
         received.to_torch_state_dict(), model, settings, cfg, Runtime.detect(settings.device),
-        server_round, _local_bn(msg, context, cfg),
+        server_round, _local_bn(msg, cfg, settings, server_round - 1),
     )  # fmt: skip
     if cfg.fedbn:
         norm = model_reference(model)[2]
-        context.state["fedbn"] = ArrayRecord({k: state[k] for k in norm})
+        FedBNStore(site_state_dir(settings, cfg)).save(server_round, {k: state[k] for k in norm})
     reply = {k: state[k] for k in received}  # same keys, same order as sent
     content = RecordDict({
         "arrays": ArrayRecord(compress(reply, cfg.fp16)),
@@ -119,9 +125,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, settings = _setup(context, "site")
     received: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
     model = ModelInfo.from_config(msg.content["config"])  # type: ignore[arg-type]
+    server_round = int(msg.content["config"]["server-round"])  # type: ignore[index,arg-type]
     examples, metrics = site_evaluate(
         received.to_torch_state_dict(), model, settings, cfg, Runtime.detect(settings.device),
-        _local_bn(msg, context, cfg),
+        _local_bn(msg, cfg, settings, server_round),
     )  # fmt: skip
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": examples})})
     return Message(content, reply_to=msg)

@@ -144,16 +144,16 @@ class ServerKilled(BaseException):
     """Escapes every `except Exception`, like the ServerApp process being killed."""
 
 
+def kill_server_in_round_2(node: int, msg: Message) -> bool:
+    if msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 2:
+        raise ServerKilled
+    return False
+
+
 def test_restarted_server_resumes_without_losing_a_round(tmp_path, completed) -> None:
     rc = run_config(tmp_path, rounds=2)  # the completed run's config but for output-dir
-
-    def kill_in_round_2(node: int, msg: Message) -> bool:
-        if msg.metadata.message_type == "train" and msg.content["config"]["server-round"] == 2:
-            raise ServerKilled
-        return False
-
     with contextlib.suppress(ServerKilled):
-        run_federation(InProcessGrid(client_app, nodes(), rc, fail=kill_in_round_2), rc)
+        run_federation(InProcessGrid(client_app, nodes(), rc, fail=kill_server_in_round_2), rc)
     done = torch.load(tmp_path / "federation/checkpoint.pt", weights_only=True)
     assert done["round"] == 1
     assert not (tmp_path / "federation/final.pt").exists()
@@ -188,9 +188,41 @@ def test_fedbn_keeps_norm_layers_at_the_sites_and_fp16_halves_the_bytes(
         sent = reply.content["arrays"]
         assert not set(norm) & set(sent.keys())
         assert {a.dtype for a in sent.values()} == {"float16"}
-    assert all("fedbn" in c.state for c in list(grid.contexts.values())[3:])
+    for site in ("s1", "s2", "s3"):  # each site keeps its own norm layers on its own disk
+        saved = torch.load(tmp_path / f"bn/sites/{site}/fedbn-round1.pt", weights_only=True)
+        assert set(saved) == set(norm)
     full = completed[2][0]  # round 1 of the same run with fp32 weights and no FedBN
     assert record["bytes_train_up"] < 0.55 * full["bytes_train_up"]
+
+
+def test_fedbn_site_layers_survive_a_server_restart(tmp_path) -> None:
+    """A restarted ServerApp is a new Flower run with fresh node Contexts: each site reloads its
+    own norm layers from disk, so the resumed run equals one that was never interrupted."""
+    whole, parts = (run_config(tmp_path / d, fedbn=True) for d in ("whole", "parts"))
+    reference = run_federation(InProcessGrid(client_app, nodes(), whole), whole)
+    with contextlib.suppress(ServerKilled):
+        run_federation(
+            InProcessGrid(client_app, nodes(), parts, fail=kill_server_in_round_2), parts
+        )
+    grid = InProcessGrid(client_app, nodes(), parts)  # fresh contexts: nothing kept in memory
+    history = run_federation(grid, parts)
+    timing = {"seconds", "mbytes"}
+    for got, want in zip(history, reference, strict=True):
+        assert {k: v for k, v in got.items() if k not in timing} == {
+            k: v for k, v in want.items() if k not in timing
+        }
+    merged = torch.load(tmp_path / "parts/federation/merged.pt", weights_only=True)["state_dict"]
+    for site in ("s1", "s2", "s3"):
+        files = [
+            tmp_path / d / f"federation/sites/{site}/fedbn-round2.pt" for d in ("whole", "parts")
+        ]
+        mine, theirs = (torch.load(f, weights_only=True) for f in files)
+        assert state_digest(mine) == state_digest(theirs)
+        # the site's layers really are its own: they moved away from the merged model's
+        assert state_digest(mine) != state_digest({k: merged[k] for k in mine})
+    finals = [torch.load(tmp_path / d / "federation/final.pt", weights_only=True)["state_dict"]
+              for d in ("whole", "parts")]  # fmt: skip
+    assert state_digest(finals[0]) == state_digest(finals[1])
 
 
 def test_dp_server_side_clipping_runs(tmp_path) -> None:

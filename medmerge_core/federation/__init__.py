@@ -11,6 +11,7 @@ No Flower imports here, so every role, check and file format is testable with pl
   update-norm outliers;
 - `transport`: `ModelInfo`, fp16 compression, dtype restoration after FedAvg, FedBN keys,
   InMerge on an aggregate;
+- `site_state`: `FedBNStore`, a site's private norm layers per round on its own disk;
 - `run`: `FederationRun`, the run folder with atomic per-phase and per-round checkpoints, so a
   restarted ServerApp with the same run config resumes after its last completed round.
 """
@@ -31,6 +32,7 @@ from medmerge_core.federation.roles import (
     site_train,
 )
 from medmerge_core.federation.run import FederationRun, render, round_table, state_digest
+from medmerge_core.federation.site_state import FedBNStore, site_state_dir
 from medmerge_core.federation.transport import (
     ModelInfo,
     apply_inmerge,
@@ -51,6 +53,7 @@ __all__ = [
     "DP_MODES",
     "RESUMABLE_CHANGES",
     "ROLES",
+    "FedBNStore",
     "FederationConfig",
     "FederationRun",
     "ModelInfo",
@@ -72,6 +75,7 @@ __all__ = [
     "screen_replies",
     "shard_task",
     "site_evaluate",
+    "site_state_dir",
     "site_train",
     "state_digest",
     "transport_keys",

@@ -155,12 +155,14 @@ class NodeSettings:
     checkpoint: str | None = None
     device: str = "auto"
     in_channels: int = 3
+    state_dir: str | None = None  # a site's FedBN layers (default: inside the run folder)
 
 
 def node_settings(node_config: Mapping[str, Any], cfg: FederationConfig) -> NodeSettings:
     """Deployment: keys `role`, `name`, `data`, `shard` ('i/k'), `checkpoint`, `device`,
-    `in-channels`. Simulation: `partition-id` picks a role from `sim-roles`; the target data
-    is split between the coordinator and the sites, each institution gets its own dataset."""
+    `in-channels`, `state-dir`. Simulation: `partition-id` picks a role from `sim-roles`; the
+    target data is split between the coordinator and the sites, each institution gets its own
+    dataset."""
     if "role" in node_config:
         role = str(node_config["role"])
         if role not in ROLES:
@@ -176,6 +178,7 @@ def node_settings(node_config: Mapping[str, Any], cfg: FederationConfig) -> Node
             checkpoint=_opt_str(node_config.get("checkpoint")),
             device=str(node_config.get("device", cfg.device)),
             in_channels=int(node_config.get("in-channels", 3)),
+            state_dir=_opt_str(node_config.get("state-dir")),
         )
     if "partition-id" not in node_config:
         raise InputError("node config: needs 'role' (deployment) or 'partition-id' (simulation)")

@@ -1,0 +1,56 @@
+"""A site's private FedBN layers, kept on the site's own disk, one file per round.
+
+Flower's per-node Context lives only as long as one run, and a restarted ServerApp is a new run.
+Files keyed by round let a resumed run hand each site exactly the norm layers it had after the
+last round the server checkpointed, so the resumed run matches an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from medmerge_core.federation.config import FederationConfig, NodeSettings
+from medmerge_core.io import atomic_torch_save
+from medmerge_core.models import StateDict
+
+_FILE = re.compile(r"fedbn-round(\d+)\.pt")
+
+
+def site_state_dir(settings: NodeSettings, cfg: FederationConfig) -> Path:
+    """`state-dir` from the node config (per run name), else inside the run folder."""
+    if settings.state_dir is not None:
+        return Path(settings.state_dir).expanduser() / cfg.run_name
+    return cfg.run_dir / "sites" / settings.name
+
+
+class FedBNStore:
+    """Norm layers by round; keeps the newest `keep` rounds (a resumed round needs the one
+    before the newest, which a crash may have left unacknowledged by the server)."""
+
+    def __init__(self, directory: Path, keep: int = 2) -> None:
+        self.dir = directory
+        self.keep = keep
+
+    def rounds(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        found = (_FILE.fullmatch(p.name) for p in self.dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _path(self, server_round: int) -> Path:
+        return self.dir / f"fedbn-round{server_round}.pt"
+
+    def latest(self, up_to: int) -> StateDict | None:
+        """The norm layers saved after the newest round <= up_to, or None."""
+        usable = [r for r in self.rounds() if r <= up_to]
+        if not usable:
+            return None
+        return torch.load(self._path(usable[-1]), map_location="cpu", weights_only=True)
+
+    def save(self, server_round: int, state: StateDict) -> None:
+        atomic_torch_save(dict(state), self._path(server_round))
+        for old in self.rounds()[: -self.keep]:
+            self._path(old).unlink(missing_ok=True)
