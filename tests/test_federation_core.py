@@ -8,6 +8,7 @@ import torch
 
 from medmerge_core.errors import InputError
 from medmerge_core.federation import (
+    FedBNStore,
     FederationConfig,
     FederationRun,
     ModelInfo,
@@ -17,6 +18,7 @@ from medmerge_core.federation import (
     restore_dtypes,
     screen_replies,
     shard_task,
+    site_state_dir,
     transport_keys,
 )
 
@@ -96,3 +98,18 @@ def test_a_run_folder_refuses_a_different_config(tmp_path) -> None:
     FederationRun(FederationConfig(output_dir=str(tmp_path), rounds=5))  # more rounds: resume
     with pytest.raises(InputError, match="ft_lr"):
         FederationRun(FederationConfig(output_dir=str(tmp_path), ft_lr=0.5))
+
+
+def test_a_site_keeps_its_fedbn_layers_per_round_on_its_own_disk(tmp_path) -> None:
+    cfg = FederationConfig(output_dir=str(tmp_path / "runs"), run_name="trial")
+    default = node_settings({"role": "site", "name": "s1"}, cfg)
+    assert site_state_dir(default, cfg) == tmp_path / "runs/trial/sites/s1"
+    chosen = node_settings({"role": "site", "name": "s1", "state-dir": str(tmp_path / "s")}, cfg)
+    store = FedBNStore(site_state_dir(chosen, cfg))
+    assert store.dir == tmp_path / "s/trial" and store.latest(5) is None
+    for server_round in (1, 2, 3):
+        store.save(server_round, {"bn.weight": torch.full((2,), float(server_round))})
+    assert store.rounds() == [2, 3]  # the newest two: a resumed round 3 needs round 2's
+    assert store.latest(2)["bn.weight"].tolist() == [2.0, 2.0]
+    assert store.latest(9)["bn.weight"].tolist() == [3.0, 3.0]
+    assert store.latest(1) is None
