@@ -4,17 +4,27 @@
    site each way, plus the evaluation broadcast) for ResNet-18 and DenseNet-121, fp32 vs fp16.
 2. `--overhead`: the same collect / merge / fine-tune work (a) through the federation on an
    in-process Grid (message packing, fp16, screening, FedAvg, InMerge, checkpoints) and (b) as
-   plain function calls in one process; prints the ratio. For the Flower simulation wall time
-   run `flwr run .` (README) and compare its log with (b).
+   plain function calls in one process; prints the ratio.
+   `--simulation` adds (c): the same run through Flower's own simulation engine (`flwr run`
+   against a local simulation SuperLink: Ray, one virtual node per role, 2 CPUs per ClientApp so
+   they run one at a time, as (b) does), timed from `flwr run` to the run's end.
 3. `--fp16`: final test metrics of the same run with fp32 and fp16 weights on the wire.
 
-Usage: python benchmarks/bench_federation.py [--bytes] [--overhead] [--fp16] [--out DIR]
-       [--rounds R] [--n-train N]   (defaults 2 and 200; val/test are 2/5 and 3/5 of N)
+Usage: python benchmarks/bench_federation.py [--bytes] [--overhead [--simulation]] [--fp16]
+       [--out DIR] [--rounds R] [--n-train N]  (defaults 2 and 200; val/test 2/5 and 3/5 of N)
+       `--rounds 3 --n-train 400` is the pyproject's default simulation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +51,8 @@ from server.inprocess import InProcessGrid
 from server.server_app import run_federation
 
 SIM_NODES = [{"partition-id": i, "num-partitions": 6} for i in range(6)]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def bytes_per_round() -> None:
@@ -86,10 +98,72 @@ def federated(run_config: dict) -> tuple[float, dict]:
     return time.perf_counter() - began, history[-1]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _toml(value: object) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+def simulated(run_config: dict, home: Path) -> tuple[float, dict]:
+    """The run through Flower's simulation engine; seconds from `flwr run` to the run's end."""
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
+    port = _free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
+    link = subprocess.Popen(
+        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--port", str(port),
+         "--fleet-api-address", f"127.0.0.1:{_free_port()}",
+         "--control-api-address", f"127.0.0.1:{_free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    flwr = [str(BIN / "flwr")]
+    try:
+        for _ in range(120):  # the SuperLink is a long-lived service: not timed
+            if subprocess.run([*flwr, "ls", "bench"], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        began = time.perf_counter()
+        out = subprocess.run(
+            [*flwr, "run", str(ROOT), "bench", "--format", "json", "-c", overrides,
+             "--federation-config", "num-supernodes=6 client-resources-num-cpus=2"],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        run_id = str(json.loads(out)["run-id"])
+        subprocess.run([*flwr, "log", run_id, "bench", "--stream"], env=env, capture_output=True)
+        seconds = time.perf_counter() - began
+        listing = subprocess.run(
+            [*flwr, "ls", "bench", "--run-id", run_id, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        status = json.loads(listing)["runs"][0]["status"]
+        if status != "finished:completed":
+            raise RuntimeError(f"simulation run {run_id} ended {status}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(link.pid, signal.SIGTERM)
+        link.wait(timeout=30)
+    run_dir = Path(run_config["output-dir"]) / str(run_config["run-name"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return seconds, records[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bytes", action="store_true")
     parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--simulation", action="store_true", help="with --overhead: flwr run")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2)
@@ -109,6 +183,13 @@ def main() -> None:
         fed, last[False] = federated({**small, "run-name": "overhead"})
         print(f"one process {direct:.1f} s, federation (in-process grid) {fed:.1f} s, "
               f"ratio {fed / direct:.2f}x (target <= 1.3x)")  # fmt: skip
+        if args.simulation:
+            sim, rec = simulated({**small, "run-name": "simulation"}, out / "flwr")
+            print(
+                f"one process {direct:.1f} s, Flower simulation {sim:.1f} s, ratio "
+                f"{sim / direct:.2f}x (target <= 1.3x); last round test acc "
+                f"{rec['eval_accuracy']:.4f} (in-process grid {last[False]['eval_accuracy']:.4f})"
+            )
     if args.fp16 or everything:
         for fp16 in (False, True):
             if fp16 not in last:  # the fp32 run is the overhead run when that was measured

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Write one hospital's node config file (read by start_supernode.sh).
 # Usage: deploy/write_node_config.sh OUT_FILE role=ROLE name=NAME [data=PATH] [checkpoint=PATH]
-#        [shard=i/k] [device=cuda] [in-channels=3]
+#        [shard=i/k] [device=cuda] [in-channels=3] [state-dir=PATH]
 #   roles: institution (checkpoint and/or data to pretrain on), coordinator (data), site (data).
 #   data: synthetic:TASK, an absolute MedMNIST .npz path, or a .yaml file with a data mapping.
 set -euo pipefail

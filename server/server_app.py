@@ -30,7 +30,7 @@ from medmerge_core.federation import (
     transport_keys,
 )
 from medmerge_core.models import StateDict
-from server.strategy import MedMergeFedAvg
+from server.strategy import MedMergeFedAvg, addressee
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -67,11 +67,11 @@ def _send(grid: Grid, messages: list[Message], cfg: FederationConfig) -> list[Me
     return list(grid.send_and_receive(messages, timeout=cfg.timeout)) if messages else []
 
 
-def _failed(phase: str, msg: Message, roles: Roles) -> bool:
-    if msg.has_error():
-        node = msg.metadata.src_node_id
+def _failed(phase: str, reply: Message, sent: list[Message], roles: Roles) -> bool:
+    if reply.has_error():
+        node = addressee(reply, sent)
         log.warning("%s: node %d (%s) failed: %s", phase, node, roles.get(node, ("?", "?"))[1],
-                    msg.error.reason)  # fmt: skip
+                    reply.error.reason)  # fmt: skip
         return True
     return False
 
@@ -85,7 +85,7 @@ def discover(grid: Grid, cfg: FederationConfig) -> Roles:
     messages = [Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in nodes]
     roles: Roles = {}
     for reply in _send(grid, messages, cfg):
-        if not _failed("discover", reply, {}):
+        if not _failed("discover", reply, messages, {}):
             info = reply.content["info"]
             roles[reply.metadata.src_node_id] = (str(info["role"]), str(info["name"]))
     log.info("nodes: %s", {n: f"{r} {name}" for n, (r, name) in sorted(roles.items())})
@@ -105,7 +105,7 @@ def collect(grid: Grid, cfg: FederationConfig, roles: Roles) -> tuple[list[State
     ]
     sources, names = [], []
     for reply in _send(grid, messages, cfg):
-        if _failed("collect", reply, roles):
+        if _failed("collect", reply, messages, roles):
             continue
         node = reply.metadata.src_node_id
         state = reply.content["arrays"].to_torch_state_dict()
@@ -142,7 +142,7 @@ def merge(
     })  # fmt: skip
     message = Message(content, dst_node_id=coordinators[0], message_type="train.merge")
     (reply,) = _send(grid, [message], cfg) or [None]
-    if reply is None or _failed("merge", reply, roles):
+    if reply is None or _failed("merge", reply, [message], roles):
         raise RuntimeError("merge: the coordinator did not return a merged model")
     config = reply.content["info"]
     info = ModelInfo.from_config(config)

@@ -31,6 +31,15 @@ from medmerge_core.models import StateDict
 log = logging.getLogger("flwr")
 
 
+def addressee(reply: Message, sent: Iterable[Message]) -> int:
+    """The node a reply answers for. When a node goes offline mid-round, the SuperLink makes
+    the error reply itself and signs it with its own id, so look up the message it answers."""
+    for msg in sent:
+        if msg.metadata.message_id == reply.metadata.reply_to_message_id:
+            return msg.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
 class MedMergeFedAvg(FedAvg):
     """FedAvg over site nodes with reply screening, fp16 transport and InMerge on the aggregate.
 
@@ -48,6 +57,7 @@ class MedMergeFedAvg(FedAvg):
         self.current: StateDict = {}
         self.extra: dict[str, ArrayRecord] = {}
         self.round_log: dict[str, Any] = {}
+        self.addressed: list[Message] = []  # this round's messages (ids set when pushed)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -73,7 +83,8 @@ class MedMergeFedAvg(FedAvg):
         content = RecordDict({"arrays": payload, "config": config, **self.extra})
         sent = payload.count_bytes() + sum(r.count_bytes() for r in self.extra.values())
         self.round_log[f"bytes_{kind}_down"] = sent * len(nodes)
-        return list(self._construct_messages(content, nodes, kind))
+        self.addressed = list(self._construct_messages(content, nodes, kind))
+        return self.addressed
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -95,7 +106,7 @@ class MedMergeFedAvg(FedAvg):
         states: dict[str, StateDict] = {}
         rejected: dict[str, str] = {}
         for msg in replies:
-            name = self.name(msg.metadata.src_node_id)
+            name = self.name(addressee(msg, self.addressed))
             if msg.has_error():
                 rejected[name] = f"error reply: {msg.error.reason}"
                 continue

@@ -211,8 +211,7 @@ def render(s: Settings, collected: Mapping[str, Any]) -> str:
         + ", ".join(f"{d} {len(runs['baseline'])}" for d, runs in collected.items())
         + ". Training images per dataset: "
         + ", ".join(
-            f"{d} {runs['baseline'][0]['_train']['train_images']}"
-            for d, runs in collected.items()
+            f"{d} {runs['baseline'][0]['_train']['train_images']}" for d, runs in collected.items()
         )
         + (f" (a fixed random subset of at most {s.max_train})" if s.max_train else "")
         + ".",
@@ -256,7 +255,12 @@ def render(s: Settings, collected: Mapping[str, Any]) -> str:
             *rows,
             "",
             f"Fine-tuning wall time per run: baseline {mean_std(wall[0], 1)} s, InMerge "
-            f"{mean_std(wall[1], 1)} s. One InMerge application (seeded) merges "
+            f"{mean_std(wall[1], 1)} s (per seed: "
+            + ", ".join(f"{b:.0f}/{i:.0f}" for b, i in zip(*wall, strict=False))
+            + " s baseline/InMerge; runs made at different loads of a shared machine, so these "
+            "times do not measure InMerge's cost: benchmarks/bench_inmerge.py does, side by "
+            "side). "
+            "One InMerge application (seeded) merges "
             f"{activity['start']} at the initial weights, and {activity.get('end', 'n/a')} at "
             f"the end of fine-tuning (seed {activity.get('end_seed', '-')}).",
         ]
