@@ -11,7 +11,8 @@
 3. `--fp16`: final test metrics of the same run with fp32 and fp16 weights on the wire.
 
 Usage: python benchmarks/bench_federation.py [--bytes] [--overhead [--simulation]] [--fp16]
-       [--out DIR] [--rounds R] [--n-train N]  (defaults 2 and 200; val/test 2/5 and 3/5 of N)
+       [--out DIR] [--rounds R] [--n-train N] [--repeats K]
+       (defaults 2, 200, 1; val/test are 2/5 and 3/5 of N)
        `--rounds 3 --n-train 400` is the pyproject's default simulation.
 """
 
@@ -23,10 +24,12 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,8 +113,13 @@ def _toml(value: object) -> str:
 
 def simulated(run_config: dict, home: Path) -> tuple[float, dict]:
     """The run through Flower's simulation engine; seconds from `flwr run` to the run's end."""
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }  # the SuperLink runs flower-superexec
     port = _free_port()
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
@@ -137,6 +145,8 @@ def simulated(run_config: dict, home: Path) -> tuple[float, dict]:
              "--federation-config", "num-supernodes=6 client-resources-num-cpus=2"],
             env=env, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
+        if "run-id" not in json.loads(out):
+            raise RuntimeError(f"flwr run did not start the simulation: {out}")
         run_id = str(json.loads(out)["run-id"])
         subprocess.run([*flwr, "log", run_id, "bench", "--stream"], env=env, capture_output=True)
         seconds = time.perf_counter() - began
@@ -159,6 +169,42 @@ def simulated(run_config: dict, home: Path) -> tuple[float, dict]:
     return seconds, records[-1]
 
 
+def overhead(
+    small: dict, repeats: int, simulation: bool, out: Path, last: dict[bool, dict]
+) -> None:
+    """Median over interleaved repeats (the order rotates) of each variant / one process."""
+    variants: dict[str, Callable[[str], tuple[float, dict]]] = {
+        "one process": lambda name: (
+            one_process(FederationConfig.from_run_config({**small, "run-name": name})),
+            {},
+        ),
+        "in-process grid": lambda name: federated({**small, "run-name": name}),
+    }
+    if simulation:
+        variants["Flower simulation"] = lambda name: simulated(
+            {**small, "run-name": name}, out / f"flwr-{name}"
+        )
+    seconds: dict[str, list[float]] = {k: [] for k in variants}
+    for repeat in range(repeats):
+        names = list(variants)
+        for kind in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            took, record = variants[kind](f"{kind.replace(' ', '-')}-{repeat}")
+            seconds[kind].append(took)
+            if record:
+                print(f"repeat {repeat}: {kind} {took:.1f} s, last round test accuracy "
+                      f"{record['eval_accuracy']:.4f}")  # fmt: skip
+                if kind == "in-process grid":  # the fp32 reference of --fp16
+                    last.setdefault(False, record)
+            else:
+                print(f"repeat {repeat}: {kind} {took:.1f} s")
+    base = seconds.pop("one process")
+    print(f"one process: median {statistics.median(base):.1f} s over {repeats} repeat(s)")
+    for kind, times in seconds.items():
+        ratios = [t / b for t, b in zip(times, base, strict=True)]
+        print(f"{kind}: median {statistics.median(times):.1f} s, ratio to one process "
+              f"{statistics.median(ratios):.2f}x (target <= 1.3x)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bytes", action="store_true")
@@ -168,6 +214,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--n-train", type=int, default=200, help="synthetic train images")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved, order rotating")
     args = parser.parse_args()
     everything = not (args.bytes or args.overhead or args.fp16)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_federation_"))
@@ -178,18 +225,7 @@ def main() -> None:
         bytes_per_round()
     last: dict[bool, dict] = {}  # fp16 -> the last round's record
     if args.overhead or everything:
-        cfg = FederationConfig.from_run_config({**small, "run-name": "direct"})
-        direct = one_process(cfg)
-        fed, last[False] = federated({**small, "run-name": "overhead"})
-        print(f"one process {direct:.1f} s, federation (in-process grid) {fed:.1f} s, "
-              f"ratio {fed / direct:.2f}x (target <= 1.3x)")  # fmt: skip
-        if args.simulation:
-            sim, rec = simulated({**small, "run-name": "simulation"}, out / "flwr")
-            print(
-                f"one process {direct:.1f} s, Flower simulation {sim:.1f} s, ratio "
-                f"{sim / direct:.2f}x (target <= 1.3x); last round test acc "
-                f"{rec['eval_accuracy']:.4f} (in-process grid {last[False]['eval_accuracy']:.4f})"
-            )
+        overhead(small, args.repeats, args.simulation, out, last)
     if args.fp16 or everything:
         for fp16 in (False, True):
             if fp16 not in last:  # the fp32 run is the overhead run when that was measured

@@ -88,6 +88,22 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{np.mean(finite):.{digits}f} ± {np.std(finite):.{digits}f}"
 
 
+def paired_difference(first: Sequence[float], second: Sequence[float]) -> str:
+    """first - second, paired by seed: 'm ± s (paired by seed; k/n seeds higher)'."""
+    diff = [a - b for a, b in zip(first, second, strict=True)]
+    return f"{mean_std(diff)} (paired by seed; {sum(d > 0 for d in diff)}/{len(diff)} seeds higher)"
+
+
+def median_range(values: Sequence[float], digits: int = 1) -> str:
+    """'median (min-max)': for wall times, which a shared machine's load skews one way."""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    low, high = min(values), max(values)
+    return f"{np.median(values):.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
 def command_line(module: str, argv: Sequence[str]) -> str:
     """The command that reproduces this run, as it was typed."""
     return shlex.join(["python", "-m", module, *argv])

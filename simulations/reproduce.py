@@ -39,6 +39,8 @@ from simulations.common import (
     command_line,
     load_medmnist_file,
     mean_std,
+    median_range,
+    paired_difference,
     relative,
     set_threads,
     subsample_train,
@@ -53,6 +55,10 @@ SOURCE_TEXT = {
     "zeros": "all conv weights zero (paper Fig. 4)",
 }
 STUDIES = ("main", "ablations", "three")
+METRICS_NOTE = (
+    "Test metrics: mean ± std (population) over seeds. Times in seconds: median (min-max) over "
+    "seeds, because the runs shared a 2-core machine with other jobs at varying load."
+)
 
 
 @dataclass(frozen=True)
@@ -269,9 +275,9 @@ def method_rows(runs: Sequence[Mapping[str, Any]], prefix: str = "") -> list[lis
             mean_std(_metric(runs, method, "accuracy")),
             mean_std(_metric(runs, method, "macro_f1")),
             mean_std(_metric(runs, method, "auroc")),
-            mean_std([r[method]["seconds"] for r in runs if method in r], 1),
-            mean_std(_stage_seconds(runs, method, first), 1),
-            mean_std(_stage_seconds(runs, method, "ft"), 1),
+            median_range([r[method]["seconds"] for r in runs if method in r]),
+            median_range(_stage_seconds(runs, method, first)),
+            median_range(_stage_seconds(runs, method, "ft")),
             mean_std(probe_f1) if probe_f1 else "",
         ])  # fmt: skip
     return rows
@@ -312,17 +318,29 @@ def make_figures(s: Settings, collected: Mapping[str, Any]) -> dict[str, Path]:
     if len(main) > 1:
         fig2[f"mean ({len(main)} seeds)"] = mean(main)
     plot("fig2_main", fig2, "B", "Fig. 2 style: mean w of source B (vs A) per layer")
-    plot("fig2_ablations", {
-        "kernel, BN trainable": mean(main),
-        "kernel, BN frozen": mean(rows("bn_frozen", 1)),
-        "layer": mean(rows("layer", 1)),
-        "parameter": mean(rows("parameter", 1)),
-    }, "B", "Ablations: mean w of source B per layer")
-    plot("fig4_zeros", {"A + zeros": mean(rows("zeros_a", 0)),
-                        "B + zeros": mean(rows("zeros_b", 0))},
-         "non-zero", "Fig. 4 style: mean w of the non-zero source")
-    plot("three_sources", {f"source {n}": mean(rows("three", i)) for i, n in enumerate("ABC")},
-         "source", "Three sources: mean coefficient per layer")
+    plot(
+        "fig2_ablations",
+        {
+            "kernel, BN trainable": mean(main),
+            "kernel, BN frozen": mean(rows("bn_frozen", 1)),
+            "layer": mean(rows("layer", 1)),
+            "parameter": mean(rows("parameter", 1)),
+        },
+        "B",
+        "Ablations: mean w of source B per layer",
+    )
+    plot(
+        "fig4_zeros",
+        {"A + zeros": mean(rows("zeros_a", 0)), "B + zeros": mean(rows("zeros_b", 0))},
+        "non-zero",
+        "Fig. 4 style: mean w of the non-zero source",
+    )
+    plot(
+        "three_sources",
+        {f"source {n}": mean(rows("three", i)) for i, n in enumerate("ABC")},
+        "source",
+        "Three sources: mean coefficient per layer",
+    )
     return figures
 
 
@@ -350,6 +368,32 @@ def coefficient_spread(s: Settings, collected: Mapping[str, Any]) -> str:
     )
 
 
+def findings(collected: Mapping[str, Any]) -> list[str]:
+    """MedMerge against every other method of its seed (and 3 sources against 2), by seed."""
+    lines = []
+
+    def compare(label: str, ours: Mapping[int, Any], theirs: Mapping[int, Any], method: str,
+                ours_method: str = "medmerge") -> None:  # fmt: skip
+        seeds = [k for k in sorted(ours) if ours_method in ours[k] and method in theirs.get(k, {})]
+        if not seeds:
+            return
+        parts = []
+        for key, name in (("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
+            mine = [ours[k][ours_method]["test"][key] for k in seeds]
+            other = [theirs[k][method]["test"][key] for k in seeds]
+            parts.append(f"{name} {paired_difference(mine, other)}")
+        lines.append(f"- {label}: " + "; ".join(parts) + ".")
+
+    main = collected.get("main", {})
+    others = dict.fromkeys(m for r in main.values() for m in r if m != "medmerge")
+    for method in others:
+        compare(f"MedMerge − {method_label(method)}", main, main, method)
+    three = collected.get("three", {})
+    compare("MedMerge A + B + C − MedMerge A + B", three, main, "medmerge")
+    compare("MedMerge A + B + C − Avg+FT A + B + C", three, three, "average_ft")
+    return lines
+
+
 def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
     """The RESULTS.md section: substitution, protocol, tables, figures and the command."""
     sources = collected["_sources"][0]
@@ -363,8 +407,7 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
         )
     if s.lp_epochs != PAPER_EPOCHS or s.ft_epochs != PAPER_EPOCHS:
         deviations.append(
-            f"{s.lp_epochs} LP/probe epochs and {s.ft_epochs} FT epochs instead of 50 "
-            "(CPU budget)"
+            f"{s.lp_epochs} LP/probe epochs and {s.ft_epochs} FT epochs instead of 50 (CPU budget)"
         )
     if len(s.seeds) < 5:
         deviations.append(f"{len(s.seeds)} main seed(s) instead of the issue's 5 (CPU budget)")
@@ -385,9 +428,17 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
         "",
         markdown_table(
             ["source", "what", "train images", "its test accuracy", "chance (1/classes)"],
-            [[n, SOURCE_TEXT[n], str(v["train"]), f"{v['test_accuracy']:.3f}",
-              f"{v.get('chance', float('nan')):.3f}"]
-             for n, v in sources.items() if n != "zeros"],
+            [
+                [
+                    n,
+                    SOURCE_TEXT[n],
+                    str(v["train"]),
+                    f"{v['test_accuracy']:.3f}",
+                    f"{v.get('chance', float('nan')):.3f}",
+                ]
+                for n, v in sources.items()
+                if n != "zeros"
+            ],
         ),
         "",
         f"Source pretraining: {s.source_epochs} epochs, AdamW lr {s.source_lr:g}, batch "
@@ -401,7 +452,8 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
         "Seeds finished per study (planned: main "
         f"{list(s.seeds)}, others {list(s.ablation_seeds or s.seeds)}; an unfinished study "
         "resumes when the command below is run again): "
-        + ("; ".join(f"{g} {sorted(collected[g])}" for g in runs) or "none") + ".",
+        + ("; ".join(f"{g} {sorted(collected[g])}" for g in runs) or "none")
+        + ".",
         "",
         "Deviations from the paper: " + ("; ".join(deviations) if deviations else "none") + ".",
         "",
@@ -417,16 +469,20 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
         ratios = probe_cost(runs["main"])
         out += [
             "",
-            f"### Main comparison on {s.target} (mean ± std over seeds)",
+            f"### Main comparison on {s.target}",
+            "",
+            METRICS_NOTE,
             "",
             markdown_table(header, method_rows(runs["main"])),
             "",
             f"Cost of the MedMerge probe relative to LP in LP-FT (same epochs; LP trains the head "
             f"on features cached once, the probe runs the whole merged network every step): "
-            f"**{mean_std(ratios, 1)}x** (per seed: "
-            f"{', '.join(f'{r:.1f}' for r in ratios)}). Wall times were measured on a "
-            "CPU shared with other jobs, so they vary between runs of equal work.",
+            f"**{median_range(ratios)}x** (median (min-max) over seeds; per seed: "
+            f"{', '.join(f'{r:.1f}' for r in ratios)}).",
         ]
+    summary = findings(collected)
+    if summary:
+        out += ["", "### What the numbers show (test metrics, paired by seed)", "", *summary]
     ablation_rows = []
     for spec in plan(s.studies):
         if spec.ablation and runs.get(spec.group):
@@ -434,9 +490,10 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
     if ablation_rows:
         out += [
             "",
-            "### Ablations and three sources (mean ± std over seeds)",
+            "### Ablations and three sources",
             "",
-            "Kernel granularity with BN trainable is the main table's MedMerge row.",
+            "Kernel granularity with BN trainable is the main table's MedMerge row. "
+            + METRICS_NOTE,
             "",
             markdown_table(header, ablation_rows),
         ]

@@ -38,6 +38,7 @@ from simulations.common import (
     command_line,
     load_medmnist_file,
     mean_std,
+    paired_difference,
     set_threads,
     subsample_train,
     update_section,
@@ -268,11 +269,8 @@ def render(s: Settings, collected: Mapping[str, Any]) -> str:
             for key, name in (("clean", "clean"), (None, "mean corrupted")):
                 a = [r[key][metric] if key else _corrupted_mean(r, metric) for r in base]
                 b = [r[key][metric] if key else _corrupted_mean(r, metric) for r in inm]
-                diff = [y - x for x, y in zip(a, b, strict=True)]
                 summary.append(
-                    f"- {dataset}, {name} {metric}: InMerge − baseline = "
-                    f"{mean_std(diff)} (paired by seed; "
-                    f"{sum(d > 0 for d in diff)}/{len(diff)} seeds higher)."
+                    f"- {dataset}, {name} {metric}: InMerge − baseline = {paired_difference(b, a)}."
                 )
     out += ["", "### What the numbers show", "", *summary]
     return "\n".join(out) + "\n"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from simulations import reproduce, robustness
-from simulations.common import update_section
+from simulations.common import median_range, paired_difference, update_section
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,18 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     assert "<!-- reproduce-resnet18-16:start -->" in text
     assert "stand-in for ImageNet" in text and "python -m simulations.reproduce" in text
     assert "learning rates LP/probe 0.001" in text  # the deviation is stated
-    for needle in ("FT A", "LP-FT B", "Avg+FT", "MedMerge", "A + B + C: MedMerge",
-                   "C alone: LP-FT C", "relative to LP", "Every run"):
+    for needle in (
+        "FT A",
+        "LP-FT B",
+        "Avg+FT",
+        "MedMerge",
+        "A + B + C: MedMerge",
+        "C alone: LP-FT C",
+        "relative to LP",
+        "Every run",
+        "- MedMerge − Avg+FT: macro-F1",
+        "- MedMerge A + B + C − MedMerge A + B",
+    ):
         assert needle in text, needle
     for key in ("fig2_main", "fig2_ablations", "three_sources"):
         png = figures / f"resnet18-16_{key}.png"
@@ -105,3 +115,11 @@ def test_update_section_replaces_only_its_block(tmp_path: Path) -> None:
     text = path.read_text()
     assert "three" in text and "one" not in text and "two" in text
     assert text.index("<!-- a:start -->") < text.index("<!-- b:start -->")
+
+
+def test_paired_difference_and_median_range() -> None:
+    assert paired_difference([0.5, 0.75, 1.0], [0.25, 1.0, 0.5]) == (
+        "0.167 ± 0.312 (paired by seed; 2/3 seeds higher)"
+    )
+    assert median_range([3.0, 100.0, 5.0]) == "5.0 (3.0-100.0)"
+    assert median_range([2.0]) == "2.0" and median_range([]) == "n/a"
