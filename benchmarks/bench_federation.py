@@ -6,8 +6,10 @@
    in-process Grid (message packing, fp16, screening, FedAvg, InMerge, checkpoints) and (b) as
    plain function calls in one process; prints the ratio.
    `--simulation` adds (c): the same run through Flower's own simulation engine (`flwr run`
-   against a local simulation SuperLink: Ray, one virtual node per role, 2 CPUs per ClientApp so
-   they run one at a time, as (b) does), timed from `flwr run` to the run's end.
+   against a local simulation SuperLink: Ray, one virtual node per role, `--sim-cpus` CPUs per
+   ClientApp, 1 as in the README, so two ClientApps share the 2 cores that (b) uses with two
+   threads), timed from `flwr run` to the run's end. Ray runs its workers at niceness 15, so
+   any other job on the machine slows (c) more than (a) and (b): measure on an idle machine.
 3. `--fp16`: final test metrics of the same run with fp32 and fp16 weights on the wire.
 
 Usage: python benchmarks/bench_federation.py [--bytes] [--overhead [--simulation]] [--fp16]
@@ -111,7 +113,7 @@ def _toml(value: object) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
-def simulated(run_config: dict, home: Path) -> tuple[float, dict]:
+def simulated(run_config: dict, home: Path, cpus: int) -> tuple[float, dict]:
     """The run through Flower's simulation engine; seconds from `flwr run` to the run's end."""
     env = {
         **os.environ,
@@ -142,7 +144,7 @@ def simulated(run_config: dict, home: Path) -> tuple[float, dict]:
         began = time.perf_counter()
         out = subprocess.run(
             [*flwr, "run", str(ROOT), "bench", "--format", "json", "-c", overrides,
-             "--federation-config", "num-supernodes=6 client-resources-num-cpus=2"],
+             "--federation-config", f"num-supernodes=6 client-resources-num-cpus={cpus}"],
             env=env, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         if "run-id" not in json.loads(out):
@@ -170,7 +172,7 @@ def simulated(run_config: dict, home: Path) -> tuple[float, dict]:
 
 
 def overhead(
-    small: dict, repeats: int, simulation: bool, out: Path, last: dict[bool, dict]
+    small: dict, repeats: int, sim_cpus: int | None, out: Path, last: dict[bool, dict]
 ) -> None:
     """Median over interleaved repeats (the order rotates) of each variant / one process."""
     variants: dict[str, Callable[[str], tuple[float, dict]]] = {
@@ -180,9 +182,9 @@ def overhead(
         ),
         "in-process grid": lambda name: federated({**small, "run-name": name}),
     }
-    if simulation:
+    if sim_cpus is not None:
         variants["Flower simulation"] = lambda name: simulated(
-            {**small, "run-name": name}, out / f"flwr-{name}"
+            {**small, "run-name": name}, out / f"flwr-{name}", sim_cpus
         )
     seconds: dict[str, list[float]] = {k: [] for k in variants}
     for repeat in range(repeats):
@@ -210,6 +212,7 @@ def main() -> None:
     parser.add_argument("--bytes", action="store_true")
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--simulation", action="store_true", help="with --overhead: flwr run")
+    parser.add_argument("--sim-cpus", type=int, default=1, help="CPUs per ClientApp (README: 1)")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2)
@@ -225,7 +228,7 @@ def main() -> None:
         bytes_per_round()
     last: dict[bool, dict] = {}  # fp16 -> the last round's record
     if args.overhead or everything:
-        overhead(small, args.repeats, args.simulation, out, last)
+        overhead(small, args.repeats, args.sim_cpus if args.simulation else None, out, last)
     if args.fp16 or everything:
         for fp16 in (False, True):
             if fp16 not in last:  # the fp32 run is the overhead run when that was measured
