@@ -113,3 +113,6 @@ def test_a_site_keeps_its_fedbn_layers_per_round_on_its_own_disk(tmp_path) -> No
     assert store.latest(2)["bn.weight"].tolist() == [2.0, 2.0]
     assert store.latest(9)["bn.weight"].tolist() == [3.0, 3.0]
     assert store.latest(1) is None
+    (store.dir / "fedbn-round3.pt").write_bytes(b"truncated")
+    with pytest.raises(InputError, match=r"fedbn-round3\.pt: unreadable FedBN layers"):
+        store.latest(3)
