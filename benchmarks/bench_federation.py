@@ -7,13 +7,16 @@
    plain function calls in one process; prints the ratio.
    `--simulation` adds (c): the same run through Flower's own simulation engine (`flwr run`
    against a local simulation SuperLink: Ray, one virtual node per role, `--sim-cpus` CPUs per
-   ClientApp, 1 as in the README, so two ClientApps share the 2 cores that (b) uses with two
-   threads), timed from `flwr run` to the run's end. Ray runs its workers at niceness 15, so
-   any other job on the machine slows (c) more than (a) and (b): measure on an idle machine.
+   ClientApp: 1 as in the README runs two at a time on one thread each; 2 runs one at a time
+   on both cores, as (b) does; several values run side by side), timed from
+   `flwr run` to the run's end, with a table of where the extra time goes (start-up,
+   collect, merge, fine-tune, shut-down: (b)'s phases against (c)'s, read off the
+   ServerApp's streamed log). Ray runs its workers at niceness 15, so any other job on the
+   machine slows (c) more than (a) and (b): measure on an idle machine.
 3. `--fp16`: final test metrics of the same run with fp32 and fp16 weights on the wire.
 
 Usage: python benchmarks/bench_federation.py [--bytes] [--overhead [--simulation]] [--fp16]
-       [--out DIR] [--rounds R] [--n-train N] [--repeats K]
+       [--sim-cpus C [C ...]] [--out DIR] [--rounds R] [--n-train N] [--repeats K]
        (defaults 2, 200, 1; val/test are 2/5 and 3/5 of N)
        `--rounds 3 --n-train 400` is the pyproject's default simulation.
 """
@@ -36,6 +39,8 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
+from rich.console import Console
+from rich.table import Table
 
 from client.client_app import app as client_app
 from medmerge_core.federation import (
@@ -75,14 +80,18 @@ def bytes_per_round() -> None:
         print(f"{arch:14} {params:>10,} {row[0]:>14.1f} {row[1]:>14.1f}")
 
 
-def one_process(cfg: FederationConfig) -> float:
-    """The federation's work as direct calls: 2 backbones, 1 merge, R rounds x 3 sites."""
+def one_process(cfg: FederationConfig) -> tuple[float, dict[str, float]]:
+    """The federation's work as direct calls: 2 backbones, 1 merge, R rounds x 3 sites.
+
+    Returns (seconds, seconds per phase)."""
     began = time.perf_counter()
     runtime = Runtime.detect(cfg.device)
     nodes = [node_settings(n, cfg) for n in SIM_NODES]
     sources = [institution_backbone(n, cfg, runtime)[0] for n in nodes if n.role == "institution"]
+    collected = time.perf_counter()
     coordinator = next(n for n in nodes if n.role == "coordinator")
     state, info, _, _ = coordinator_merge(sources, ["a", "b"], coordinator, cfg, runtime)
+    merged = time.perf_counter()
     sites = [n for n in nodes if n.role == "site"]
     for server_round in range(1, cfg.rounds + 1):
         updates = [site_train(state, info, s, cfg, runtime, server_round) for s in sites]
@@ -94,13 +103,32 @@ def one_process(cfg: FederationConfig) -> float:
         }  # fmt: skip
         for s in sites:
             site_evaluate(state, info, s, cfg, runtime)
-    return time.perf_counter() - began
+    end = time.perf_counter()
+    phases = {"start-up": 0.0, "collect": collected - began, "merge": merged - collected,
+              "fine-tune": end - merged, "shut-down": 0.0}  # fmt: skip
+    return end - began, phases
 
 
-def federated(run_config: dict) -> tuple[float, dict]:
+def federated(run_config: dict) -> tuple[float, dict, dict[str, float]]:
     began = time.perf_counter()
     history = run_federation(InProcessGrid(client_app, SIM_NODES, run_config), run_config)
-    return time.perf_counter() - began, history[-1]
+    return time.perf_counter() - began, history[-1], {}
+
+
+# The ServerApp's log line that ends each phase (server/server_app.py), in order.
+PHASE_ENDS = {"start-up": "nodes: ", "collect": "collect: ", "merge": "merge: ",
+              "fine-tune": "final model: "}  # fmt: skip
+
+
+def _phases(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
+    """Seconds per phase from (seconds since `flwr run`, line) pairs of the run's log."""
+    ends, last = {}, 0.0
+    for phase, marker in PHASE_ENDS.items():
+        at = next((t for t, line in lines if marker in line), None)
+        if at is None:
+            raise RuntimeError(f"the run's log has no '{marker.strip()}' line")
+        ends[phase], last = at - last, at
+    return {**ends, "shut-down": end - last}
 
 
 def _free_port() -> int:
@@ -113,10 +141,12 @@ def _toml(value: object) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
-def simulated(run_config: dict, home: Path, cpus: int) -> tuple[float, dict]:
-    """The run through Flower's simulation engine; seconds from `flwr run` to the run's end."""
+def simulated(run_config: dict, home: Path, cpus: int) -> tuple[float, dict, dict[str, float]]:
+    """The run through Flower's simulation engine; seconds from `flwr run` to the run's end,
+    the last round's record and seconds per phase (read off the streamed log)."""
     env = {
         **os.environ,
+        "PYTHONUNBUFFERED": "1",  # log lines are timed as they arrive
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -150,7 +180,12 @@ def simulated(run_config: dict, home: Path, cpus: int) -> tuple[float, dict]:
         if "run-id" not in json.loads(out):
             raise RuntimeError(f"flwr run did not start the simulation: {out}")
         run_id = str(json.loads(out)["run-id"])
-        subprocess.run([*flwr, "log", run_id, "bench", "--stream"], env=env, capture_output=True)
+        stream = subprocess.Popen(
+            [*flwr, "log", run_id, "bench", "--stream"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        lines = [(time.perf_counter() - began, line) for line in stream.stdout or ()]
+        stream.wait()
         seconds = time.perf_counter() - began
         listing = subprocess.run(
             [*flwr, "ls", "bench", "--run-id", run_id, "--format", "json"],
@@ -168,43 +203,66 @@ def simulated(run_config: dict, home: Path, cpus: int) -> tuple[float, dict]:
         link.wait(timeout=30)
     run_dir = Path(run_config["output-dir"]) / str(run_config["run-name"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return seconds, records[-1]
+    return seconds, records[-1], _phases(lines, seconds)
+
+
+Timing = tuple[float, dict, dict[str, float]]  # seconds, last round's record, seconds per phase
+
+
+def _one_process(small: dict, name: str) -> Timing:
+    seconds, phases = one_process(FederationConfig.from_run_config({**small, "run-name": name}))
+    return seconds, {}, phases
 
 
 def overhead(
-    small: dict, repeats: int, sim_cpus: int | None, out: Path, last: dict[bool, dict]
+    small: dict, repeats: int, sim_cpus: list[int], out: Path, last: dict[bool, dict]
 ) -> None:
-    """Median over interleaved repeats (the order rotates) of each variant / one process."""
-    variants: dict[str, Callable[[str], tuple[float, dict]]] = {
-        "one process": lambda name: (
-            one_process(FederationConfig.from_run_config({**small, "run-name": name})),
-            {},
-        ),
+    """Median over interleaved repeats (the order rotates) of each variant / one process, and
+    where the simulation's extra time goes, phase by phase."""
+    variants: dict[str, Callable[[str], Timing]] = {
+        "one process": lambda name: _one_process(small, name),
         "in-process grid": lambda name: federated({**small, "run-name": name}),
     }
-    if sim_cpus is not None:
-        variants["Flower simulation"] = lambda name: simulated(
-            {**small, "run-name": name}, out / f"flwr-{name}", sim_cpus
+    for cpus in sim_cpus:
+        variants[f"simulation, {cpus} CPU/ClientApp"] = lambda name, cpus=cpus: simulated(
+            {**small, "run-name": name}, out / f"flwr-{name}", cpus
         )
     seconds: dict[str, list[float]] = {k: [] for k in variants}
+    phases: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     for repeat in range(repeats):
         names = list(variants)
         for kind in names[repeat % len(names) :] + names[: repeat % len(names)]:
-            took, record = variants[kind](f"{kind.replace(' ', '-')}-{repeat}")
+            took, record, split = variants[kind](f"{''.join(filter(str.isalnum, kind))}-{repeat}")
             seconds[kind].append(took)
-            if record:
-                print(f"repeat {repeat}: {kind} {took:.1f} s, last round test accuracy "
-                      f"{record['eval_accuracy']:.4f}")  # fmt: skip
-                if kind == "in-process grid":  # the fp32 reference of --fp16
-                    last.setdefault(False, record)
-            else:
-                print(f"repeat {repeat}: {kind} {took:.1f} s")
+            if split:
+                phases[kind].append(split)
+            accuracy = f", last round test accuracy {record['eval_accuracy']:.4f}" if record else ""
+            print(f"repeat {repeat}: {kind} {took:.1f} s{accuracy}")
+            if kind == "in-process grid":  # the fp32 reference of --fp16
+                last.setdefault(False, record)
     base = seconds.pop("one process")
     print(f"one process: median {statistics.median(base):.1f} s over {repeats} repeat(s)")
     for kind, times in seconds.items():
         ratios = [t / b for t, b in zip(times, base, strict=True)]
         print(f"{kind}: median {statistics.median(times):.1f} s, ratio to one process "
               f"{statistics.median(ratios):.2f}x (target <= 1.3x)")  # fmt: skip
+    if sim_cpus:
+        _phase_table(phases)
+
+
+def _phase_table(phases: dict[str, list[dict[str, float]]]) -> None:
+    """Median seconds per phase; the simulations' are read off their streamed logs (0.5 s
+    steps), so each column's extra time over one process is visible phase by phase."""
+    table = Table(title="Where the time goes (median seconds per phase over repeats)")
+    table.add_column("phase")
+    timed = {kind: runs for kind, runs in phases.items() if runs}
+    for kind in timed:
+        table.add_column(kind, justify="right")
+    for phase in PHASE_ENDS | {"shut-down": ""}:
+        medians = [statistics.median(run[phase] for run in runs) for runs in timed.values()]
+        base = medians[0]  # one process
+        table.add_row(phase, f"{base:.1f}", *(f"{m:.1f} ({m - base:+.1f})" for m in medians[1:]))
+    Console().print(table)
 
 
 def main() -> None:
@@ -212,7 +270,10 @@ def main() -> None:
     parser.add_argument("--bytes", action="store_true")
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--simulation", action="store_true", help="with --overhead: flwr run")
-    parser.add_argument("--sim-cpus", type=int, default=1, help="CPUs per ClientApp (README: 1)")
+    parser.add_argument(
+        "--sim-cpus", type=int, nargs="+", default=[1],
+        help="CPUs per ClientApp; several values run side by side (README: 1)",
+    )  # fmt: skip
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2)
@@ -228,11 +289,11 @@ def main() -> None:
         bytes_per_round()
     last: dict[bool, dict] = {}  # fp16 -> the last round's record
     if args.overhead or everything:
-        overhead(small, args.repeats, args.sim_cpus if args.simulation else None, out, last)
+        overhead(small, args.repeats, args.sim_cpus if args.simulation else [], out, last)
     if args.fp16 or everything:
         for fp16 in (False, True):
             if fp16 not in last:  # the fp32 run is the overhead run when that was measured
-                _, last[fp16] = federated({**small, "run-name": f"fp16-{fp16}", "fp16": fp16})
+                last[fp16] = federated({**small, "run-name": f"fp16-{fp16}", "fp16": fp16})[1]
             rec = last[fp16]
             print(f"fp16={fp16!s:5}  MB/round {rec['mbytes']:.1f}  test acc "
                   f"{rec['eval_accuracy']:.4f}  macro-F1 {rec['eval_macro_f1']:.4f}  "
