@@ -118,6 +118,7 @@ def federated(run_config: dict) -> tuple[float, dict, dict[str, float]]:
 # The ServerApp's log line that ends each phase (server/server_app.py), in order.
 PHASE_ENDS = {"start-up": "nodes: ", "collect": "collect: ", "merge": "merge: ",
               "fine-tune": "final model: "}  # fmt: skip
+PHASES = (*PHASE_ENDS, "shut-down")
 
 
 def _phases(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
@@ -258,7 +259,7 @@ def _phase_table(phases: dict[str, list[dict[str, float]]]) -> None:
     timed = {kind: runs for kind, runs in phases.items() if runs}
     for kind in timed:
         table.add_column(kind, justify="right")
-    for phase in PHASE_ENDS | {"shut-down": ""}:
+    for phase in PHASES:
         medians = [statistics.median(run[phase] for run in runs) for runs in timed.values()]
         base = medians[0]  # one process
         table.add_row(phase, f"{base:.1f}", *(f"{m:.1f} ({m - base:+.1f})" for m in medians[1:]))

@@ -19,7 +19,13 @@ from torch import nn
 from medmerge_core.config import ExperimentConfig, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
-from medmerge_core.io import atomic_savez, atomic_torch_save, atomic_write_json, atomic_write_text
+from medmerge_core.io import (
+    atomic_savez,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_torch_file,
+)
 from medmerge_core.merge import MergedModel, export_coefficients
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
 from medmerge_core.train import (
@@ -72,7 +78,10 @@ class RunContext:
         state_dir = self.run_dir / "state"
         done = state_dir / f"{method}.{stage}.done.pt"
         if done.exists():
-            saved = torch.load(done, map_location=self.runtime.device, weights_only=True)
+            saved = load_torch_file(
+                done, "unreadable finished stage", "delete it to run this stage again",
+                map_location=self.runtime.device,
+            )  # fmt: skip
             model.load_state_dict(saved["model"])
             return saved["summary"]
         start = time.perf_counter()

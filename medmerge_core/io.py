@@ -12,6 +12,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from medmerge_core.errors import InputError
+
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
@@ -30,6 +32,16 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch_file(path: Path, problem: str, hint: str = "", map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True; a truncated or foreign file becomes a one-line
+    InputError naming it: '<path>: <problem> (<error>)[; <hint>]'."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise InputError(f"{path}: {problem} ({detail}){'; ' + hint if hint else ''}") from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:

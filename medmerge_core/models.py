@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from medmerge_core.errors import InputError
+from medmerge_core.io import atomic_torch_save, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,7 @@ def _unwrap_checkpoint(obj: object, path: Path) -> tuple[StateDict, str | None]:
 def _load_checkpoint(path: Path, arch: str, reference: nn.Module, in_channels: int) -> StateDict:
     if not path.is_file():
         raise InputError(f"source checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise InputError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
+    obj = load_torch_file(path, "cannot load checkpoint")
     state, saved_arch = _unwrap_checkpoint(obj, path)
     found = saved_arch or identify_arch(state)
     if found is not None and found != arch:
@@ -248,8 +246,6 @@ def load_source(spec: str, arch: str, in_channels: int = 3) -> StateDict:
 
 def save_checkpoint(path: Path, model: nn.Module, arch: str, **meta: object) -> None:
     """Write {'arch', 'state_dict', **meta} atomically (tmp file, then os.replace)."""
-    from medmerge_core.io import atomic_torch_save
-
     atomic_torch_save({"arch": arch, "state_dict": model.state_dict(), **meta}, path)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from medmerge_core.data.base import BatchLoader, TaskData
+from medmerge_core.io import load_torch_file
 from medmerge_core.models import StateDict, backbone_keys, build_model, save_checkpoint
 from medmerge_core.train import Runtime, StageConfig, evaluate, fit
 
@@ -37,7 +38,10 @@ def pretrain_source(
     model = runtime.model(model)
     test = BatchLoader(task.test, 256)
     if out.exists():
-        saved = torch.load(out, map_location=runtime.device, weights_only=True)
+        saved = load_torch_file(
+            out, "unreadable pretrained source", "delete it to pretrain again",
+            map_location=runtime.device,
+        )  # fmt: skip
         model.load_state_dict(saved["state_dict"])
         return evaluate(model, test, runtime, task.multilabel)
     fit(

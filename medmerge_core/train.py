@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from medmerge_core.errors import InputError, NonFiniteLossError
-from medmerge_core.io import append_jsonl, atomic_torch_save
+from medmerge_core.io import append_jsonl, atomic_torch_save, load_torch_file
 from medmerge_core.metrics import classification_metrics
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -182,7 +182,10 @@ def fit(
     result = FitResult(best_epoch=-1, best_val={})
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=runtime.device, weights_only=True)
+        saved = load_torch_file(
+            checkpoint, "unreadable training checkpoint", "delete it to train this stage again",
+            map_location=runtime.device,
+        )  # fmt: skip
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])

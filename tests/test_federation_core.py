@@ -116,3 +116,10 @@ def test_a_site_keeps_its_fedbn_layers_per_round_on_its_own_disk(tmp_path) -> No
     (store.dir / "fedbn-round3.pt").write_bytes(b"truncated")
     with pytest.raises(InputError, match=r"fedbn-round3\.pt: unreadable FedBN layers"):
         store.latest(3)
+
+
+def test_a_corrupt_run_file_names_itself_and_says_how_to_recover(tmp_path) -> None:
+    run = FederationRun(FederationConfig(output_dir=str(tmp_path)))
+    (run.dir / "checkpoint.pt").write_bytes(b"torn")
+    with pytest.raises(InputError, match=r"checkpoint\.pt: unreadable round checkpoint .*; delete"):
+        run.load_checkpoint()

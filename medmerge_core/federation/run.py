@@ -17,7 +17,13 @@ from rich.table import Table
 from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig
 from medmerge_core.federation.transport import ModelInfo
-from medmerge_core.io import append_jsonl, atomic_torch_save, atomic_write_json, read_jsonl
+from medmerge_core.io import (
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_json,
+    load_torch_file,
+    read_jsonl,
+)
 from medmerge_core.models import StateDict
 
 
@@ -55,7 +61,7 @@ class FederationRun:
         path = self.dir / "sources.pt"
         if not path.exists():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_torch_file(path, "unreadable collected sources", "delete it to collect again")
         return saved["sources"], saved["names"]
 
     def save_sources(self, sources: Sequence[StateDict], names: Sequence[str]) -> None:
@@ -65,7 +71,7 @@ class FederationRun:
         path = self.dir / "merged.pt"
         if not path.exists():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_torch_file(path, "unreadable merged model", "delete it to merge again")
         return saved["state_dict"], ModelInfo(**saved["info"])
 
     def save_merged(
@@ -84,7 +90,9 @@ class FederationRun:
         path = self.dir / "checkpoint.pt"
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch_file(
+            path, "unreadable round checkpoint", "delete it to fine-tune from the merged model"
+        )
 
     def save_round(
         self,

@@ -10,11 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
-from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig, NodeSettings
-from medmerge_core.io import atomic_torch_save
+from medmerge_core.io import atomic_torch_save, load_torch_file
 from medmerge_core.models import StateDict
 
 _FILE = re.compile(r"fedbn-round(\d+)\.pt")
@@ -49,14 +46,10 @@ class FedBNStore:
         usable = [r for r in self.rounds() if r <= up_to]
         if not usable:
             return None
-        path = self._path(usable[-1])
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a truncated or foreign file: say which one
-            raise InputError(
-                f"{path}: unreadable FedBN layers ({exc}); delete it to restart "
-                "this site from the merged model's"
-            ) from exc
+        return load_torch_file(
+            self._path(usable[-1]), "unreadable FedBN layers",
+            "delete it to restart this site from the merged model's",
+        )  # fmt: skip
 
     def save(self, server_round: int, state: StateDict) -> None:
         atomic_torch_save(dict(state), self._path(server_round))
