@@ -7,8 +7,7 @@ weights, configs and metrics only: images and labels never leave the node.
 
 from __future__ import annotations
 
-import json
-
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -73,12 +72,14 @@ def merge(msg: Message, context: Context) -> Message:
     cfg, settings = _setup(context, "coordinator")
     names = [str(n) for n in msg.content["config"]["names"]]  # type: ignore[union-attr]
     sources = [msg.content[f"source-{i}"].to_torch_state_dict() for i in range(len(names))]
-    state, model, summary, metrics = coordinator_merge(
+    state, model, learned, metrics = coordinator_merge(
         sources, names, settings, cfg, Runtime.detect(settings.device)
     )
+    coefficients = {k: torch.from_numpy(v) for k, v in learned.coefficients.items()}
     content = RecordDict({
         "arrays": ArrayRecord(compress(state, cfg.fp16)),
-        "info": ConfigRecord({**model.as_config(), "summary-json": json.dumps(summary)}),
+        "coefficients": ArrayRecord(coefficients),  # model weights, not data
+        "info": ConfigRecord(model.as_config()),
         "metrics": MetricRecord(metrics),
     })  # fmt: skip
     return Message(content, reply_to=msg)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from medmerge_core.errors import InputError
+from medmerge_core.probe import ProbeSettings
 
 PIPELINES: tuple[str, ...] = ("ft", "lp_ft", "average_ft", "medmerge")
 
@@ -29,15 +30,6 @@ class StageSettings:
     epochs: int = 10
     lr: float = 1e-4
     weight_decay: float = 0.01
-
-
-@dataclass(frozen=True)
-class MergeSettings:
-    granularity: str = "kernel"
-    freeze_bn: bool = False
-    # The probe uses the LP settings unless these are given.
-    epochs: int | None = None
-    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +57,7 @@ class ExperimentConfig:
     channels_last: bool | None = None
     lp: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-4))
     ft: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-5))
-    merge: MergeSettings = field(default_factory=MergeSettings)
+    merge: ProbeSettings = field(default_factory=ProbeSettings)  # BN + head: the LP settings
     inmerge: InMergeSettings | None = None
 
     def __post_init__(self) -> None:
@@ -85,11 +77,6 @@ class ExperimentConfig:
         for key in ("batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise InputError(f"{key}: must be >= 1")
-        if self.merge.granularity not in ("kernel", "layer", "parameter"):
-            raise InputError(
-                f"merge.granularity: unknown '{self.merge.granularity}'; "
-                "expected kernel, layer or parameter"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

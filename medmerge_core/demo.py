@@ -13,17 +13,13 @@ from typing import Any
 
 from rich.console import Console
 
-from medmerge_core.config import ExperimentConfig, MergeSettings, ModelConfig, StageSettings
+from medmerge_core.config import ExperimentConfig, ModelConfig, StageSettings
 from medmerge_core.data.synthetic import make_task
 from medmerge_core.experiment import run_experiment
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
-from medmerge_core.report import (
-    detail_table,
-    layer_means_from_npz,
-    plot_coefficient_heatmap,
-    table1,
-)
+from medmerge_core.probe import ProbeSettings
+from medmerge_core.report import detail_table, table1
 from medmerge_core.train import Runtime, StageConfig
 
 
@@ -41,6 +37,7 @@ class DemoSettings:
     lp_lr: float = 1e-3
     ft_epochs: int = 5
     ft_lr: float = 1e-4
+    probe_steps: int | None = None  # the probe's default budget
     batch_size: int = 32
     seed: int = 0
 
@@ -54,6 +51,7 @@ class DemoSettings:
             target_train=64,
             lp_epochs=1,
             ft_epochs=1,
+            probe_steps=4,
             batch_size=32,
         )
 
@@ -115,7 +113,7 @@ def run_demo(
         device=device,
         lp=StageSettings(epochs=s.lp_epochs, lr=s.lp_lr),
         ft=StageSettings(epochs=s.ft_epochs, lr=s.ft_lr),
-        merge=MergeSettings(),
+        merge=ProbeSettings(steps=s.probe_steps),
     )
     console.print(
         f"[bold]3/3[/] FT, LP-FT, Avg+FT and MedMerge on '{target.name}' "
@@ -125,15 +123,6 @@ def run_demo(
     console.print(table1(target.name, [results], title="Demo: test accuracy / macro-F1"))
     console.print(detail_table([results]))
     run_dir = out / config.name
-    try:
-        png = plot_coefficient_heatmap(
-            {"target": layer_means_from_npz(run_dir / "coefficients.npz", 0)},
-            "generic",
-            run_dir / "coefficients_heatmap.png",
-            title="MedMerge: mean w (generic source) per conv layer",
-        )
-        console.print(f"heatmap: {png}")
-    except RuntimeError as exc:
-        console.print(f"[yellow]no heatmap: {exc}")
+    console.print(f"what the merge learned, kernel by kernel: {run_dir / 'coefficients.png'}")
     console.print(f"run folder: {run_dir}")
     return results

@@ -1,8 +1,9 @@
 """FT, LP-FT, uniform-average + FT and MedMerge pipelines, driven by one config.
 
 A run folder holds: config.yaml (resolved), metrics.jsonl (per epoch), results.json (per
-method, rewritten atomically after each method), coefficients.npz + coefficient_summary.json
-(MedMerge), checkpoints/<method>.pt (best model) and state/ (what a resumed run needs).
+method, rewritten atomically after each method), coefficients.npz + coefficient_summary.json +
+coefficients.png (MedMerge), checkpoints/<method>.pt (best model) and state/ (one file per
+stage: the rolling resume checkpoint, then the finished stage).
 """
 
 from __future__ import annotations
@@ -19,17 +20,10 @@ from torch import nn
 from medmerge_core.config import ExperimentConfig, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
-from medmerge_core.io import (
-    atomic_savez,
-    atomic_torch_save,
-    atomic_write_json,
-    atomic_write_text,
-    load_torch_file,
-)
-from medmerge_core.merge import MergedModel, export_coefficients
+from medmerge_core.io import atomic_write_json, atomic_write_text
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
+from medmerge_core.probe import UNIFORM, ProbeSettings, learn_merge
 from medmerge_core.train import (
-    FitResult,
     Runtime,
     StageConfig,
     StepHook,
@@ -64,6 +58,9 @@ class RunContext:
         torch.manual_seed(self.config.seed)  # the same head init for every method of a seed
         return build_model(self.config.model.arch, self.task.num_classes, self.task.in_channels)
 
+    def state_path(self, method: str, stage: str) -> Path:
+        return self.run_dir / "state" / f"{method}.{stage}.pt"
+
     def stage(
         self,
         model: nn.Module,
@@ -75,17 +72,7 @@ class RunContext:
         before_step: StepHook | None = None,
     ) -> dict[str, Any]:
         """Run one resumable training stage; a completed stage is loaded, not re-run."""
-        state_dir = self.run_dir / "state"
-        done = state_dir / f"{method}.{stage}.done.pt"
-        if done.exists():
-            saved = load_torch_file(
-                done, "unreadable finished stage", "delete it to run this stage again",
-                map_location=self.runtime.device,
-            )  # fmt: skip
-            model.load_state_dict(saved["model"])
-            return saved["summary"]
-        start = time.perf_counter()
-        result: FitResult = fit(
+        return fit(
             model,
             train,
             val,
@@ -94,18 +81,10 @@ class RunContext:
             multilabel=self.task.multilabel,
             name=f"{method} {stage}",
             before_step=before_step,
-            checkpoint=state_dir / f"{method}.{stage}.ckpt.pt",
+            checkpoint=self.state_path(method, stage),
             metrics_log=self.run_dir / "metrics.jsonl",
             show_progress=self.show_progress,
-        )
-        summary = {
-            "best_epoch": result.best_epoch,
-            "val": result.best_val,
-            "seconds": time.perf_counter() - start,
-        }
-        atomic_torch_save({"model": model.state_dict(), "summary": summary}, done)
-        (state_dir / f"{method}.{stage}.ckpt.pt").unlink(missing_ok=True)
-        return summary
+        ).summary()
 
     def inmerge_hook(self) -> StepHook | None:
         settings = self.config.inmerge
@@ -120,13 +99,43 @@ class RunContext:
             skip_layers=settings.skip_layers,
             start_epoch=settings.start_epoch,
         )
-        generator = torch.Generator().manual_seed(self.config.seed)
+        generator = torch.Generator()
+        seeded_for = [-1]
 
         def hook(model: nn.Module, epoch: int) -> None:
+            if seeded_for[0] != epoch:  # draws depend on (seed, epoch): exact after a resume
+                generator.manual_seed(self.config.seed * 1_000_003 + epoch)
+                seeded_for[0] = epoch
             if epoch >= config.start_epoch:
                 inmerge_(model, config, generator)
 
         return hook
+
+    def learn_merge(
+        self, method: str, settings: ProbeSettings
+    ) -> tuple[nn.Module, dict[str, Any] | None]:
+        """The merge of every source (trained per `settings`), baked into a plain model, and
+        the probe stage's summary (None for an untrained merge)."""
+        c = self.config
+        train, val, _ = self.loaders()
+        learned = learn_merge(
+            self.new_model(),
+            list(self.sources.values()),
+            list(self.sources),
+            train,
+            val,
+            settings,
+            c.lp.lr,
+            c.lp.weight_decay,
+            self.runtime,
+            multilabel=self.task.multilabel,
+            checkpoint=self.state_path(method, "probe"),
+            metrics_log=self.run_dir / "metrics.jsonl",
+            report_dir=self.run_dir if settings.trains else None,
+            show_progress=self.show_progress,
+            name=f"{method} probe",
+        )
+        return learned.model, learned.fit.summary() if learned.fit is not None else None
 
     def finetune(self, model: nn.Module, method: str) -> dict[str, Any]:
         c = self.config
@@ -163,37 +172,14 @@ def _lp_ft(ctx: RunContext, method: str, source: str) -> tuple[nn.Module, dict[s
     return model, {"lp": lp, "ft": ctx.finetune(model, method)}
 
 
-def _merged(ctx: RunContext) -> MergedModel:
-    c = ctx.config
-    names = list(ctx.sources)
-    return MergedModel(
-        ctx.new_model(),
-        [ctx.sources[n] for n in names],
-        names,
-        granularity=c.merge.granularity,  # type: ignore[arg-type]
-        freeze_bn=c.merge.freeze_bn,
-    )
-
-
 def _average_ft(ctx: RunContext, method: str, _: str) -> tuple[nn.Module, dict[str, Any]]:
-    model = ctx.runtime.model(_merged(ctx).bake())
+    model, _ = ctx.learn_merge(method, UNIFORM)
     return model, {"ft": ctx.finetune(model, method)}
 
 
 def _medmerge(ctx: RunContext, method: str, _: str) -> tuple[nn.Module, dict[str, Any]]:
-    c = ctx.config
-    merged = ctx.runtime.model(_merged(ctx))
-    train, val, _test = ctx.loaders()
-    probe = StageConfig(
-        c.merge.epochs if c.merge.epochs is not None else c.lp.epochs,
-        c.merge.lr if c.merge.lr is not None else c.lp.lr,
-        c.lp.weight_decay,
-    )
-    stages = {"probe": ctx.stage(merged, method, "probe", probe, train, val)}
-    atomic_savez(ctx.run_dir / "coefficients.npz", export_coefficients(merged))
-    atomic_write_json(ctx.run_dir / "coefficient_summary.json", merged.layer_summary())
-    model = ctx.runtime.model(merged.bake())
-    del merged
+    model, probe = ctx.learn_merge(method, ctx.config.merge)
+    stages = {"probe": probe} if probe is not None else {}
     stages["ft"] = ctx.finetune(model, method)
     return model, stages
 

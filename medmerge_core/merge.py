@@ -11,6 +11,13 @@ w_j1..w_j(d-1); the last source gets the remainder, so the merged kernel is
 an affine combination (weights sum to one, unconstrained like the paper's w), initialised at
 1/d each. At d = 2 it is exactly the paper's formula with w_j = w_j1.
 
+Constraints (`constraint`): "none" is the paper's unconstrained w. "clamp" projects each
+kernel's d coefficients onto the probability simplex after every optimiser step (at d = 2:
+w clamped to [0, 1]; at d > 2: the Euclidean projection, so every coefficient is in [0, 1] and
+they sum to one). "softmax" learns d logits per kernel and uses their softmax (at d = 2:
+w = sigmoid(l_1 - l_2)); the learning rate then acts on the logits, and w moves about half as
+far per step near w = 0.5.
+
 What is merged: the weight (and bias, sharing the same coefficient) of every Conv2d and every
 backbone Linear (VGG's fc6/fc7). BatchNorm affine parameters and running statistics start as
 the mean over the sources; integer buffers (num_batches_tracked) take the maximum. The head is new.
@@ -32,6 +39,8 @@ from medmerge_core.models import StateDict, head_name
 
 Granularity = Literal["kernel", "layer", "parameter"]
 GRANULARITIES: tuple[str, ...] = ("kernel", "layer", "parameter")
+Constraint = Literal["none", "clamp", "softmax"]
+CONSTRAINTS: tuple[str, ...] = ("none", "clamp", "softmax")
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -50,6 +59,21 @@ def coefficient_shape(weight_shape: torch.Size, granularity: Granularity) -> tup
 def full_coefficients(free: torch.Tensor) -> torch.Tensor:
     """[d-1, ...] free coefficients -> [d, ...], the last source taking 1 - sum of the others."""
     return torch.cat([free, 1.0 - free.sum(0, keepdim=True)], dim=0)
+
+
+def project_to_simplex(free: torch.Tensor) -> torch.Tensor:
+    """The [d-1, ...] free coefficients whose full [d, ...] vector per element is the Euclidean
+    projection onto the probability simplex (Duchi et al. 2008); at d = 2, w clamped to [0, 1]."""
+    full = full_coefficients(free)
+    d = full.shape[0]
+    rows = full.reshape(d, -1).t()  # [n, d]
+    ordered = rows.sort(dim=1, descending=True).values
+    excess = ordered.cumsum(dim=1) - 1.0
+    ranks = torch.arange(1, d + 1, dtype=rows.dtype, device=rows.device)
+    support = (ordered - excess / ranks > 0).sum(dim=1, keepdim=True).clamp_min(1)
+    shift = excess.gather(1, support - 1) / support.to(rows.dtype)
+    projected = (rows - shift).clamp_min(0.0).t().reshape(full.shape)
+    return projected[:-1]
 
 
 def combine(stack: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
@@ -144,6 +168,14 @@ def merge_state_dicts(
     return out
 
 
+def _like(merged: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """`merged` in the memory format of the weight it replaces (channels_last after
+    Runtime.model), so the probe runs the very conv kernels that the baked model will."""
+    if template.is_contiguous():
+        return merged
+    return torch.empty_like(template, dtype=merged.dtype).copy_(merged)
+
+
 class MergedModel(nn.Module):
     """The MedMerge probe: frozen sources, learnable merge coefficients, BN and a new head.
 
@@ -160,8 +192,11 @@ class MergedModel(nn.Module):
         granularity: Granularity = "kernel",
         freeze_bn: bool = False,
         init: Sequence[float] | None = None,
+        constraint: Constraint = "none",
     ) -> None:
         super().__init__()
+        if constraint not in CONSTRAINTS:
+            raise InputError(f"merge.constraint: unknown '{constraint}'; expected {CONSTRAINTS}")
         names = list(source_names or [f"source{i}" for i in range(len(sources))])
         check_sources(sources, names)
         state = model.state_dict()
@@ -176,11 +211,21 @@ class MergedModel(nn.Module):
         init_values = list(init) if init is not None else [1.0 / d] * (d - 1)
         if len(init_values) != d - 1:
             raise InputError(f"merge.init: expected {d - 1} values for {d} sources")
+        init_full = [*init_values, 1.0 - sum(init_values)]
+        if constraint != "none" and min(init_full) < 0:
+            raise InputError(f"merge.init: {init_full} is not convex, as '{constraint}' needs")
+        # What each coefficient parameter holds: the free [d-1] values, or [d] softmax logits.
+        stored = (
+            [float(np.log(max(v, 1e-12))) for v in init_full]
+            if constraint == "softmax"
+            else init_values
+        )
 
         self.model = model
         self.source_names = names
         self.granularity = granularity
         self.freeze_bn = freeze_bn
+        self.constraint = constraint
         self.weight_keys: list[str] = []
         self.bias_keys: list[str | None] = []
         self.shapes = {k: v.shape for k, v in state.items()}
@@ -192,7 +237,7 @@ class MergedModel(nn.Module):
             self.weight_keys.append(weight)
             self.bias_keys.append(bias)
             shape = coefficient_shape(state[weight].shape, granularity)
-            free = torch.stack([torch.full(shape, v) for v in init_values])
+            free = torch.stack([torch.full(shape, v) for v in stored])
             self.coefficients.append(nn.Parameter(free))
             self.register_buffer(
                 f"source_w{index}", kernel_major([s[weight] for s in sources]), persistent=False
@@ -205,7 +250,7 @@ class MergedModel(nn.Module):
                 if granularity == "parameter":
                     self.coefficients.append(
                         nn.Parameter(
-                            torch.stack([torch.full(state[bias].shape, v) for v in init_values])
+                            torch.stack([torch.full(state[bias].shape, v) for v in stored])
                         )
                     )
                 targets.append(bias)
@@ -229,25 +274,58 @@ class MergedModel(nn.Module):
                     module.eval()
         return self
 
+    def _free(self, stored: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(stored, dim=0)[:-1] if self.constraint == "softmax" else stored
+
     def coefficient_map(self) -> dict[str, torch.Tensor]:
         """Free coefficients [d-1, ...] per merged key (biases appear only at 'parameter')."""
         out: dict[str, torch.Tensor] = {}
         coefs = iter(self.coefficients)
         for weight, bias in zip(self.weight_keys, self.bias_keys, strict=True):
-            out[weight] = next(coefs)
+            out[weight] = self._free(next(coefs))
             if bias is not None and self.granularity == "parameter":
-                out[bias] = next(coefs)
+                out[bias] = self._free(next(coefs))
         return out
 
+    @torch.no_grad()
+    def project_(self) -> None:
+        """With constraint 'clamp': put every kernel's coefficients back on the simplex.
+
+        Called after each optimiser step (projected gradient descent); a no-op otherwise.
+        """
+        if self.constraint == "clamp":
+            for coef in self.coefficients:
+                coef.copy_(project_to_simplex(coef))
+
+    def parameter_groups(
+        self, coef_lr: float, lr: float, weight_decay: float
+    ) -> list[dict[str, object]]:
+        """AdamW groups: the coefficients at their own rate and never decayed (decay would pull
+        w towards 0, i.e. towards the last source), then BN and head with the LP settings."""
+        coef_ids = {id(p) for p in self.coefficients}
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in coef_ids]
+        return [
+            {"params": list(self.coefficients), "lr": coef_lr, "weight_decay": 0.0},
+            {"params": others, "lr": lr, "weight_decay": weight_decay},
+        ]
+
     def merged_tensors(self) -> dict[str, torch.Tensor]:
-        """The merged conv/linear tensors, computed with a few vectorised ops per layer."""
+        """The merged conv/linear tensors, computed with a few vectorised ops per layer.
+
+        Always in fp32, also under autocast: a bf16 product would round away coefficient moves
+        below ~1e-3, and `bake` (fp32) would then differ from what the probe trained.
+        """
+        device_type = self.coefficients[0].device.type
+        with torch.autocast(device_type, enabled=False):
+            return self._merged_fp32()
+
+    def _merged_fp32(self) -> dict[str, torch.Tensor]:
         coefs = self.coefficient_map()
         out: dict[str, torch.Tensor] = {}
         for index, weight in enumerate(self.weight_keys):
             shape = self.shapes[weight]
-            out[weight] = combine_kernel_major(
-                getattr(self, f"source_w{index}"), coefs[weight]
-            ).view(shape)
+            merged = combine_kernel_major(getattr(self, f"source_w{index}"), coefs[weight])
+            out[weight] = _like(merged.view(shape), self.model.get_parameter(weight))
             bias = self.bias_keys[index]
             if bias is not None:
                 bias_stack = getattr(self, f"source_b{index}")
@@ -281,31 +359,38 @@ class MergedModel(nn.Module):
         }
 
     def layer_summary(self) -> list[dict[str, object]]:
-        """Per merged layer: coefficient count and mean / std / min / max per source."""
-        rows = []
-        for key, coef in self.coefficient_arrays().items():
-            if key in self.bias_of:
-                continue
-            flat = coef.reshape(coef.shape[0], -1)
-            rows.append(
-                {
-                    "layer": key.removesuffix(".weight"),
-                    "coefficients": int(flat.shape[1]),
-                    "mean": [float(v) for v in flat.mean(1)],
-                    "std": [float(v) for v in flat.std(1)],
-                    "min": [float(v) for v in flat.min(1)],
-                    "max": [float(v) for v in flat.max(1)],
-                }
-            )
-        return rows
+        return coefficient_summary(self.coefficient_arrays())
 
 
-def export_coefficients(merged: MergedModel) -> dict[str, np.ndarray]:
-    """Arrays for an .npz: one [d, ...] array per layer plus per-layer summary columns."""
-    arrays = {f"coef/{k}": v for k, v in merged.coefficient_arrays().items()}
-    summary = merged.layer_summary()
-    arrays["layers"] = np.array([row["layer"] for row in summary])
-    arrays["sources"] = np.array(merged.source_names)
-    arrays["layer_mean"] = np.array([row["mean"] for row in summary], dtype=np.float32)
-    arrays["layer_std"] = np.array([row["std"] for row in summary], dtype=np.float32)
-    return arrays
+def coefficient_summary(arrays: Mapping[str, np.ndarray]) -> list[dict[str, object]]:
+    """Per merged layer (weights only): count, mean / std / min / max per source, and what the
+    single kernels did, which layer means hide (kernels move both ways):
+
+    - `prefers`: per source, the share of kernels in which it has the largest coefficient;
+    - `movement`: quantiles (q50, q90, q99, max) of max_i |c_i - 1/d| over the kernels (at
+      d = 2, |w - 0.5|).
+    """
+    rows = []
+    for key, coef in arrays.items():
+        if not key.endswith(".weight"):
+            continue
+        flat = coef.reshape(coef.shape[0], -1)
+        d = flat.shape[0]
+        winner = np.bincount(flat.argmax(0), minlength=d) / flat.shape[1]
+        movement = np.abs(flat - 1.0 / d).max(0)
+        rows.append(
+            {
+                "layer": key.removesuffix(".weight"),
+                "coefficients": int(flat.shape[1]),
+                "mean": [float(v) for v in flat.mean(1)],
+                "std": [float(v) for v in flat.std(1)],
+                "min": [float(v) for v in flat.min(1)],
+                "max": [float(v) for v in flat.max(1)],
+                "prefers": [float(v) for v in winner],
+                "movement": {
+                    name: float(np.quantile(movement, q))
+                    for name, q in (("q50", 0.5), ("q90", 0.9), ("q99", 0.99), ("max", 1.0))
+                },
+            }
+        )
+    return rows

@@ -1,8 +1,10 @@
 """torchvision CNN builders with a task head, and loading of merge sources.
 
 A *source* is a backbone state dict (every key except the classification head) produced from a
-torchvision weights enum, a local checkpoint, `zeros` (the paper's Fig. 4 ablation) or a seeded
-random init. All sources of one merge share one architecture.
+torchvision weights enum, a local checkpoint, a pretrained CIFAR-10 ResNet file (`cifar10:`),
+`zeros` (the paper's Fig. 4 ablation) or a seeded random init. All sources of one merge share
+one architecture. Besides torchvision's models, the CIFAR ResNets `cifar_resnet{20,32,44,56}`
+(medmerge_core.cifar_resnet) are built and loaded the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ import torch
 import torchvision
 from torch import nn
 
+from medmerge_core.cifar_resnet import (
+    CIFAR10_PREFIX,
+    CIFAR_ARCHS,
+    cifar_resnet,
+    resolve_cifar10_source,
+)
 from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_torch_save, load_torch_file
 
@@ -36,6 +44,7 @@ KNOWN_ARCHS: tuple[str, ...] = (
     "vgg16_bn",
     "efficientnet_b0",
     "mobilenet_v3_large",
+    *CIFAR_ARCHS,
 )
 
 
@@ -64,14 +73,16 @@ def stem_conv_name(model: nn.Module) -> str:
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """A randomly initialised torchvision CNN with a new C-class head and a 1- or 3-channel stem."""
-    if arch not in torchvision.models.list_models(module=torchvision.models):
+    """A randomly initialised CNN (torchvision or CIFAR ResNet), new C-class head, 1/3-ch stem."""
+    cifar = arch in CIFAR_ARCHS
+    if not cifar and arch not in torchvision.models.list_models(module=torchvision.models):
         raise InputError(f"model.arch: unknown torchvision classification model '{arch}'")
     if in_channels not in (1, 3):
         raise InputError(f"in_channels: must be 1 or 3, got {in_channels}")
     if num_classes < 1:
         raise InputError(f"num_classes: must be >= 1, got {num_classes}")
-    model = torchvision.models.get_model(arch, weights=None)
+    # Built as published (CIFAR: 10 classes, RGB), then head and stem are swapped alike.
+    model = cifar_resnet(arch) if cifar else torchvision.models.get_model(arch, weights=None)
     head = head_name(model)
     old = model.get_submodule(head)
     _set_module(model, head, nn.Linear(old.in_features, num_classes))
@@ -190,6 +201,10 @@ def _load_checkpoint(path: Path, arch: str, reference: nn.Module, in_channels: i
 
 def _load_torchvision_weights(name: str, arch: str, in_channels: int) -> StateDict:
     """Resolve 'DenseNet121_Weights.IMAGENET1K_V1' (or 'IMAGENET1K_V1' / 'DEFAULT') and fetch."""
+    if arch in CIFAR_ARCHS:
+        raise InputError(
+            f"source '{name}': torchvision has no {arch} weights; use cifar10:resnetNN"
+        )
     try:
         enum = torchvision.models.get_model_weights(arch)
         member = name.split(".")[-1]
@@ -217,7 +232,8 @@ def load_source(spec: str, arch: str, in_channels: int = 3) -> StateDict:
     """Backbone state dict for a source spec.
 
     Specs: `zeros`; `random` or `random:SEED`; `torchvision:ENUM` (e.g.
-    `torchvision:DenseNet121_Weights.IMAGENET1K_V1`); otherwise a checkpoint path.
+    `torchvision:DenseNet121_Weights.IMAGENET1K_V1`); `cifar10:resnet20` / `cifar10:resnet56`
+    (a pretrained file found by cifar_resnet.resolve_cifar10_source); otherwise a checkpoint path.
     """
     reference = build_model(arch, 2, in_channels)
     keys = backbone_keys(reference)
@@ -241,6 +257,8 @@ def load_source(spec: str, arch: str, in_channels: int = 3) -> StateDict:
         return {k: state[k] for k in keys}
     if spec.startswith("torchvision:"):
         return _load_torchvision_weights(spec.removeprefix("torchvision:"), arch, in_channels)
+    if spec.startswith(CIFAR10_PREFIX):
+        return _load_checkpoint(resolve_cifar10_source(spec, arch), arch, reference, in_channels)
     return _load_checkpoint(Path(spec).expanduser(), arch, reference, in_channels)
 
 

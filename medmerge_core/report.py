@@ -66,13 +66,7 @@ def detail_table(runs: Sequence[Mapping[str, Any]], title: str = "Per method") -
     return table
 
 
-def plot_coefficient_heatmap(
-    layer_means: Mapping[str, np.ndarray], source_name: str, path: Path, title: str = ""
-) -> Path:
-    """Mean learnt coefficient of `source_name` per conv layer (rows: targets/runs), as Fig. 2.
-
-    layer_means maps a row label to a [num_layers] array. Needs matplotlib (the `plots` extra).
-    """
+def _pyplot():
     try:
         import matplotlib
 
@@ -82,25 +76,96 @@ def plot_coefficient_heatmap(
         raise RuntimeError(
             "plotting needs matplotlib: pip install 'medmerge-federation[plots]'"
         ) from exc
-    labels = list(layer_means)
-    data = np.stack([np.asarray(layer_means[k], dtype=float) for k in labels])
-    fig, ax = plt.subplots(figsize=(max(8.0, data.shape[1] * 0.12), 1.0 + 0.5 * len(labels)))
-    # Centre the colour scale on the initial value so that small moves stay visible.
-    centre = float(np.median(data))
-    spread = max(float(np.abs(data - centre).max()), 1e-3)
-    image = ax.imshow(
-        data, aspect="auto", cmap="coolwarm", vmin=centre - spread, vmax=centre + spread
-    )
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("conv layer (input → output)")
-    ax.set_title(title or f"mean learnt coefficient of '{source_name}' per layer")
-    fig.colorbar(image, ax=ax, label=f"w ({source_name})")
-    fig.tight_layout()
+    return plt
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     tmp.replace(path)
+    return path
+
+
+def _layer_ticks(ax: Any, names: Sequence[str]) -> None:
+    """Every layer's name on the x axis, thinned to at most 60 labels."""
+    step = max(1, math.ceil(len(names) / 60))
+    ticks = list(range(0, len(names), step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=6)
+
+
+def plot_coefficient_heatmap(
+    layer_means: Mapping[str, np.ndarray],
+    source_name: str,
+    path: Path,
+    title: str = "",
+    layer_names: Sequence[str] | None = None,
+    uniform: float = 0.5,
+) -> Path:
+    """Mean learnt coefficient of `source_name` per conv layer (rows: targets/runs), as Fig. 2.
+
+    The colour scale is symmetric around the uniform value 1/d and never narrower than
+    +-0.01, so a tiny move does not look saturated. Needs matplotlib (the `plots` extra).
+    """
+    plt = _pyplot()
+    labels = list(layer_means)
+    data = np.stack([np.asarray(layer_means[k], dtype=float) for k in labels])
+    fig, ax = plt.subplots(figsize=(max(8.0, data.shape[1] * 0.14), 2.2 + 0.5 * len(labels)))
+    spread = max(float(np.abs(data - uniform).max()), 0.01)
+    image = ax.imshow(
+        data, aspect="auto", cmap="coolwarm", vmin=uniform - spread, vmax=uniform + spread
+    )
+    ax.set_yticks(range(len(labels)), labels)
+    if layer_names is not None:
+        _layer_ticks(ax, layer_names)
+    ax.set_xlabel("conv layer (input → output)")
+    ax.set_title(title or f"mean learnt coefficient of '{source_name}' per layer")
+    fig.colorbar(image, ax=ax, label=f"mean w ({source_name}); uniform = {uniform:.3g}")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_merge_coefficients(
+    coefficients: Mapping[str, np.ndarray], source_names: Sequence[str], path: Path
+) -> Path:
+    """What one probe learned, kernel by kernel: for each merged layer, every kernel's
+    coefficient of the first source minus 1/d (dots) with the layer mean (line), on a symmetric
+    scale; below, the share of kernels that prefer each source."""
+    plt = _pyplot()
+    layers = [k for k in coefficients if k.endswith(".weight")]
+    names = [k.removesuffix(".weight") for k in layers]
+    d = len(source_names)
+    flat = [np.asarray(coefficients[k]).reshape(d, -1) for k in layers]
+    rng = np.random.default_rng(0)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(max(9.0, len(layers) * 0.16), 7.5), sharex=True,
+        gridspec_kw={"height_ratios": [3, 1]},
+    )  # fmt: skip
+    deviations = [f[0] - 1.0 / d for f in flat]
+    for i, dev in enumerate(deviations):
+        x = i + rng.uniform(-0.3, 0.3, dev.size)
+        top.scatter(x, dev, s=2, alpha=0.35, color="tab:blue", linewidths=0)
+    top.plot(range(len(layers)), [dev.mean() for dev in deviations], "k.-", lw=1, label="mean")
+    spread = max(max(float(np.abs(dev).max()) for dev in deviations), 1e-3) * 1.05
+    top.set_ylim(-spread, spread)
+    top.axhline(0, color="gray", lw=0.6)
+    top.set_ylabel(f"w({source_names[0]}) - 1/{d}")
+    top.set_title(f"MedMerge coefficients per kernel; above 0 favours '{source_names[0]}'")
+    top.legend(loc="upper right", fontsize=8)
+    bottom_share = np.zeros(len(layers))
+    for s, source in enumerate(source_names):
+        share = np.array([np.mean(f.argmax(0) == s) for f in flat])
+        bottom.bar(range(len(layers)), share, bottom=bottom_share, label=source, width=0.8)
+        bottom_share += share
+    bottom.set_ylim(0, 1)
+    bottom.set_ylabel("kernels preferring")
+    bottom.legend(loc="upper right", fontsize=7, ncol=d)
+    _layer_ticks(bottom, names)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
     return path
 
 

@@ -7,11 +7,14 @@ uses uniformly; the loop itself never branches on the device (timm's approach).
 from __future__ import annotations
 
 import copy
+import math
 import random
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from medmerge_core.metrics import classification_metrics
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 StepHook = Callable[[nn.Module, int], None]
+AfterStep = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,18 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def model(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device, memory_format=self.memory_format)
+        """Move to the device; channels_last only for 4-D tensors (conv weights).
+
+        `Module.to(memory_format=...)` would also try 5-D tensors (the probe's per-kernel
+        coefficients) and fail, so the format is applied tensor by tensor.
+        """
+        model = model.to(self.device)
+        if self.memory_format != torch.contiguous_format:
+            with torch.no_grad():
+                for tensor in (*model.parameters(), *model.buffers()):
+                    if tensor.ndim == 4:
+                        tensor.data = tensor.data.contiguous(memory_format=self.memory_format)
+        return model
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -72,17 +87,29 @@ class Runtime:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """Optimiser settings for one stage (LP, probe or FT): AdamW as in the paper."""
+    """Optimiser settings for one stage (LP, probe or FT): AdamW as in the paper.
+
+    The budget is `epochs`, or `steps` optimiser steps when given (a data-scarce target has few
+    steps per epoch): validation still runs after every full epoch and after the last step.
+    """
 
     epochs: int
     lr: float
     weight_decay: float = 0.01
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise InputError(f"epochs: must be >= 0, got {self.epochs}")
+        if self.steps is not None and self.steps < 0:
+            raise InputError(f"steps: must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise InputError(f"lr: must be > 0, got {self.lr}")
+
+    def num_epochs(self, steps_per_epoch: int) -> int:
+        if self.steps is None:
+            return self.epochs
+        return math.ceil(self.steps / max(steps_per_epoch, 1))
 
 
 @dataclass
@@ -90,6 +117,10 @@ class FitResult:
     best_epoch: int
     best_val: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0  # training time, summed over resumed runs
+
+    def summary(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "val": self.best_val, "seconds": self.seconds}
 
 
 def seed_everything(seed: int) -> None:
@@ -161,22 +192,35 @@ def fit(
     *,
     multilabel: bool = False,
     name: str = "train",
+    param_groups: Sequence[dict[str, Any]] | None = None,
     before_step: StepHook | None = None,
+    after_step: AfterStep | None = None,
     checkpoint: Path | None = None,
     metrics_log: Path | None = None,
     show_progress: bool = True,
 ) -> FitResult:
-    """Train the parameters that require grad with AdamW; keep the best epoch by val macro-F1.
+    """Train with AdamW; keep the best epoch by validation macro-F1.
+
+    `param_groups` gives AdamW's groups (e.g. the probe's coefficients with their own learning
+    rate and no decay); by default, every parameter that requires grad with the stage's
+    settings. `before_step(model, epoch)` runs before each forward (InMerge), `after_step()`
+    after each optimiser step (a projection of the coefficients).
 
     The model ends holding its best weights. With `checkpoint`, the full state (model,
-    optimiser, scaler, best weights, history) is written atomically after each epoch, and a
-    later call with the same checkpoint resumes after the last completed epoch.
-    `before_step(model, epoch)` runs before every optimiser step (e.g. InMerge).
+    optimiser, scaler, RNG, best weights, history) is written atomically after each epoch; a
+    later call resumes after the last completed epoch with the same batch order and RNG, so an
+    interrupted stage ends bit for bit where an uninterrupted one does (CPU). A finished stage
+    leaves only its best weights and history there, and a later call just loads them.
     """
-    params = trainable_parameters(model)
-    if not params:
+    groups = (
+        list(param_groups)
+        if param_groups is not None
+        else [{"params": trainable_parameters(model)}]
+    )
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         raise InputError(f"{name}: nothing to train (no parameter requires grad)")
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
     scaler = runtime.grad_scaler()
     best_state = copy.deepcopy(model.state_dict())
     result = FitResult(best_epoch=-1, best_val={})
@@ -187,18 +231,32 @@ def fit(
             map_location=runtime.device,
         )  # fmt: skip
         model.load_state_dict(saved["model"])
+        result = FitResult(
+            saved["best_epoch"], saved["best_val"], saved["history"], saved.get("seconds", 0.0)
+        )
+        torch.set_rng_state(saved["rng"])
+        if saved.get("finished", False):
+            return result
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         best_state = saved["best_state"]
-        result = FitResult(saved["best_epoch"], saved["best_val"], saved["history"])
         start = saved["epoch"] + 1
 
+    steps_per_epoch = len(train_batches) if stage.steps is not None else 0  # type: ignore[arg-type]
+    epochs = stage.num_epochs(steps_per_epoch)
+    set_epoch = getattr(train_batches, "set_epoch", None)
     with progress_bar(show_progress) as progress:
-        task = progress.add_task(name, total=stage.epochs, completed=start, status="")
-        for epoch in range(start, stage.epochs):
+        task = progress.add_task(name, total=epochs, completed=start, status="")
+        for epoch in range(start, epochs):
+            began = time.perf_counter()
             model.train()
+            if set_epoch is not None:
+                set_epoch(epoch)  # the same batch order whether or not this run resumed
+            limit = None if stage.steps is None else stage.steps - epoch * steps_per_epoch
             total, count = 0.0, 0
             for step, (x, y) in enumerate(train_batches):
+                if limit is not None and step >= limit:
+                    break
                 if before_step is not None:
                     before_step(model, epoch)
                 with runtime.autocast():
@@ -213,6 +271,8 @@ def fit(
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if after_step is not None:
+                    after_step()
                 total += float(loss.detach()) * len(x)
                 count += len(x)
             val = evaluate(model, val_batches, runtime, multilabel)
@@ -222,19 +282,22 @@ def fit(
             if result.best_epoch < 0 or val["macro_f1"] > result.best_val["macro_f1"]:
                 result.best_epoch, result.best_val = epoch, val
                 best_state = copy.deepcopy(model.state_dict())
+            result.seconds += time.perf_counter() - began
             if metrics_log is not None:
                 append_jsonl(metrics_log, record)
-            if checkpoint is not None:
+            if checkpoint is not None and epoch + 1 < epochs:
                 atomic_torch_save(
                     {
                         "epoch": epoch,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(),
+                        "rng": torch.get_rng_state(),
                         "best_state": best_state,
                         "best_epoch": result.best_epoch,
                         "best_val": result.best_val,
                         "history": result.history,
+                        "seconds": result.seconds,
                     },
                     checkpoint,
                 )
@@ -244,6 +307,19 @@ def fit(
                 status=f"loss {record['train_loss']:.3f} val F1 {val['macro_f1']:.3f}",
             )
     model.load_state_dict(best_state)
+    if checkpoint is not None:
+        atomic_torch_save(
+            {
+                "finished": True,
+                "model": best_state,
+                "rng": torch.get_rng_state(),
+                "best_epoch": result.best_epoch,
+                "best_val": result.best_val,
+                "history": result.history,
+                "seconds": result.seconds,
+            },
+            checkpoint,
+        )
     return result
 
 
@@ -255,6 +331,9 @@ class TensorBatches:
     ) -> None:
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
         self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)

@@ -7,7 +7,6 @@ run config again skips finished phases and resumes after the last completed roun
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -152,9 +151,11 @@ def merge(
     if reason is not None:
         raise RuntimeError(f"merge: unusable merged model from the coordinator: {reason}")
     state = restore_dtypes(state, meta)
-    summary = json.loads(str(config["summary-json"]))
+    coefficients = {
+        k: v.numpy() for k, v in reply.content["coefficients"].to_torch_state_dict().items()
+    }
     metrics = dict(reply.content["metrics"])
-    run.save_merged(state, info, summary, metrics)
+    run.save_merged(state, info, coefficients, names, metrics)
     run.log({"phase": "merge", "sources": names, **metrics})
     log.info("merge: %s", metrics)
     return state, info

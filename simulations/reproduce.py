@@ -27,12 +27,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from medmerge_core.config import ExperimentConfig, MergeSettings, ModelConfig, StageSettings
+from medmerge_core.config import ExperimentConfig, ModelConfig, StageSettings
 from medmerge_core.data.base import TaskData
 from medmerge_core.data.synthetic import make_task
 from medmerge_core.experiment import load_results, run_experiment
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
+from medmerge_core.probe import ProbeSettings
 from medmerge_core.report import layer_means_from_npz, method_label, plot_coefficient_heatmap
 from medmerge_core.train import Runtime, StageConfig
 from simulations.common import (
@@ -203,7 +204,7 @@ def make_config(
         device="auto",
         lp=StageSettings(epochs=s.lp_epochs, lr=s.lp_lr),
         ft=StageSettings(epochs=s.ft_epochs, lr=s.ft_lr),
-        merge=MergeSettings(granularity=spec.granularity, freeze_bn=spec.freeze_bn),
+        merge=ProbeSettings(granularity=spec.granularity, freeze_bn=spec.freeze_bn),
     )
 
 
@@ -303,11 +304,15 @@ def make_figures(s: Settings, collected: Mapping[str, Any]) -> dict[str, Path]:
                  for seed in sorted(collected.get(group, {}))]  # fmt: skip
         return [m for m in found if m is not None]
 
-    def plot(key: str, data: dict[str, np.ndarray], source: str, title: str) -> None:
+    def plot(
+        key: str, data: dict[str, np.ndarray], source: str, title: str, uniform: float = 0.5
+    ) -> None:
         data = {k: v for k, v in data.items() if v is not None}
         if data:
             path = s.figures / f"{s.tag}_{key}.png"
-            figures[key] = plot_coefficient_heatmap(data, source, path, title=title)
+            figures[key] = plot_coefficient_heatmap(
+                data, source, path, title=title, uniform=uniform
+            )
 
     def mean(arrays: list[np.ndarray]) -> np.ndarray | None:
         return np.mean(arrays, axis=0) if arrays else None
@@ -340,6 +345,7 @@ def make_figures(s: Settings, collected: Mapping[str, Any]) -> dict[str, Path]:
         {f"source {n}": mean(rows("three", i)) for i, n in enumerate("ABC")},
         "source",
         "Three sources: mean coefficient per layer",
+        uniform=1 / 3,
     )
     return figures
 

@@ -26,6 +26,7 @@ def make_config(tmp_path, **overrides):
         "model": {"arch": "resnet18", "image_size": 32},
         "lp": {"epochs": 1, "lr": 1e-3},
         "ft": {"epochs": 1, "lr": 1e-4},
+        "merge": {"steps": 3},
         "batch_size": 32,
     }
     data.update(overrides)
@@ -49,11 +50,14 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
     assert {"accuracy", "macro_f1", "auroc"} <= set(results["medmerge"]["test"])
     assert results["lp_ft:a"]["stages"]["lp"]["seconds"] > 0
     summary = json.loads((run / "coefficient_summary.json").read_text())
-    assert len(summary) == 20 and summary[0]["coefficients"] == 64
+    assert summary["sources"] == ["a", "b"]
+    assert len(summary["layers"]) == 20 and summary["layers"][0]["coefficients"] == 64
 
     # An interrupted run: results.json lost, completed stages kept. Nothing retrains.
     (run / "results.json").unlink()
-    monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("retrained a stage"))
+    monkeypatch.setattr(
+        torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("retrained a stage")
+    )
     again = experiment.run_experiment(config, task=tiny_task, show_progress=False)
     assert again["medmerge"]["test"] == results["medmerge"]["test"]
 
@@ -87,4 +91,4 @@ def test_quick_demo_runs_end_to_end(tmp_path) -> None:
         "average_ft",
         "medmerge",
     }
-    assert (tmp_path / "demo" / "target" / "coefficients_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "target" / "coefficients.png").stat().st_size > 1000

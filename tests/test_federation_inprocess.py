@@ -32,8 +32,8 @@ ARCH = "shufflenet_v2_x0_5"  # 1.4M parameters: the smallest torchvision CNN wit
 def run_config(tmp_path, **overrides) -> dict:
     base = {
         "output-dir": str(tmp_path), "arch": ARCH, "image-size": 16, "synthetic-n-train": 32,
-        "synthetic-n-val": 16, "synthetic-n-test": 16, "rounds": 2, "merge-epochs": 1,
-        "min-sites": 2, "inmerge-tau": -1.0, "batch-size": 16,
+        "synthetic-n-val": 16, "synthetic-n-test": 16, "rounds": 2, "merge-steps": 0,
+        "merge-epochs": 1, "min-sites": 2, "inmerge-tau": -1.0, "batch-size": 16,
     }  # fmt: skip
     return {**base, **overrides}
 

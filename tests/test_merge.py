@@ -8,8 +8,9 @@ import torch
 
 from medmerge_core.data.base import BatchLoader
 from medmerge_core.errors import InputError
-from medmerge_core.merge import MergedModel, export_coefficients, merge_state_dicts
+from medmerge_core.merge import MergedModel, merge_state_dicts
 from medmerge_core.models import build_model, load_source
+from medmerge_core.probe import write_merge_report
 from medmerge_core.train import Runtime, StageConfig, evaluate, fit
 
 
@@ -205,9 +206,10 @@ def test_unknown_granularity_is_rejected() -> None:
         merged(granularity="channel")
 
 
-def test_export_has_every_kernel_coefficient_and_a_layer_summary() -> None:
+def test_export_has_every_kernel_coefficient_and_a_layer_summary(tmp_path) -> None:
     model = merged()
-    arrays = export_coefficients(model)
+    write_merge_report(tmp_path, model.coefficient_arrays(), model.source_names)
+    arrays = dict(np.load(tmp_path / "coefficients.npz"))
     coef = arrays["coef/layer4.1.conv2.weight"]
     assert coef.shape[:2] == (2, 512)
     np.testing.assert_allclose(coef.sum(0), 1.0, atol=1e-6)

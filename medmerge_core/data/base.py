@@ -145,6 +145,10 @@ class BatchLoader:
     def __len__(self) -> int:
         return (len(self.split) + self.batch_size - 1) // self.batch_size
 
+    def set_epoch(self, epoch: int) -> None:
+        """The shuffle of `epoch` next, so a resumed run repeats no epoch's batch order."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.split)
         if self.shuffle:

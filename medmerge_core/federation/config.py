@@ -15,6 +15,7 @@ from typing import Any
 
 from medmerge_core.errors import InputError
 from medmerge_core.inmerge import InMergeConfig
+from medmerge_core.probe import DEFAULT_COEF_LR, DEFAULT_STEPS, ProbeSettings
 
 ROLES: tuple[str, ...] = ("institution", "coordinator", "site")
 DP_MODES: tuple[str, ...] = ("none", "server", "client")
@@ -48,10 +49,16 @@ class FederationConfig:
     # Phase 1 (institutions pretrain when they have data and no checkpoint yet).
     pretrain_epochs: int = 2
     pretrain_lr: float = 1e-3
-    # Phase 2 (the MedMerge probe at the coordinator).
-    merge_epochs: int = 2
-    merge_lr: float = 1e-2
+    # Phase 2 (the MedMerge probe at the coordinator): a budget of merge-steps optimiser steps
+    # or merge-epochs epochs (set the other to 0); coefficients at merge-coef-lr without weight
+    # decay, BN and head at merge-lr with weight-decay.
+    merge_steps: int = DEFAULT_STEPS
+    merge_epochs: int = 0
+    merge_coef_lr: float = DEFAULT_COEF_LR
+    merge_lr: float = 1e-3
     merge_granularity: str = "kernel"
+    merge_constraint: str = "none"
+    merge_freeze_bn: bool = False
     # Phase 3 (federated fine-tuning at the sites).
     rounds: int = 3
     local_epochs: int = 1
@@ -79,7 +86,9 @@ class FederationConfig:
             raise InputError(f"run config dp: expected one of {DP_MODES}, got '{self.dp}'")
         if self.dp == "client" and self.fedbn:
             raise InputError("run config dp='client' cannot be combined with fedbn=true")
-        for name in ("rounds", "local_epochs", "merge_epochs", "pretrain_epochs", "wait_nodes"):
+        names = ("rounds", "local_epochs", "merge_steps", "merge_epochs", "pretrain_epochs",
+                 "wait_nodes")  # fmt: skip
+        for name in names:
             if getattr(self, name) < 0:
                 raise InputError(f"run config {name.replace('_', '-')}: must be >= 0")
         if self.min_sites < 1 or self.batch_size < 1:
@@ -87,6 +96,10 @@ class FederationConfig:
         if self.outlier_factor <= 1:
             raise InputError("run config outlier-factor: must be > 1")
         self.inmerge_config()  # validates p / tau / alpha / skip-layers
+        try:
+            self.probe_settings()
+        except InputError as exc:
+            raise InputError(f"run config {exc}") from exc
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -107,6 +120,19 @@ class FederationConfig:
             tau=self.inmerge_tau,
             alpha=self.inmerge_alpha,
             skip_layers=self.inmerge_skip_layers,
+        )
+
+    def probe_settings(self) -> ProbeSettings:
+        """The coordinator's probe. Its budget is merge-steps or merge-epochs (the other one 0;
+        both 0: the sources' uniform average, untrained)."""
+        steps, epochs = self.merge_steps or None, self.merge_epochs or None
+        return ProbeSettings(
+            granularity=self.merge_granularity,
+            freeze_bn=self.merge_freeze_bn,
+            constraint=self.merge_constraint,
+            coef_lr=self.merge_coef_lr,
+            steps=0 if steps is None and epochs is None else steps,
+            epochs=epochs,
         )
 
     def fingerprint(self) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig, NodeSettings
 from medmerge_core.federation.data import load_node_data
 from medmerge_core.federation.transport import ModelInfo, restore_dtypes
-from medmerge_core.merge import MergedModel
 from medmerge_core.models import StateDict, adapt_stem, build_model, load_source, stem_conv_name
+from medmerge_core.probe import LearnedMerge, learn_merge
 from medmerge_core.train import Runtime, StageConfig, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,11 @@ def coordinator_merge(
     settings: NodeSettings,
     cfg: FederationConfig,
     runtime: Runtime,
-) -> tuple[StateDict, ModelInfo, list[dict[str, Any]], dict[str, float]]:
-    """Learn the MedMerge coefficients on local target data and bake a plain model.
+) -> tuple[StateDict, ModelInfo, LearnedMerge, dict[str, float]]:
+    """Learn the MedMerge coefficients on local target data and bake a plain model, with the
+    experiment's own probe (`learn_merge`).
 
-    Returns (merged state dict, model info, per-layer coefficient summary, metrics).
+    Returns (merged state dict, model info, the learned merge, metrics).
     """
     task = load_node_data(settings, cfg)
     torch.manual_seed(cfg.seed)
@@ -76,31 +77,27 @@ def coordinator_merge(
          if v.is_floating_point() else v for k, v in s.items()}
         for s in sources
     ]  # fmt: skip
-    merged = runtime.model(
-        MergedModel(model, adapted, list(names), granularity=cfg.merge_granularity)  # type: ignore[arg-type]
+    learned = learn_merge(
+        model,
+        adapted,
+        list(names),
+        BatchLoader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed),
+        BatchLoader(task.val, 256),
+        cfg.probe_settings(),
+        cfg.merge_lr,
+        cfg.weight_decay,
+        runtime,
+        multilabel=task.multilabel,
+        name="merge probe",
+        show_progress=False,
     )
-    result = (
-        fit(
-            merged,
-            BatchLoader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed),
-            BatchLoader(task.val, 256),
-            StageConfig(cfg.merge_epochs, cfg.merge_lr, cfg.weight_decay),
-            runtime,
-            multilabel=task.multilabel,
-            name="merge probe",
-            show_progress=False,
-        )
-        if cfg.merge_epochs > 0
-        else None
-    )
-    baked = merged.bake()
-    test = evaluate(baked, BatchLoader(task.test, 256), runtime, task.multilabel)
+    test = evaluate(learned.model, BatchLoader(task.test, 256), runtime, task.multilabel)
     metrics = {f"test_{k}": float(v) for k, v in test.items()}
-    if result is not None:
-        metrics.update({f"val_{k}": float(v) for k, v in result.best_val.items()})
-    state = {k: v.detach().cpu() for k, v in baked.state_dict().items()}
+    if learned.fit is not None:
+        metrics.update({f"val_{k}": float(v) for k, v in learned.fit.best_val.items()})
+    state = {k: v.detach().cpu() for k, v in learned.model.state_dict().items()}
     info = ModelInfo(cfg.arch, task.num_classes, task.in_channels)
-    return state, info, merged.layer_summary(), metrics
+    return state, info, learned, metrics
 
 
 def _site_model(

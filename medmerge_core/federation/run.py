@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -25,14 +26,16 @@ from medmerge_core.io import (
     read_jsonl,
 )
 from medmerge_core.models import StateDict
+from medmerge_core.probe import write_merge_report
 
 
 class FederationRun:
     """Files of one federated run; every write is atomic, so a crash never loses a round.
 
-    config.json (fingerprint), sources.pt (phase 1), merged.pt + coefficient_summary.json
-    (phase 2), checkpoint.pt (global model, round, strategy state, history; after every
-    round), metrics.jsonl (one line per phase / round), final.pt (the final model).
+    config.json (fingerprint), sources.pt (phase 1), merged.pt + the probe report
+    (coefficients.npz, coefficient_summary.json, coefficients.png; phase 2), checkpoint.pt
+    (global model, round, strategy state, history; after every round), metrics.jsonl (one line
+    per phase / round), final.pt (the final model).
     """
 
     def __init__(self, cfg: FederationConfig) -> None:
@@ -75,10 +78,11 @@ class FederationRun:
         return saved["state_dict"], ModelInfo(**saved["info"])
 
     def save_merged(
-        self, state: StateDict, info: ModelInfo, summary: list[dict[str, Any]],
-        metrics: Mapping[str, float],
+        self, state: StateDict, info: ModelInfo, coefficients: Mapping[str, np.ndarray],
+        source_names: Sequence[str], metrics: Mapping[str, float],
     ) -> None:  # fmt: skip
-        atomic_write_json(self.dir / "coefficient_summary.json", summary)
+        """merged.pt and the coordinator's probe report (the experiment's own files)."""
+        write_merge_report(self.dir, coefficients, source_names)
         atomic_torch_save(
             {"state_dict": state, "info": dataclasses.asdict(info), "arch": info.arch,
              "metrics": dict(metrics)},

@@ -1,0 +1,173 @@
+"""Learning the merge: the one code path that builds the MedMerge probe, trains it and bakes it.
+
+The experiment's MedMerge and Avg+FT pipelines, the demo and the federation coordinator all
+call `learn_merge`, and every probe writes the same report (`write_merge_report`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from medmerge_core.errors import InputError
+from medmerge_core.io import atomic_savez, atomic_write_json
+from medmerge_core.merge import (
+    CONSTRAINTS,
+    GRANULARITIES,
+    MergedModel,
+    coefficient_summary,
+)
+from medmerge_core.models import StateDict
+from medmerge_core.train import Batches, FitResult, Runtime, StageConfig, fit
+
+log = logging.getLogger(__name__)
+
+# Chosen on validation data (RESULTS.md, "Probe settings sweep"): with Adam the coefficients
+# move at most about coef_lr per step, so the budget and the rate together set how far the
+# merge can go.
+DEFAULT_COEF_LR = 1e-2
+DEFAULT_STEPS = 300
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The probe's own settings: the `merge:` config block and the federation's merge-* keys.
+
+    The budget is `steps` optimiser steps or `epochs` (not both); with neither, DEFAULT_STEPS.
+    BN and the head train with the LP learning rate and weight decay; the coefficients with
+    `coef_lr` and no weight decay.
+    """
+
+    granularity: str = "kernel"
+    freeze_bn: bool = False
+    constraint: str = "none"
+    coef_lr: float = DEFAULT_COEF_LR
+    steps: int | None = None
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise InputError(
+                f"merge.granularity: unknown '{self.granularity}'; expected one of {GRANULARITIES}"
+            )
+        if self.constraint not in CONSTRAINTS:
+            raise InputError(
+                f"merge.constraint: unknown '{self.constraint}'; expected one of {CONSTRAINTS}"
+            )
+        if not self.coef_lr > 0:
+            raise InputError(f"merge.coef_lr: must be > 0, got {self.coef_lr}")
+        for key in ("steps", "epochs"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise InputError(f"merge.{key}: must be >= 0, got {value}")
+        if self.steps is not None and self.epochs is not None:
+            raise InputError("merge: give the probe budget as steps or as epochs, not both")
+
+    def stage(self, lr: float, weight_decay: float) -> StageConfig:
+        """The probe's stage: its budget, with BN and head at (lr, weight_decay)."""
+        if self.epochs is not None:
+            return StageConfig(self.epochs, lr, weight_decay)
+        steps = DEFAULT_STEPS if self.steps is None else self.steps
+        return StageConfig(0, lr, weight_decay, steps=steps)
+
+    @property
+    def trains(self) -> bool:
+        return (self.epochs if self.epochs is not None else self.steps) != 0
+
+
+UNIFORM = ProbeSettings(steps=0)  # Avg+FT: the merge at its 1/d initialisation, untrained
+
+
+@dataclass
+class LearnedMerge:
+    model: nn.Module  # the baked plain model, on the runtime's device
+    fit: FitResult | None  # None when the budget is zero
+    coefficients: dict[str, np.ndarray]  # [d, ...] per merged key
+    summary: list[dict[str, object]]  # per layer: see merge.coefficient_summary
+
+
+def learn_merge(
+    model: nn.Module,
+    sources: Sequence[StateDict],
+    names: Sequence[str],
+    train: Batches,
+    val: Batches,
+    settings: ProbeSettings,
+    lr: float,
+    weight_decay: float,
+    runtime: Runtime,
+    *,
+    multilabel: bool = False,
+    checkpoint: Path | None = None,
+    metrics_log: Path | None = None,
+    report_dir: Path | None = None,
+    show_progress: bool = True,
+    name: str = "medmerge probe",
+) -> LearnedMerge:
+    """Build the probe around `model` (a new head), train it, write its report, bake it.
+
+    BN and head train at (lr, weight_decay), the coefficients at `settings.coef_lr` without
+    decay. Resumable through `checkpoint` like any `fit` stage.
+    """
+    merged = runtime.model(
+        MergedModel(
+            model,
+            sources,
+            names,
+            granularity=settings.granularity,  # type: ignore[arg-type]
+            freeze_bn=settings.freeze_bn,
+            constraint=settings.constraint,  # type: ignore[arg-type]
+        )
+    )
+    result = None
+    if settings.trains:
+        result = fit(
+            merged,
+            train,
+            val,
+            settings.stage(lr, weight_decay),
+            runtime,
+            multilabel=multilabel,
+            name=name,
+            param_groups=merged.parameter_groups(settings.coef_lr, lr, weight_decay),
+            after_step=merged.project_,
+            checkpoint=checkpoint,
+            metrics_log=metrics_log,
+            show_progress=show_progress,
+        )
+    coefficients = merged.coefficient_arrays()
+    summary = (
+        write_merge_report(report_dir, coefficients, names)
+        if report_dir is not None
+        else coefficient_summary(coefficients)
+    )
+    return LearnedMerge(runtime.model(merged.bake()), result, coefficients, summary)
+
+
+def write_merge_report(
+    run_dir: Path, coefficients: Mapping[str, np.ndarray], source_names: Sequence[str]
+) -> list[dict[str, object]]:
+    """coefficients.npz (every coefficient + per-layer means), coefficient_summary.json
+    (per-kernel movement per layer) and coefficients.png; returns the summary rows."""
+    from medmerge_core.report import plot_merge_coefficients
+
+    summary = coefficient_summary(coefficients)
+    arrays = {f"coef/{k}": np.asarray(v) for k, v in coefficients.items()}
+    arrays["layers"] = np.array([row["layer"] for row in summary])
+    arrays["sources"] = np.array(list(source_names))
+    arrays["layer_mean"] = np.array([row["mean"] for row in summary], dtype=np.float32)
+    arrays["layer_std"] = np.array([row["std"] for row in summary], dtype=np.float32)
+    atomic_savez(run_dir / "coefficients.npz", arrays)
+    atomic_write_json(
+        run_dir / "coefficient_summary.json", {"sources": list(source_names), "layers": summary}
+    )
+    try:
+        plot_merge_coefficients(coefficients, source_names, run_dir / "coefficients.png")
+    except RuntimeError as exc:  # matplotlib (the `plots` extra) is not installed
+        log.warning("no coefficients.png: %s", exc)
+    return summary
