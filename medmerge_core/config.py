@@ -17,6 +17,11 @@ from medmerge_core.errors import InputError
 from medmerge_core.probe import ProbeSettings
 
 PIPELINES: tuple[str, ...] = ("ft", "lp_ft", "average_ft", "medmerge")
+# Keys that changed meaning: a one-line pointer instead of a silent new behaviour.
+RENAMED = {
+    "merge.lr": "no longer a key: the coefficients train at merge.coef_lr (no weight decay), "
+    "BN and head at lp.lr",
+}
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
+        if f"{prefix}{key}" in RENAMED:
+            raise InputError(f"{prefix}{key}: {RENAMED[prefix + key]}")
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

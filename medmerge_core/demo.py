@@ -56,22 +56,21 @@ class DemoSettings:
         )
 
 
-def run_demo(
-    out: Path,
-    settings: DemoSettings = DemoSettings(),
+def pretrain_demo_sources(
+    source_dir: Path,
+    s: DemoSettings,
+    runtime: Runtime,
     *,
-    device: str = "auto",
     show_progress: bool = True,
     console: Console | None = None,
-) -> dict[str, Any]:
-    console = console or Console()
-    s = settings
-    runtime = Runtime.detect(device)
+) -> tuple[Path, Path]:
+    """The demo's two sources (resumable): a generic one from random init, and a related one
+    initialised from it. Also the sources of the probe sweep and benchmark."""
+    console = console or Console(quiet=True)
     stage = StageConfig(s.source_epochs, s.source_lr)
     sizes = {"n_train": s.source_train, "n_val": max(s.source_train // 5, 32), "n_test": 64}
     generic_task = make_task("generic", image_size=s.image_size, seed=s.seed, **sizes)
     related_task = make_task("related_a", image_size=s.image_size, seed=s.seed, **sizes)
-    source_dir = out / "sources"
     generic_ckpt, related_ckpt = source_dir / "generic.pt", source_dir / "related.pt"
     console.print(f"[bold]1/3[/] pretraining the generic source on '{generic_task.name}'")
     generic = pretrain_source(
@@ -99,6 +98,23 @@ def run_demo(
         show_progress=show_progress,
     )
     console.print(f"    related source test accuracy {related['accuracy']:.3f}")
+    return generic_ckpt, related_ckpt
+
+
+def run_demo(
+    out: Path,
+    settings: DemoSettings = DemoSettings(),
+    *,
+    device: str = "auto",
+    show_progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    console = console or Console()
+    s = settings
+    runtime = Runtime.detect(device)
+    generic_ckpt, related_ckpt = pretrain_demo_sources(
+        out / "sources", s, runtime, show_progress=show_progress, console=console
+    )
 
     target = make_task("target", image_size=s.image_size, seed=s.seed, n_train=s.target_train)
     config = ExperimentConfig(
@@ -123,6 +139,7 @@ def run_demo(
     console.print(table1(target.name, [results], title="Demo: test accuracy / macro-F1"))
     console.print(detail_table([results]))
     run_dir = out / config.name
-    console.print(f"what the merge learned, kernel by kernel: {run_dir / 'coefficients.png'}")
+    if (run_dir / "coefficients.png").exists():
+        console.print(f"what the merge learned, kernel by kernel: {run_dir / 'coefficients.png'}")
     console.print(f"run folder: {run_dir}")
     return results

@@ -221,6 +221,14 @@ def prepare_run_dir(config: ExperimentConfig) -> Path:
             f"{saved}: this run folder was made by a different config; "
             "change `name` or delete the folder"
         )
+    old_state = sorted((run_dir / "state").glob("*.done.pt")) + sorted(
+        (run_dir / "state").glob("*.ckpt.pt")
+    )
+    if old_state:
+        raise InputError(
+            f"{old_state[0]}: this run folder was made by an earlier version, whose stage files "
+            "this one cannot resume; change `name` or delete the folder"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, resolved)
     return run_dir

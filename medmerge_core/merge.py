@@ -212,14 +212,12 @@ class MergedModel(nn.Module):
         if len(init_values) != d - 1:
             raise InputError(f"merge.init: expected {d - 1} values for {d} sources")
         init_full = [*init_values, 1.0 - sum(init_values)]
-        if constraint != "none" and min(init_full) < 0:
-            raise InputError(f"merge.init: {init_full} is not convex, as '{constraint}' needs")
+        if constraint == "clamp" and min(init_full) < 0:
+            raise InputError(f"merge.init: {init_full} is not convex, as 'clamp' needs")
+        if constraint == "softmax" and min(init_full) <= 0:
+            raise InputError(f"merge.init: {init_full} must be > 0 for 'softmax'")
         # What each coefficient parameter holds: the free [d-1] values, or [d] softmax logits.
-        stored = (
-            [float(np.log(max(v, 1e-12))) for v in init_full]
-            if constraint == "softmax"
-            else init_values
-        )
+        stored = [float(np.log(v)) for v in init_full] if constraint == "softmax" else init_values
 
         self.model = model
         self.source_names = names
@@ -358,15 +356,21 @@ class MergedModel(nn.Module):
             for key, free in self.coefficient_map().items()
         }
 
-    def layer_summary(self) -> list[dict[str, object]]:
-        return coefficient_summary(self.coefficient_arrays())
+
+def preferred_source(flat: np.ndarray, margin: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """For [d, n] coefficients: each kernel's largest source, and whether it is a tie (no
+    source ahead of the others by more than `margin`)."""
+    ordered = np.sort(flat, axis=0)
+    ties = ordered[-1] - ordered[-2] <= margin
+    return flat.argmax(0), ties
 
 
 def coefficient_summary(arrays: Mapping[str, np.ndarray]) -> list[dict[str, object]]:
     """Per merged layer (weights only): count, mean / std / min / max per source, and what the
     single kernels did, which layer means hide (kernels move both ways):
 
-    - `prefers`: per source, the share of kernels in which it has the largest coefficient;
+    - `prefers`: per source, the share of kernels in which its coefficient is the largest by
+      more than 1e-6; `ties`: the share where none is (e.g. kernels that never moved);
     - `movement`: quantiles (q50, q90, q99, max) of max_i |c_i - 1/d| over the kernels (at
       d = 2, |w - 0.5|).
     """
@@ -376,7 +380,7 @@ def coefficient_summary(arrays: Mapping[str, np.ndarray]) -> list[dict[str, obje
             continue
         flat = coef.reshape(coef.shape[0], -1)
         d = flat.shape[0]
-        winner = np.bincount(flat.argmax(0), minlength=d) / flat.shape[1]
+        winner, ties = preferred_source(flat)
         movement = np.abs(flat - 1.0 / d).max(0)
         rows.append(
             {
@@ -386,7 +390,8 @@ def coefficient_summary(arrays: Mapping[str, np.ndarray]) -> list[dict[str, obje
                 "std": [float(v) for v in flat.std(1)],
                 "min": [float(v) for v in flat.min(1)],
                 "max": [float(v) for v in flat.max(1)],
-                "prefers": [float(v) for v in winner],
+                "prefers": [float(np.mean((winner == i) & ~ties)) for i in range(d)],
+                "ties": float(np.mean(ties)),
                 "movement": {
                     name: float(np.quantile(movement, q))
                     for name, q in (("q50", 0.5), ("q90", 0.9), ("q99", 0.99), ("max", 1.0))

@@ -114,18 +114,17 @@ def learn_merge(
     BN and head train at (lr, weight_decay), the coefficients at `settings.coef_lr` without
     decay. Resumable through `checkpoint` like any `fit` stage.
     """
-    merged = runtime.model(
-        MergedModel(
-            model,
-            sources,
-            names,
-            granularity=settings.granularity,  # type: ignore[arg-type]
-            freeze_bn=settings.freeze_bn,
-            constraint=settings.constraint,  # type: ignore[arg-type]
-        )
+    merged = MergedModel(
+        model,
+        sources,
+        names,
+        granularity=settings.granularity,  # type: ignore[arg-type]
+        freeze_bn=settings.freeze_bn,
+        constraint=settings.constraint,  # type: ignore[arg-type]
     )
     result = None
-    if settings.trains:
+    if settings.trains:  # an untrained merge is baked where the sources are
+        merged = runtime.model(merged)
         result = fit(
             merged,
             train,

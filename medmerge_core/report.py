@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from medmerge_core.merge import preferred_source
+
 PIPELINE_LABELS = {"ft": "FT", "lp_ft": "LP-FT", "average_ft": "Avg+FT", "medmerge": "MedMerge"}
 
 
@@ -66,7 +68,7 @@ def detail_table(runs: Sequence[Mapping[str, Any]], title: str = "Per method") -
     return table
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -79,7 +81,7 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -107,7 +109,7 @@ def plot_coefficient_heatmap(
     The colour scale is symmetric around the uniform value 1/d and never narrower than
     +-0.01, so a tiny move does not look saturated. Needs matplotlib (the `plots` extra).
     """
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(layer_means)
     data = np.stack([np.asarray(layer_means[k], dtype=float) for k in labels])
     fig, ax = plt.subplots(figsize=(max(8.0, data.shape[1] * 0.14), 2.2 + 0.5 * len(labels)))
@@ -122,7 +124,7 @@ def plot_coefficient_heatmap(
     ax.set_title(title or f"mean learnt coefficient of '{source_name}' per layer")
     fig.colorbar(image, ax=ax, label=f"mean w ({source_name}); uniform = {uniform:.3g}")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -133,7 +135,7 @@ def plot_merge_coefficients(
     """What one probe learned, kernel by kernel: for each merged layer, every kernel's
     coefficient of the first source minus 1/d (dots) with the layer mean (line), on a symmetric
     scale; below, the share of kernels that prefer each source."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = [k for k in coefficients if k.endswith(".weight")]
     names = [k.removesuffix(".weight") for k in layers]
     d = len(source_names)
@@ -145,8 +147,9 @@ def plot_merge_coefficients(
     )  # fmt: skip
     deviations = [f[0] - 1.0 / d for f in flat]
     for i, dev in enumerate(deviations):
-        x = i + rng.uniform(-0.3, 0.3, dev.size)
-        top.scatter(x, dev, s=2, alpha=0.35, color="tab:blue", linewidths=0)
+        shown = dev if dev.size <= 2000 else rng.choice(dev, 2000, replace=False)
+        x = i + rng.uniform(-0.3, 0.3, shown.size)
+        top.scatter(x, shown, s=2, alpha=0.35, color="tab:blue", linewidths=0)
     top.plot(range(len(layers)), [dev.mean() for dev in deviations], "k.-", lw=1, label="mean")
     spread = max(max(float(np.abs(dev).max()) for dev in deviations), 1e-3) * 1.05
     top.set_ylim(-spread, spread)
@@ -154,17 +157,22 @@ def plot_merge_coefficients(
     top.set_ylabel(f"w({source_names[0]}) - 1/{d}")
     top.set_title(f"MedMerge coefficients per kernel; above 0 favours '{source_names[0]}'")
     top.legend(loc="upper right", fontsize=8)
-    bottom_share = np.zeros(len(layers))
-    for s, source in enumerate(source_names):
-        share = np.array([np.mean(f.argmax(0) == s) for f in flat])
-        bottom.bar(range(len(layers)), share, bottom=bottom_share, label=source, width=0.8)
-        bottom_share += share
+    preferred = [preferred_source(f) for f in flat]
+    stacked = np.zeros(len(layers))
+    for index, source in enumerate([*source_names, "tie"]):
+        share = np.array([
+            np.mean(ties) if source == "tie" else np.mean((winner == index) & ~ties)
+            for winner, ties in preferred
+        ])  # fmt: skip
+        color = "lightgray" if source == "tie" else None
+        bottom.bar(range(len(layers)), share, bottom=stacked, label=source, width=0.8, color=color)
+        stacked += share
     bottom.set_ylim(0, 1)
     bottom.set_ylabel("kernels preferring")
-    bottom.legend(loc="upper right", fontsize=7, ncol=d)
+    bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     _layer_ticks(bottom, names)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -166,6 +166,20 @@ def evaluate(
     return metrics
 
 
+def rng_state() -> dict[str, Any]:
+    """The global torch RNGs (CPU, and every GPU's when present), for an exact resume."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -234,7 +248,7 @@ def fit(
         result = FitResult(
             saved["best_epoch"], saved["best_val"], saved["history"], saved.get("seconds", 0.0)
         )
-        torch.set_rng_state(saved["rng"])
+        restore_rng(saved["rng"])
         if saved.get("finished", False):
             return result
         optimizer.load_state_dict(saved["optimizer"])
@@ -292,7 +306,7 @@ def fit(
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(),
-                        "rng": torch.get_rng_state(),
+                        "rng": rng_state(),
                         "best_state": best_state,
                         "best_epoch": result.best_epoch,
                         "best_val": result.best_val,
@@ -312,7 +326,7 @@ def fit(
             {
                 "finished": True,
                 "model": best_state,
-                "rng": torch.get_rng_state(),
+                "rng": rng_state(),
                 "best_epoch": result.best_epoch,
                 "best_val": result.best_val,
                 "history": result.history,

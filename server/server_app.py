@@ -20,6 +20,7 @@ from medmerge_core.federation import (
     FederationRun,
     ModelInfo,
     check_backbone,
+    check_coefficients,
     check_update,
     compress,
     model_reference,
@@ -147,13 +148,15 @@ def merge(
     info = ModelInfo.from_config(config)
     state = reply.content["arrays"].to_torch_state_dict()
     meta = model_reference(info)[0]
-    reason = check_update(state, meta, allow_fp16=cfg.fp16)
-    if reason is not None:
-        raise RuntimeError(f"merge: unusable merged model from the coordinator: {reason}")
-    state = restore_dtypes(state, meta)
     coefficients = {
         k: v.numpy() for k, v in reply.content["coefficients"].to_torch_state_dict().items()
     }
+    reason = check_update(state, meta, allow_fp16=cfg.fp16) or check_coefficients(
+        coefficients, meta, len(names)
+    )
+    if reason is not None:
+        raise RuntimeError(f"merge: unusable merged model from the coordinator: {reason}")
+    state = restore_dtypes(state, meta)
     metrics = dict(reply.content["metrics"])
     run.save_merged(state, info, coefficients, names, metrics)
     run.log({"phase": "merge", "sources": names, **metrics})

@@ -55,9 +55,7 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
 
     # An interrupted run: results.json lost, completed stages kept. Nothing retrains.
     (run / "results.json").unlink()
-    monkeypatch.setattr(
-        torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("retrained a stage")
-    )
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("retrained a stage"))
     again = experiment.run_experiment(config, task=tiny_task, show_progress=False)
     assert again["medmerge"]["test"] == results["medmerge"]["test"]
 

@@ -77,6 +77,9 @@ def test_full_run_messages_carry_only_weights_configs_and_metrics(completed) -> 
                 # Every array is a model tensor: a known key with the model's shape (a source
                 # backbone may have a 1- or 3-channel stem). Nothing else can hide images.
                 assert key in full, f"{name}: unexpected array '{key}'"
+                if name == "coefficients":  # the learned merge: one value per kernel and source
+                    assert tuple(array.shape) == (2, full[key][0]) + (1,) * (len(full[key]) - 1)
+                    continue
                 if name.startswith("source-") or (key in backbone and array.shape != full[key]):
                     assert key in backbone
                     continue
@@ -89,8 +92,9 @@ def test_full_run_messages_carry_only_weights_configs_and_metrics(completed) -> 
         for record in content.metric_records.values():
             assert all(isinstance(v, int | float) for v in record.values())
     run_dir = out / "federation"
-    for name in ("final.pt", "checkpoint.pt", "merged.pt", "metrics.jsonl"):
-        assert (run_dir / name).exists()
+    for name in ("final.pt", "checkpoint.pt", "merged.pt", "metrics.jsonl", "coefficients.npz",
+                 "coefficient_summary.json", "coefficients.png"):  # fmt: skip
+        assert (run_dir / name).exists(), name
 
 
 def _corrupting(faults: dict[int, str]):

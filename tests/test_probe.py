@@ -78,6 +78,8 @@ def test_probe_equals_bake_on_the_gpu_code_paths(tiny_task, amp, channels_last) 
         difference = (merged(x).float() - baked(x).float()).abs().max().item()
     assert difference <= 1e-5
     assert max(float((c.detach() - 0.5).abs().max()) for c in merged.coefficients) > 0.01
+    conv = merged.merged_tensors()["layer1.0.conv1.weight"]  # the kernels the baked model runs
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def test_merged_tensors_stay_fp32_under_autocast() -> None:
@@ -151,9 +153,18 @@ def test_default_budget_moves_kernels_beyond_the_old_cap(tiny_task) -> None:
 
 
 def test_step_budget_counts_optimiser_steps(tiny_task) -> None:
-    learned = run_probe(tiny_task, ProbeSettings(steps=5))  # 2 steps per epoch: 2 + 2 + 1
-    assert len(learned.fit.history) == 3
-    assert StageConfig(0, 1e-3, steps=5).num_epochs(2) == 3
+    merged, steps = probe(), []
+    result = fit(
+        merged,
+        BatchLoader(tiny_task.train, 32, shuffle=True),  # 2 steps per epoch: 2 + 2 + 1
+        BatchLoader(tiny_task.val, 32),
+        StageConfig(0, 1e-3, steps=5),
+        Runtime.detect("cpu"),
+        param_groups=merged.parameter_groups(1e-2, 1e-3, 0.01),
+        after_step=lambda: steps.append(1),
+        show_progress=False,
+    )
+    assert len(steps) == 5 and len(result.history) == 3
 
 
 @pytest.mark.parametrize(
@@ -176,8 +187,34 @@ def test_federation_probe_keys_reach_the_probe_settings() -> None:
     cfg = FederationConfig.from_run_config({"merge-steps": 7, "merge-coef-lr": 0.05,
                                             "merge-constraint": "clamp"})  # fmt: skip
     assert cfg.probe_settings() == ProbeSettings(steps=7, coef_lr=0.05, constraint="clamp")
-    with pytest.raises(InputError, match=r"run config merge: .*not both"):
-        FederationConfig.from_run_config({"merge-steps": 7, "merge-epochs": 2})
+    by_epochs = FederationConfig.from_run_config({"merge-steps": 7, "merge-epochs": 2})
+    assert by_epochs.probe_settings() == ProbeSettings(epochs=2)
+    with pytest.raises(InputError, match=r"run config merge.constraint"):
+        FederationConfig.from_run_config({"merge-constraint": "simplex"})
+
+
+def test_the_old_merge_lr_key_points_to_its_replacement() -> None:
+    from medmerge_core.config import config_from_dict
+
+    with pytest.raises(InputError, match=r"merge.lr: .*merge.coef_lr.*lp.lr"):
+        config_from_dict({
+            "name": "x", "data": {"format": "synthetic"},
+            "sources": {"a": "zeros", "b": "zeros"}, "merge": {"lr": 0.1},
+        })  # fmt: skip
+
+
+def test_the_server_screens_the_coordinator_coefficients() -> None:
+    from medmerge_core.federation.validation import check_coefficients
+
+    reference = build_model("resnet18", 2, 1).state_dict()
+    good = {"layer1.0.conv1.weight": np.full((2, 64, 1, 1, 1), 0.5, np.float32)}
+    assert check_coefficients(good, reference, 2) is None
+    assert "shape" in check_coefficients(good, reference, 3)
+    bad = {"layer1.0.conv1.weight": np.full((2, 64, 3, 1, 1), 0.5, np.float32)}
+    assert "shape" in check_coefficients(bad, reference, 2)
+    good["layer1.0.conv1.weight"][1, 3] = np.nan
+    assert "NaN" in check_coefficients(good, reference, 2)
+    assert "unknown" in check_coefficients({"images": np.zeros((2, 1))}, reference, 2)
 
 
 # --- constraints ----------------------------------------------------------------------------
@@ -185,11 +222,10 @@ def test_federation_probe_keys_reach_the_probe_settings() -> None:
 
 def test_simplex_projection_matches_hand_computed_values() -> None:
     free = torch.tensor([[1.4, -0.2, 0.3], [0.5, 0.5, 0.3]])  # d = 3: columns are kernels
-    full = torch.cat([free, 1 - free.sum(0, keepdim=True)])  # [[1.4,-.2,.3],[.5,.5,.3],[-.9,.7,.4]]
+    # full vectors (columns): (1.4, .5, -.9), (-.2, .5, .7), (.3, .3, .4); the last is unchanged
     projected = torch.cat([p := project_to_simplex(free), 1 - p.sum(0, keepdim=True)])
     expected = torch.tensor([[0.95, 0.0, 0.3], [0.05, 0.4, 0.3], [0.0, 0.6, 0.4]])
     torch.testing.assert_close(projected, expected)
-    assert full[:, 2].sum() == pytest.approx(1.0)  # already on the simplex: unchanged
     w = torch.tensor([[-0.3, 0.2, 1.7]])  # d = 2: a clamp to [0, 1]
     torch.testing.assert_close(project_to_simplex(w), torch.tensor([[0.0, 0.2, 1.0]]))
 
@@ -220,6 +256,8 @@ def test_softmax_starts_uniform_and_is_a_sigmoid_at_two_sources() -> None:
 
 
 def test_an_interrupted_probe_resumes_bit_for_bit(tiny_task, tmp_path) -> None:
+    draws: dict[str, list[float]] = {}
+
     def run(checkpoint, interrupt_at=None):
         torch.manual_seed(0)
         merged = probe("clamp")
@@ -228,6 +266,8 @@ def test_an_interrupted_probe_resumes_bit_for_bit(tiny_task, tmp_path) -> None:
         def hook(model, epoch):
             if epoch == interrupt_at:
                 raise Interrupt
+            if epoch == 2:  # the global RNG must be where an uninterrupted run has it
+                draws.setdefault(checkpoint.name, []).append(float(torch.rand(1)))
 
         result = fit(
             merged,
@@ -247,6 +287,7 @@ def test_an_interrupted_probe_resumes_bit_for_bit(tiny_task, tmp_path) -> None:
     with pytest.raises(Interrupt):
         run(tmp_path / "cut.pt", interrupt_at=2)
     resumed, resumed_result = run(tmp_path / "cut.pt")
+    assert draws["cut.pt"] == draws["whole.pt"]
     assert [h["train_loss"] for h in resumed_result.history] == [
         h["train_loss"] for h in whole_result.history
     ]
@@ -255,7 +296,7 @@ def test_an_interrupted_probe_resumes_bit_for_bit(tiny_task, tmp_path) -> None:
 
 
 def test_an_interrupted_medmerge_run_resumes_bit_for_bit(tiny_task, tmp_path, monkeypatch):
-    """Through `medmerge run`: killed while writing epoch 3 of the FT stage's metrics."""
+    """Through `medmerge run`: killed while logging the FT stage's epoch 1 (of 0-2)."""
     for seed in (1, 2):
         torch.manual_seed(seed)
         save_checkpoint(tmp_path / f"src{seed}.pt", build_model("resnet18", 4, 1), "resnet18")
@@ -276,10 +317,9 @@ def test_an_interrupted_medmerge_run_resumes_bit_for_bit(tiny_task, tmp_path, mo
         return str(path)
 
     assert main(["run", config("whole"), "--no-progress"]) == 0
-    real_append, calls = medmerge_io.append_jsonl, []
+    real_append = medmerge_io.append_jsonl
 
     def append_then_die(path, record):
-        calls.append(record)
         if record["stage"].endswith(" ft") and record["epoch"] == 1:
             raise Interrupt
         real_append(path, record)
@@ -306,7 +346,7 @@ def test_coefficient_summary_counts_preferences_and_movement() -> None:
     w = np.array([0.9, 0.6, 0.5, 0.3, 0.1], dtype=np.float32)  # 5 kernels, source 0
     rows = coefficient_summary({"conv.weight": np.stack([w, 1 - w]).reshape(2, 5, 1, 1, 1)})
     (row,) = rows
-    assert row["prefers"] == pytest.approx([0.6, 0.4])  # the tie (0.5) goes to the first
+    assert row["prefers"] == pytest.approx([0.4, 0.4]) and row["ties"] == pytest.approx(0.2)
     assert row["movement"]["q50"] == pytest.approx(0.2)
     assert row["movement"]["max"] == pytest.approx(0.4)
     assert row["mean"][0] == pytest.approx(0.48)

@@ -5,6 +5,14 @@ FORMAT_OPTIONS (unknown or ill-typed keys are one-line errors naming the key), r
 format's label files into a Catalog, splits it (official, seeded grouped random, or a split
 CSV from an earlier run), decodes the images once at image_size (through the cache when
 `cache_dir` is set) and writes split.csv / skipped_images.csv into the run folder.
+
+`label_budget` (every format) keeps a seeded, class-stratified fraction or count of the
+TRAINING rows only (splits.label_budget_index, drawn with the data seed: the spec's `seed`, else
+the run seed); val and test are never touched. split.csv still lists every row: training rows
+left out are written with split `unused`, which `split_csv` reads back as "in no split", so a
+repeated run trains on the same subset (a budget given together with `split_csv` is drawn
+from that file's train rows). task.notes["label_budget"] records the budget, the seed and the
+training count per class before and after (after skipping bad images, if any were).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import csv
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +34,11 @@ from medmerge_core.data.formats.common import Catalog, Option, Record
 from medmerge_core.data.splits import (
     SPLIT_CSV,
     SPLITS,
+    UNUSED,
     assign_splits,
     check_fractions,
+    check_label_budget,
+    label_budget_index,
     read_split_csv,
     write_split_csv,
 )
@@ -53,6 +65,11 @@ DEFAULT_COLOR = {
     "chexpert": "gray", "rsna": "gray", "nih": "gray",
 }  # fmt: skip
 RANDOM_SPLIT = ("ham10000", "isic2019", "aptos", "eyepacs", "rsna", "image_folder", "csv")
+LABEL_BUDGET = Option(
+    "budget",
+    doc="keep only this much of the train split, stratified by class, drawn with the data seed: "
+    "a fraction in (0, 1] (e.g. 0.1) or an integer count (e.g. 50); val/test untouched",
+)
 
 
 def _common(fmt: str) -> dict[str, Option]:
@@ -67,6 +84,7 @@ def _common(fmt: str) -> dict[str, Option]:
         "split_csv": Option("path", doc="split.csv from an earlier run: repeat its split"),
         "seed": Option("int", minimum=0, doc="split seed (default: the run seed)"),
         "workers": Option("int", min(8, os.cpu_count() or 1), minimum=1, doc="decode threads"),
+        "label_budget": LABEL_BUDGET,
     }  # fmt: skip
     if fmt in RANDOM_SPLIT:
         options["fractions"] = Option("fractions", doc="train/val/test, e.g. [0.8, 0.1, 0.1]")
@@ -91,12 +109,14 @@ FORMAT_OPTIONS: Mapping[str, Mapping[str, Option]] = {
         "n_train": Option("int", minimum=1),
         "n_val": Option("int", minimum=1),
         "n_test": Option("int", minimum=1),
+        "label_budget": LABEL_BUDGET,
     },
     "medmnist": {
         "flag": Option("str", doc="e.g. pneumoniamnist (give flag or path)"),
         "path": Option("path", doc="a .npz file (give flag or path)"),
         "root": Option("path", doc="folder with <flag>[_<size>].npz (default ~/.medmnist)"),
         "size": Option("int", 28, doc="28, 64, 128 or 224: which file to read"),
+        "label_budget": LABEL_BUDGET,
     },
     **{fmt: {**_common(fmt), **specific} for fmt, specific in _SPECIFIC.items()},
 }
@@ -110,19 +130,23 @@ def load_task(
     fmt, opts = validate_spec(spec)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise InputError(f"image_size: expected a positive integer, got {image_size!r}")
+    data_seed = _or(opts.get("seed"), seed)  # medmnist has no `seed` key: the run seed
     if fmt == "synthetic":
         from medmerge_core.data.synthetic import make_task
 
         task = make_task(
-            opts["task"], image_size=image_size, seed=_or(opts["seed"], seed),
+            opts["task"], image_size=image_size, seed=data_seed,
             n_train=opts["n_train"], n_val=opts["n_val"], n_test=opts["n_test"],
         )  # fmt: skip
     elif fmt == "medmnist":
         task = _medmnist(opts).resized(image_size)
     else:
-        return build_task(LOADERS[fmt](opts), opts, image_size, _or(opts["seed"], seed), run_dir)
+        return build_task(LOADERS[fmt](opts), opts, image_size, data_seed, run_dir)
+    unused = None
+    if opts["label_budget"] is not None:
+        task, unused = _budget_fixed(task, opts["label_budget"], data_seed)
     if run_dir is not None:
-        _write_fixed_split(task, Path(run_dir) / SPLIT_CSV)
+        _write_fixed_split(task, Path(run_dir) / SPLIT_CSV, unused)
     return task
 
 
@@ -164,6 +188,7 @@ def _coerce(key: str, value: Any, opt: Option, fmt: str) -> Any:
         "str_list": isinstance(value, list | tuple) and len(value) > 0
         and all(isinstance(v, str) for v in value),
         "choice": isinstance(value, str),
+        "budget": True,  # check_label_budget gives the error
     }[kind]  # fmt: skip
     if not ok:
         raise InputError(f"{key}: expected {_KIND_TEXT[kind]}, got {value!r}")
@@ -173,6 +198,8 @@ def _coerce(key: str, value: Any, opt: Option, fmt: str) -> Any:
         return Path(value).expanduser().absolute()  # cache keys must not depend on the cwd
     if kind == "fractions":
         return check_fractions(value, key)
+    if kind == "budget":
+        return check_label_budget(value, key)
     if kind == "choice":
         match = {c.lower(): c for c in opt.choices}.get(value.lower())
         if match is None:
@@ -187,6 +214,7 @@ _KIND_TEXT = {
     "path": "a path", "str": "a non-empty string", "bool": "true or false",
     "int": "an integer", "float": "a number", "fractions": "a list of three fractions",
     "str_list": "a non-empty list of strings", "choice": "a string",
+    "budget": "a fraction in (0, 1] or an integer count >= 1",
 }  # fmt: skip
 
 
@@ -225,6 +253,13 @@ def build_task(
             catalog.val_fraction, seed,
         )  # fmt: skip
         how = catalog.notes.get("split", "random")
+    budget = opts.get("label_budget")
+    if budget is not None:  # before decoding: a small budget decodes only the kept images
+        train = [i for i, f in enumerate(final) if f == "train"]
+        before = _labels([records[i].label for i in train], catalog)
+        keep = label_budget_index(before, budget, seed)
+        for j in np.setdiff1d(np.arange(len(train)), keep):
+            final[train[j]] = UNUSED
     if run_dir is not None:
         texts = [_label_text(r.label, catalog.class_names, catalog.multilabel) for r in records]
         write_split_csv(Path(run_dir) / SPLIT_CSV, ids, [r.group for r in records], final, texts)
@@ -248,6 +283,10 @@ def build_task(
             _labels([records[i].label for i in pick], catalog),
             np.asarray([ids[i] for i in pick], dtype=str),
             np.asarray([records[i].group for i in pick], dtype=str),
+        )
+    if budget is not None:  # after skipping, so the counts are those trained on
+        notes["label_budget"] = _budget_notes(
+            budget, seed, before, splits["train"].labels, catalog.class_names
         )
     if "deduplicated_ham10000" in notes:
         log.warning("%s: left out %d images also in HAM10000", catalog.name,
@@ -295,10 +334,54 @@ def _report_skipped(skipped: Any, run_dir: Path | None, notes: dict[str, Any]) -
         notes["skipped_images_csv"] = str(path)
 
 
-def _write_fixed_split(task: TaskData, path: Path) -> None:
-    """split.csv for tasks whose split is fixed by the source (synthetic, MedMNIST)."""
+def _budget_fixed(task: TaskData, budget: float | int, seed: int) -> tuple[TaskData, ArraySplit]:
+    """The task with its train split cut to the budget, and the train rows left out."""
+    train = task.train
+    if train.ids is None:  # name rows by their index in the full split, as split.csv does
+        train = replace(train, ids=np.asarray([f"train-{i}" for i in range(len(train))], str))
+    keep = label_budget_index(train.labels, budget, seed)
+    left = np.setdiff1d(np.arange(len(train)), keep)
+    kept = train.subset(keep)
+    notes = dict(task.notes)
+    notes["label_budget"] = _budget_notes(budget, seed, train.labels, kept.labels, task.class_names)
+    return replace(task, train=kept, notes=notes), train.subset(left)
+
+
+def _budget_notes(
+    budget: float | int,
+    seed: int,
+    before: np.ndarray,
+    after: np.ndarray,
+    class_names: tuple[str, ...],
+) -> dict[str, Any]:
+    """Budget, seed and training images per class (multi-label: positives per label)."""
+
+    def per_class(labels: np.ndarray) -> dict[str, int]:
+        if labels.ndim == 1:
+            counts = np.bincount(labels.astype(np.int64), minlength=len(class_names))
+        else:
+            counts = (labels == 1).sum(axis=0)
+        return {name: int(c) for name, c in zip(class_names, counts, strict=True)}
+
+    return {
+        "budget": budget,
+        "seed": int(seed),
+        "stratified": bool(after.ndim == 1),
+        "n_train_before": len(before),
+        "n_train": len(after),
+        "per_class_before": per_class(before),
+        "per_class": per_class(after),
+    }
+
+
+def _write_fixed_split(task: TaskData, path: Path, unused: ArraySplit | None = None) -> None:
+    """split.csv for tasks whose split is fixed by the source (synthetic, MedMNIST); training
+    rows left out by a label budget are listed with split `unused`."""
     ids, groups, names, texts = [], [], [], []
-    for name, split in task.splits().items():
+    parts = dict(task.splits())
+    if unused is not None:
+        parts[UNUSED] = unused
+    for name, split in parts.items():
         n = len(split)
         row_ids = (
             [str(i) for i in split.ids]

@@ -44,6 +44,7 @@ from medmerge_core.federation.transport import (
 )
 from medmerge_core.federation.validation import (
     check_backbone,
+    check_coefficients,
     check_update,
     screen_replies,
     update_norm,
@@ -60,6 +61,7 @@ __all__ = [
     "NodeSettings",
     "apply_inmerge",
     "check_backbone",
+    "check_coefficients",
     "check_update",
     "compress",
     "coordinator_merge",

@@ -49,8 +49,8 @@ class FederationConfig:
     # Phase 1 (institutions pretrain when they have data and no checkpoint yet).
     pretrain_epochs: int = 2
     pretrain_lr: float = 1e-3
-    # Phase 2 (the MedMerge probe at the coordinator): a budget of merge-steps optimiser steps
-    # or merge-epochs epochs (set the other to 0); coefficients at merge-coef-lr without weight
+    # Phase 2 (the MedMerge probe at the coordinator): a budget of merge-steps optimiser steps,
+    # or merge-epochs epochs when that is > 0; coefficients at merge-coef-lr without weight
     # decay, BN and head at merge-lr with weight-decay.
     merge_steps: int = DEFAULT_STEPS
     merge_epochs: int = 0
@@ -123,16 +123,16 @@ class FederationConfig:
         )
 
     def probe_settings(self) -> ProbeSettings:
-        """The coordinator's probe. Its budget is merge-steps or merge-epochs (the other one 0;
-        both 0: the sources' uniform average, untrained)."""
-        steps, epochs = self.merge_steps or None, self.merge_epochs or None
+        """The coordinator's probe: merge-epochs epochs when > 0, else merge-steps steps (both
+        0: the sources' uniform average, untrained)."""
+        by_epochs = self.merge_epochs > 0
         return ProbeSettings(
             granularity=self.merge_granularity,
             freeze_bn=self.merge_freeze_bn,
             constraint=self.merge_constraint,
             coef_lr=self.merge_coef_lr,
-            steps=0 if steps is None and epochs is None else steps,
-            epochs=epochs,
+            steps=None if by_epochs else self.merge_steps,
+            epochs=self.merge_epochs if by_epochs else None,
         )
 
     def fingerprint(self) -> dict[str, Any]:

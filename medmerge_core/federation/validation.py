@@ -54,6 +54,28 @@ def check_backbone(
     return check_update(state, reference, allow_fp16)
 
 
+def check_coefficients(
+    coefficients: Mapping[str, np.ndarray], reference: Mapping[str, torch.Tensor], sources: int
+) -> str | None:
+    """Why the coordinator's learned coefficients are unusable, or None: each must belong to a
+    weight or bias of the merged model, hold one [sources, ...] value per kernel (or layer or
+    parameter) broadcastable to it, and be finite."""
+    for key, value in coefficients.items():
+        if key not in reference:
+            return f"coefficients for unknown key '{key}'"
+        shape, ref = tuple(value.shape), tuple(reference[key].shape)
+        fits = len(shape) == len(ref) + 1 and all(
+            c in (1, r) for c, r in zip(shape[1:], ref, strict=True)
+        )
+        if shape[:1] != (sources,) or not fits:
+            return (
+                f"coefficients '{key}' have shape {shape} for a {ref} tensor of {sources} sources"
+            )
+        if not np.isfinite(value).all():
+            return f"coefficients '{key}' contain NaN or Inf"
+    return None
+
+
 def update_norm(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of (state - base) over the floating-point tensors, computed in float64."""
     total = 0.0
