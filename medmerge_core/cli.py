@@ -1,4 +1,4 @@
-"""The `medmerge` command: `run CONFIG.yaml` and `demo`."""
+"""The `medmerge` command: `run CONFIG.yaml`, `pretrain` and `demo`."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
     validate_spec(spec, where="--data")
     task = load_task(spec, image_size=args.image_size, seed=args.seed)
     init = load_source(args.init, args.arch, task.in_channels) if args.init else None
+    existed = args.out.exists()
     metrics = pretrain_source(
         args.arch,
         task,
@@ -42,10 +43,13 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
         init=init,
         batch_size=args.batch_size,
         seed=args.seed,
+        init_spec=args.init,
+        data_spec={**spec, "image_size": args.image_size},
+        reuse_unrecorded=False,
     )
+    done = f"{args.out} exists, same settings: reused" if existed else f"saved {args.out}"
     console.print(
-        f"saved {args.out}; test accuracy {metrics['accuracy']:.3f}, "
-        f"macro-F1 {metrics['macro_f1']:.3f}"
+        f"{done}; test accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
     )
 
 
@@ -58,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         "--set",
         action="append",
         default=[],
-        metavar="NAME=VALUE",
-        help="fill ${NAME} in the config, e.g. --set data_root=/data",
+        metavar="KEY=VALUE",
+        help="fill ${NAME} in the config (--set data_root=/data) or override a config key, "
+        "the value read as YAML (--set ft.epochs=5 --set merge.steps=100)",
     )
     run.add_argument("--no-progress", action="store_true")
     pre = sub.add_parser("pretrain", help="pretrain a source backbone on a dataset (resumable)")
@@ -108,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        path = exc.filename if exc.filename is not None else exc
+        print(f"error: {path}: permission denied", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -171,12 +172,96 @@ def _substitute(value: Any, variables: dict[str, str]) -> Any:
     return value
 
 
+class _SetError(InputError):
+    """An error in a `--set KEY=VALUE` override: reported as is, not prefixed with the file."""
+
+
+def _placeholders(value: Any) -> set[str]:
+    """The NAMEs of every ${NAME} in the strings of a raw config."""
+    if isinstance(value, str):
+        return set(re.findall(r"\$\{(\w+)\}", value))
+    if isinstance(value, dict):
+        return set().union(*(_placeholders(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_placeholders(v) for v in value))
+    return set()
+
+
+def _split_settings(
+    data: dict[str, Any], settings: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(variables, overrides): a NAME used as ${NAME} in the config (or in another setting's
+    value) fills the placeholder; any other key is a dotted config key to override."""
+    used = _placeholders(data) | _placeholders(list(settings.values()))
+    variables = {k: v for k, v in settings.items() if k in used}
+    overrides = {k: v for k, v in settings.items() if k not in used}
+    return variables, overrides
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    """A copy of the raw mapping with each dotted key set to its value read as YAML."""
+    data = copy.deepcopy(data)
+    for key, text in overrides.items():
+        parts = key.split(".")
+        if not key or not all(parts):
+            raise _SetError(f"--set {key}={text}: expected KEY=VALUE with a config key")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise _SetError(
+                f"--set {key}={text}: invalid YAML value ({_yaml_problem(exc)})"
+            ) from exc
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise _SetError(f"--set {key}={text}: {where} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _name_override(exc: InputError, overrides: dict[str, str]) -> InputError:
+    """Report an error about an overridden key as `--set KEY=VALUE: problem`."""
+    message = str(exc)
+    where, _, problem = message.partition(": ")
+    for key, text in overrides.items():
+        if where == key:
+            return _SetError(f"--set {key}={text}: {problem}")
+        # inside the value set (ft={epochz: 1}) or a section it created (seed.x=1)
+        if where.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{where}."):
+            return _SetError(f"--set {key}={text}: {message}")
+    return exc
+
+
 def config_from_dict(
     data: dict[str, Any], variables: dict[str, str] | None = None
 ) -> ExperimentConfig:
+    """Validate a raw config. `variables` are the command line's `--set` pairs: a NAME used as
+    ${NAME} in the config fills it; a (dotted) key such as `ft.epochs` overrides that field,
+    its value read as YAML; an unknown key is reported like one in the file."""
     if not isinstance(data, dict):
         raise InputError("config: top level must be a mapping")
-    return _build(ExperimentConfig, _substitute(data, variables or {}))
+    variables, overrides = _split_settings(data, dict(variables or {}))
+    data = _apply_overrides(data, overrides)
+    try:
+        return _build(ExperimentConfig, _substitute(data, variables))
+    except _SetError:
+        raise
+    except InputError as exc:
+        named = _name_override(exc, overrides)
+        if named is exc:
+            raise
+        raise named from exc
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's own words for what is wrong, on one line."""
+    text = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    return " ".join(str(text).split())
 
 
 def load_config(path: Path, variables: dict[str, str] | None = None) -> ExperimentConfig:
@@ -188,9 +273,11 @@ def load_config(path: Path, variables: dict[str, str] | None = None) -> Experime
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise InputError(f"{path}{where}: invalid YAML") from exc
+        raise InputError(f"{path}{where}: invalid YAML ({_yaml_problem(exc)})") from exc
     try:
         return config_from_dict(data or {}, variables)
+    except _SetError:
+        raise
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from exc
 
