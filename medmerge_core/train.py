@@ -248,7 +248,8 @@ def fit(
         result = FitResult(
             saved["best_epoch"], saved["best_val"], saved["history"], saved.get("seconds", 0.0)
         )
-        restore_rng(saved["rng"])
+        if "rng" in saved:  # absent from checkpoints of earlier versions
+            restore_rng(saved["rng"])
         if saved.get("finished", False):
             return result
         optimizer.load_state_dict(saved["optimizer"])

@@ -41,6 +41,7 @@ from simulations.common import (
 
 TARGETS = ("synthetic", "breastmnist")
 HEAD_LR, HEAD_WEIGHT_DECAY, BATCH_SIZE = 1e-3, 0.01, 32
+LOSS_RISE = 1.5  # a probe whose validation loss has risen past this is overfitting
 
 
 def target_setup(
@@ -219,8 +220,73 @@ def render(
             cells.append(f"{mine[-1]['movement_q50']:.3f}")
             lines.append(f"| {setting} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [f"![validation curves]({figure})", ""]
+    lines += [*choose(rows, collected, args), "", f"![validation curves]({figure})", ""]
     return "\n".join(lines)
+
+
+def _mean_curve(runs: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    return [
+        {"step": points[0]["step"], "val_loss": float(np.mean([p["val_loss"] for p in points]))}
+        for points in zip(*(r["curve"] for r in runs), strict=True)
+    ]
+
+
+def choose(
+    rows: list[dict[str, Any]], collected: dict[str, Any], args: argparse.Namespace
+) -> list[str]:
+    """The stated rule, applied: at the default budget, drop the unconstrained rates whose mean
+    validation loss has risen past LOSS_RISE x its minimum on any target (overfitting or
+    instability), then take the best mean validation macro-F1 over the targets."""
+    budget, lines = args.default_steps, []
+    candidates: dict[str, float] = {}
+    for setting in sorted({r["setting"] for r in rows}):
+        mine = [r for r in rows if r["setting"] == setting and r["budget"] == budget]
+        rises = []
+        for _target, data in collected.items():
+            runs = [v for k, v in data["runs"].items() if k.startswith(setting + "-seed")]
+            curve = _mean_curve(runs)
+            rises.append(at_budget_loss(curve, budget) / min(c["val_loss"] for c in curve))
+        f1 = float(np.mean([r["val_macro_f1"] for r in mine]))
+        verdict = "kept" if max(rises) <= LOSS_RISE else "dropped (loss rose)"
+        lines.append(
+            f"- {setting}: validation loss at {budget} steps / its minimum = "
+            + ", ".join(f"{v:.2f}" for v in rises)
+            + f" ({', '.join(collected)}); mean validation macro-F1 {f1:.3f}; {verdict}"
+        )
+        if setting.startswith("none-") and max(rises) <= LOSS_RISE:
+            candidates[setting] = f1
+    best = max(candidates, key=candidates.__getitem__) if candidates else "none"
+    header = [
+        f"Rule (set after looking at the curves; the {LOSS_RISE:g}x threshold is a judgment): at "
+        f"{budget} steps, drop a rate whose mean "
+        f"validation loss exceeds {LOSS_RISE:g}x its minimum on either target, then take the "
+        f"highest mean validation macro-F1 over both targets; a constraint becomes the default "
+        f"only if it beats that. Chosen: **{best}** at {budget} steps.",
+        "",
+    ]
+    return header + lines + ["", *levelling(collected, best, budget)]
+
+
+def levelling(collected: dict[str, Any], setting: str, budget: int) -> list[str]:
+    """Where the chosen probe's mean validation loss bottoms out, per target."""
+    lines = []
+    for target, data in collected.items():
+        runs = [v for k, v in data["runs"].items() if k.startswith(setting + "-seed")]
+        if not runs:
+            continue
+        curve = _mean_curve(runs)
+        low = min(curve, key=lambda c: c["val_loss"])
+        lines.append(
+            f"- {setting} on {target}: lowest mean validation loss {low['val_loss']:.3f} at step "
+            f"{low['step']}; {at_budget_loss(curve, budget):.3f} at {budget}; "
+            f"{curve[-1]['val_loss']:.3f} at {curve[-1]['step']}"
+        )
+    return lines
+
+
+def at_budget_loss(curve: Sequence[dict[str, float]], budget: int) -> float:
+    within = [c for c in curve if c["step"] <= budget] or list(curve[:1])
+    return within[-1]["val_loss"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
