@@ -79,33 +79,34 @@ def project_to_simplex(free: torch.Tensor) -> torch.Tensor:
 def combine(stack: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
     """Merged tensor sum_i c_i * theta_i for a stack [d, *shape] and free coefficients [d-1, ...].
 
-    Pure and vectorised: one multiply and one reduction per tensor, no loop over kernels.
-    With d = 2 and w = 1 (or 0) the result is source 0 (or 1) bit for bit.
+    Pure and vectorised (no loop over kernels), and the very arithmetic of `MergedModel`, so a
+    merge from state dicts equals the probe's bit for bit. With d = 2 and w = 1 (or 0) the
+    result is source 0 (or 1) bit for bit.
     """
-    coef = full_coefficients(free)
-    coef = coef.reshape(coef.shape + (1,) * (stack.ndim - coef.ndim))
-    return (coef * stack).sum(0)
+    shape = stack.shape[1:]
+    rows = shape[0] if shape else 1
+    return combine_source_major(stack.reshape(stack.shape[0], rows, -1), free).reshape(shape)
 
 
-def kernel_major(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack d sources' [C_out, ...] tensors as [C_out, d, K] for batched per-kernel products."""
-    return torch.stack([t.reshape(t.shape[0], -1) for t in tensors], dim=1).contiguous()
+def source_major(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack d sources' [C_out, ...] tensors as one contiguous [d, C_out, K] buffer."""
+    return torch.stack([t.reshape(t.shape[0], -1) for t in tensors]).contiguous()
 
 
-def combine_kernel_major(stack: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
-    """`combine` for a [C_out, d, K] stack, as one batched matmul per layer: [C_out, K].
+def combine_source_major(stack: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """`combine` for a [d, C_out, K] stack: [C_out, K], without a d-times-larger product.
 
-    Kernel and layer coefficients become a [C_out, 1, d] batch of rows, so neither the forward
-    nor the coefficient gradient materialises a d-times-larger product (the probe step stays
-    close to a plain fine-tuning step). Exact at the endpoints, like `combine`.
+    One multiply and d - 1 fused multiply-adds, each reading one source: w = 1 (or 0) gives a
+    source bit for bit, and w = 1/2 the exact mean. Kernel, layer and parameter coefficients
+    broadcast as [C_out or 1, 1 or K]. (A batched matmul with inner size d was 7% of a
+    ResNet-18 step slower on CPU.)
     """
-    coef = full_coefficients(free)  # [d, *coefficient_shape]
-    d, c_out = stack.shape[1], stack.shape[0]
-    if coef[0].numel() in (1, c_out):  # layer or kernel granularity
-        rows = coef.reshape(d, -1).t().expand(c_out, d).unsqueeze(1)
-        return torch.bmm(rows, stack).squeeze(1)
-    per_element = coef.reshape(d, c_out, -1).transpose(0, 1)  # parameter granularity
-    return (per_element * stack).sum(1)
+    d, c_out = stack.shape[0], stack.shape[1]
+    w = free.reshape(d - 1, 1 if free[0].numel() == 1 else c_out, -1)
+    out = stack[-1] * (1.0 - w.sum(0))
+    for i in range(d - 1):
+        out = torch.addcmul(out, w[i], stack[i])
+    return out
 
 
 def mergeable_keys(model: nn.Module) -> list[tuple[str, str | None]]:
@@ -238,12 +239,12 @@ class MergedModel(nn.Module):
             free = torch.stack([torch.full(shape, v) for v in stored])
             self.coefficients.append(nn.Parameter(free))
             self.register_buffer(
-                f"source_w{index}", kernel_major([s[weight] for s in sources]), persistent=False
+                f"source_w{index}", source_major([s[weight] for s in sources]), persistent=False
             )
             targets = [weight]
             if bias is not None:
                 self.register_buffer(
-                    f"source_b{index}", kernel_major([s[bias] for s in sources]), persistent=False
+                    f"source_b{index}", source_major([s[bias] for s in sources]), persistent=False
                 )
                 if granularity == "parameter":
                     self.coefficients.append(
@@ -322,13 +323,13 @@ class MergedModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for index, weight in enumerate(self.weight_keys):
             shape = self.shapes[weight]
-            merged = combine_kernel_major(getattr(self, f"source_w{index}"), coefs[weight])
+            merged = combine_source_major(getattr(self, f"source_w{index}"), coefs[weight])
             out[weight] = _like(merged.view(shape), self.model.get_parameter(weight))
             bias = self.bias_keys[index]
             if bias is not None:
                 bias_stack = getattr(self, f"source_b{index}")
                 free = coefs.get(bias, coefs[weight].flatten(1))
-                out[bias] = combine_kernel_major(bias_stack, free).view(shape[0])
+                out[bias] = combine_source_major(bias_stack, free).view(shape[0])
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -148,10 +148,10 @@ def test_probe_step_trains_only_coefficients_bn_and_head(tiny_task) -> None:
     one_batch = [next(iter(BatchLoader(tiny_task.train, 16, shuffle=True)))]
     fit(model, one_batch, one_batch, stage, Runtime.detect("cpu"), show_progress=False)
     for index in range(len(model.weight_keys)):  # frozen source stacks, bit for bit
-        stack = getattr(model, f"source_w{index}")  # [C_out, d, K]
+        stack = getattr(model, f"source_w{index}")  # [d, C_out, K]
         key = model.weight_keys[index]
         for d in (0, 1):
-            assert torch.equal(stack[:, d].reshape(before[d][key].shape), before[d][key])
+            assert torch.equal(stack[d].reshape(before[d][key].shape), before[d][key])
     assert all(not torch.equal(a, b) for a, b in zip(coefs, model.coefficients, strict=True))
     assert not torch.equal(bn, model.model.bn1.weight)
     assert not torch.equal(head, model.model.fc.weight)
