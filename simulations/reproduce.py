@@ -33,7 +33,7 @@ from medmerge_core.data.synthetic import make_task
 from medmerge_core.experiment import load_results, run_experiment
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
-from medmerge_core.probe import ProbeSettings
+from medmerge_core.probe import DEFAULT_COEF_LR, DEFAULT_STEPS, ProbeSettings
 from medmerge_core.report import layer_means_from_npz, method_label, plot_coefficient_heatmap
 from medmerge_core.train import Runtime, StageConfig
 from simulations.common import (
@@ -116,7 +116,9 @@ class Settings:
     studies: tuple[str, ...] = STUDIES
     target: str = "breastmnist"
     related: str = "pneumoniamnist"
-    lp_epochs: int = PAPER_EPOCHS  # LP in LP-FT and the MedMerge probe
+    lp_epochs: int = PAPER_EPOCHS  # LP in LP-FT; the probe's BN and head share the LP lr
+    probe_steps: int = DEFAULT_STEPS
+    coef_lr: float = DEFAULT_COEF_LR
     lp_lr: float = PAPER_LP_LR
     ft_epochs: int = PAPER_EPOCHS
     ft_lr: float = PAPER_FT_LR
@@ -204,7 +206,12 @@ def make_config(
         device="auto",
         lp=StageSettings(epochs=s.lp_epochs, lr=s.lp_lr),
         ft=StageSettings(epochs=s.ft_epochs, lr=s.ft_lr),
-        merge=ProbeSettings(granularity=spec.granularity, freeze_bn=spec.freeze_bn),
+        merge=ProbeSettings(
+            granularity=spec.granularity,
+            freeze_bn=spec.freeze_bn,
+            coef_lr=s.coef_lr,
+            steps=s.probe_steps,
+        ),
     )
 
 
@@ -413,7 +420,7 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
         )
     if s.lp_epochs != PAPER_EPOCHS or s.ft_epochs != PAPER_EPOCHS:
         deviations.append(
-            f"{s.lp_epochs} LP/probe epochs and {s.ft_epochs} FT epochs instead of 50 (CPU budget)"
+            f"{s.lp_epochs} LP epochs and {s.ft_epochs} FT epochs instead of 50 (CPU budget)"
         )
     if len(s.seeds) < 5:
         deviations.append(f"{len(s.seeds)} main seed(s) instead of the issue's 5 (CPU budget)")
@@ -450,7 +457,9 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
         f"Source pretraining: {s.source_epochs} epochs, AdamW lr {s.source_lr:g}, batch "
         f"{s.batch_size}.",
         "",
-        f"Protocol: AdamW, LP and MedMerge probe {s.lp_epochs} epochs at lr {s.lp_lr:g}, FT "
+        f"Protocol: AdamW, LP {s.lp_epochs} epochs at lr {s.lp_lr:g}, MedMerge probe "
+        f"{s.probe_steps} steps (coefficients at lr {s.coef_lr:g} without weight decay, BN and "
+        f"head at the LP lr), FT "
         f"{s.ft_epochs} epochs at lr {s.ft_lr:g}, weight decay 0.01, batch {s.batch_size}, no "
         "augmentation, best epoch of every stage chosen on validation macro-F1, CPU fp32. A seed "
         "sets the head init and batch order; sources and splits are fixed.",
@@ -560,7 +569,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p.add_argument("--seeds", type=int, nargs="+", default=list(Settings.seeds))
     p.add_argument("--ablation-seeds", type=int, nargs="+", help="default: --seeds")
     p.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES))
-    p.add_argument("--lp-epochs", type=int, default=Settings.lp_epochs, help="LP and probe")
+    p.add_argument("--lp-epochs", type=int, default=Settings.lp_epochs)
+    p.add_argument("--probe-steps", type=int, default=Settings.probe_steps)
+    p.add_argument("--coef-lr", type=float, default=Settings.coef_lr)
     p.add_argument("--ft-epochs", type=int, default=Settings.ft_epochs)
     p.add_argument("--lp-lr", type=float, default=Settings.lp_lr, help="paper: 1e-4")
     p.add_argument("--ft-lr", type=float, default=Settings.ft_lr, help="paper: 1e-5")
@@ -578,7 +589,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         data_root=a.data_root, out=a.out, results=a.results, figures=a.figures, arch=a.arch,
         image_size=a.image_size, seeds=tuple(a.seeds),
         ablation_seeds=tuple(a.ablation_seeds) if a.ablation_seeds else None,
-        studies=tuple(a.studies), lp_epochs=a.lp_epochs, lp_lr=a.lp_lr, ft_epochs=a.ft_epochs,
+        studies=tuple(a.studies), lp_epochs=a.lp_epochs, probe_steps=a.probe_steps,
+        coef_lr=a.coef_lr, lp_lr=a.lp_lr, ft_epochs=a.ft_epochs,
         ft_lr=a.ft_lr, batch_size=a.batch_size, source_epochs=a.source_epochs,
         source_lr=a.source_lr, source_train=a.source_train, synthetic_train=a.synthetic_train,
         synthetic_val=a.synthetic_val,

@@ -57,7 +57,7 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     argv = [
         "--data-root", str(data_root), "--out", str(tmp_path / "runs"),
         "--results", str(results), "--figures", str(figures), *TINY, "--seeds", "0",
-        "--studies", "main", "three", "--lp-epochs", "1", "--ft-epochs", "1",
+        "--studies", "main", "three", "--lp-epochs", "1", "--ft-epochs", "1", "--probe-steps", "2",
         "--source-epochs", "1", "--synthetic-train", "16", "--synthetic-val", "8",
         "--lp-lr", "1e-3",
     ]  # fmt: skip
