@@ -301,21 +301,14 @@ def fit(
             if metrics_log is not None:
                 append_jsonl(metrics_log, record)
             if checkpoint is not None and epoch + 1 < epochs:
-                atomic_torch_save(
-                    {
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": rng_state(),
-                        "best_state": best_state,
-                        "best_epoch": result.best_epoch,
-                        "best_val": result.best_val,
-                        "history": result.history,
-                        "seconds": result.seconds,
-                    },
-                    checkpoint,
-                )
+                rolling = {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "best_state": best_state,
+                }
+                atomic_torch_save({**rolling, **_progress(result)}, checkpoint)
             progress.update(
                 task,
                 advance=1,
@@ -323,19 +316,19 @@ def fit(
             )
     model.load_state_dict(best_state)
     if checkpoint is not None:
-        atomic_torch_save(
-            {
-                "finished": True,
-                "model": best_state,
-                "rng": rng_state(),
-                "best_epoch": result.best_epoch,
-                "best_val": result.best_val,
-                "history": result.history,
-                "seconds": result.seconds,
-            },
-            checkpoint,
-        )
+        atomic_torch_save({"finished": True, "model": best_state, **_progress(result)}, checkpoint)
     return result
+
+
+def _progress(result: FitResult) -> dict[str, Any]:
+    """What both a rolling and a finished stage checkpoint keep besides the weights."""
+    return {
+        "rng": rng_state(),
+        "best_epoch": result.best_epoch,
+        "best_val": result.best_val,
+        "history": result.history,
+        "seconds": result.seconds,
+    }
 
 
 class TensorBatches:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_line_error
 
 from medmerge_core.data.registry import FORMAT_OPTIONS, load_task, validate_spec
 from medmerge_core.data.splits import label_budget_index
-from medmerge_core.errors import InputError
 from tests.test_data_fixtures import folder_tree
 from tests.test_medmnist import arrays
 
@@ -22,14 +22,6 @@ SIZE = 16
 
 def per_class(labels: np.ndarray, index: np.ndarray) -> list[int]:
     return np.bincount(labels[index], minlength=labels.max() + 1).tolist()
-
-
-def one_line_error(call, *args, **kwargs) -> str:
-    with pytest.raises(InputError) as err:
-        call(*args, **kwargs)
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.mark.parametrize("budget", [0.1, 10])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_line_error
 
 from medmerge_core.data.medmnist import (
     default_medmnist_roots,
@@ -15,7 +16,6 @@ from medmerge_core.data.medmnist import (
     load_medmnist,
     medmnist_filename,
 )
-from medmerge_core.errors import InputError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medmnist"
 COUNTS = {"train": 6, "val": 3, "test": 4}
@@ -37,14 +37,6 @@ def write(path: Path, **overrides: np.ndarray | None) -> Path:
     data = {**arrays(), **overrides}
     np.savez(path, **{k: v for k, v in data.items() if v is not None})
     return path
-
-
-def one_line_error(call, *args, **kwargs) -> str:
-    with pytest.raises(InputError) as err:
-        call(*args, **kwargs)
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 def test_grayscale_multiclass_by_flag_and_root(tmp_path: Path) -> None:
