@@ -2,8 +2,9 @@
 
 A run folder holds: config.yaml (resolved), metrics.jsonl (per epoch), results.json (per
 method, rewritten atomically after each method), coefficients.npz + coefficient_summary.json +
-coefficients.png (MedMerge), checkpoints/<method>.pt (best model) and state/ (one file per
-stage: the rolling resume checkpoint, then the finished stage).
+coefficients.png (MedMerge), checkpoints/<method>.pt (best model), predictions/<method>.npz
+(test-set probabilities, labels and image ids) and state/ (one file per stage: the rolling
+resume checkpoint, then the finished stage).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from medmerge_core.config import ExperimentConfig, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
-from medmerge_core.io import atomic_write_json, atomic_write_text
+from medmerge_core.io import atomic_savez, atomic_write_json, atomic_write_text
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
 from medmerge_core.probe import UNIFORM, ProbeSettings, learn_merge
 from medmerge_core.train import (
@@ -28,9 +30,11 @@ from medmerge_core.train import (
     StageConfig,
     StepHook,
     TensorBatches,
-    evaluate,
     extract_features,
     fit,
+    predict,
+    probabilities,
+    scored,
     seed_everything,
 )
 
@@ -266,9 +270,19 @@ def run_experiment(
         seed_everything(config.seed)
         start = time.perf_counter()
         model, stages = PIPELINE_FUNCTIONS[pipeline](ctx, method, source)
-        test = evaluate(model, ctx.loaders()[2], runtime, task.multilabel)
+        logits, labels = predict(model, ctx.loaders()[2], runtime)
+        test = scored(logits, labels, task.multilabel)
+        file_name = method.replace(":", "_")
+        atomic_savez(
+            run_dir / "predictions" / f"{file_name}.npz",
+            {
+                "probabilities": probabilities(logits, task.multilabel).astype(np.float32),
+                "labels": labels,
+                "ids": task.test.ids if task.test.ids is not None else np.arange(len(labels)),
+            },
+        )
         save_checkpoint(
-            run_dir / "checkpoints" / f"{method.replace(':', '_')}.pt",
+            run_dir / "checkpoints" / f"{file_name}.pt",
             model,
             config.model.arch,
             method=method,

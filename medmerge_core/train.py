@@ -158,12 +158,22 @@ def predict(model: nn.Module, batches: Batches, runtime: Runtime) -> tuple[np.nd
 def evaluate(
     model: nn.Module, batches: Batches, runtime: Runtime, multilabel: bool = False
 ) -> dict[str, float]:
-    logits, labels = predict(model, batches, runtime)
+    return scored(*predict(model, batches, runtime), multilabel)
+
+
+def scored(logits: np.ndarray, labels: np.ndarray, multilabel: bool = False) -> dict[str, float]:
+    """Classification metrics and the task loss of predicted logits."""
     metrics = classification_metrics(logits, labels, multilabel)
     metrics["loss"] = float(
         task_loss(torch.from_numpy(logits), torch.from_numpy(labels), multilabel)
     )
     return metrics
+
+
+def probabilities(logits: np.ndarray, multilabel: bool = False) -> np.ndarray:
+    """Softmax over classes, or a sigmoid per label for multi-label tasks."""
+    x = torch.from_numpy(logits)
+    return (torch.sigmoid(x) if multilabel else torch.softmax(x, dim=1)).numpy()
 
 
 def rng_state() -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,12 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
     ):
         assert (run / name).exists(), name
     assert {"accuracy", "macro_f1", "auroc"} <= set(results["medmerge"]["test"])
+    with np.load(run / "predictions" / "ft_a.npz") as saved:  # any statistic can be recomputed
+        probs, labels = saved["probabilities"], saved["labels"]
+        assert probs.shape == (len(tiny_task.test), 2) and len(saved["ids"]) == len(labels)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+        accuracy = float((probs.argmax(1) == labels).mean())
+        assert accuracy == pytest.approx(results["ft:a"]["test"]["accuracy"])
     assert results["lp_ft:a"]["stages"]["lp"]["seconds"] > 0
     summary = json.loads((run / "coefficient_summary.json").read_text())
     assert summary["sources"] == ["a", "b"]
