@@ -260,7 +260,7 @@ def _stage_seconds(runs: Sequence[Mapping[str, Any]], method: str, stage: str) -
 
 
 def probe_cost(runs: Sequence[Mapping[str, Any]]) -> list[float]:
-    """Per seed: MedMerge probe seconds / mean LP seconds of the LP-FT runs (same epochs)."""
+    """Per seed: MedMerge probe seconds / mean LP seconds of the LP-FT runs."""
     ratios = []
     for r in runs:
         lps = [v["stages"]["lp"]["seconds"] for k, v in r.items() if k.startswith("lp_ft:")]
@@ -490,8 +490,9 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
             "",
             markdown_table(header, method_rows(runs["main"])),
             "",
-            f"Cost of the MedMerge probe relative to LP in LP-FT (same epochs; LP trains the head "
-            f"on features cached once, the probe runs the whole merged network every step): "
+            f"Cost of the MedMerge probe ({s.probe_steps} steps) relative to LP in LP-FT "
+            f"({s.lp_epochs} epochs; LP trains the head on features cached once, the probe runs "
+            f"the whole merged network every step): "
             f"**{median_range(ratios)}x** (median (min-max) over seeds; per seed: "
             f"{', '.join(f'{r:.1f}' for r in ratios)}).",
         ]
