@@ -37,6 +37,15 @@ class StageSettings:
     lr: float = 1e-4
     weight_decay: float = 0.01
 
+    def __post_init__(self) -> None:
+        """Checked with the config, not when the stage finally starts."""
+        if self.epochs < 0:
+            raise InputError(f"epochs: must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise InputError(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise InputError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+
 
 @dataclass(frozen=True)
 class InMergeSettings:
@@ -151,7 +160,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key in required:
         if key not in kwargs:
             raise InputError(f"{prefix}{key}: missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except InputError as exc:  # a section's own check names its key; add the section
+        message = str(exc)
+        if prefix and not message.startswith(prefix.rstrip(".")):
+            raise InputError(prefix + message) from exc
+        raise
 
 
 def _substitute(value: Any, variables: dict[str, str]) -> Any:

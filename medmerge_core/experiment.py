@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from medmerge_core.config import ExperimentConfig, dump_config
@@ -63,7 +64,7 @@ class RunContext:
         return build_model(self.config.model.arch, self.task.num_classes, self.task.in_channels)
 
     def state_path(self, method: str, stage: str) -> Path:
-        return self.run_dir / "state" / f"{method}.{stage}.pt"
+        return self.run_dir / "state" / f"{file_stem(method)}.{stage}.pt"
 
     def stage(
         self,
@@ -215,15 +216,21 @@ def planned_methods(config: ExperimentConfig) -> list[tuple[str, str, str]]:
     return plan
 
 
+def file_stem(method: str) -> str:
+    """A method id as a file name: no ':', which SMB and Windows shares reject."""
+    return method.replace(":", "_")
+
+
 def prepare_run_dir(config: ExperimentConfig) -> Path:
     """Create the run folder, or check that an existing one was made by the same config."""
     run_dir = Path(config.output_dir) / config.name
     resolved = dump_config(config)
     saved = run_dir / "config.yaml"
     if saved.exists() and saved.read_text(encoding="utf-8") != resolved:
+        differ = _differing_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), config)
         raise InputError(
-            f"{saved}: this run folder was made by a different config; "
-            "change `name` or delete the folder"
+            f"{saved}: this run folder was made by a different config ({', '.join(differ)} "
+            "differ); change `name` or delete the folder"
         )
     old_state = sorted((run_dir / "state").glob("*.done.pt")) + sorted(
         (run_dir / "state").glob("*.ckpt.pt")
@@ -236,6 +243,20 @@ def prepare_run_dir(config: ExperimentConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, resolved)
     return run_dir
+
+
+def _differing_keys(saved: Any, config: ExperimentConfig) -> list[str]:
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {
+                k: v
+                for key, item in value.items()
+                for k, v in flat(item, f"{prefix}{key}.").items()
+            }
+        return {prefix.rstrip("."): value}
+
+    before, now = flat(saved or {}), flat(yaml.safe_load(dump_config(config)))
+    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)) or ["?"]
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
@@ -272,7 +293,7 @@ def run_experiment(
         model, stages = PIPELINE_FUNCTIONS[pipeline](ctx, method, source)
         logits, labels = predict(model, ctx.loaders()[2], runtime)
         test = scored(logits, labels, task.multilabel)
-        file_name = method.replace(":", "_")
+        file_name = file_stem(method)
         atomic_savez(
             run_dir / "predictions" / f"{file_name}.npz",
             {

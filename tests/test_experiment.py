@@ -58,6 +58,8 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
     assert results["lp_ft:a"]["stages"]["lp"]["seconds"] > 0
     summary = json.loads((run / "coefficient_summary.json").read_text())
     assert summary["sources"] == ["a", "b"]
+    written = [p.name for p in run.rglob("*")]
+    assert "ft_a.ft.pt" in written and not [n for n in written if ":" in n]  # SMB-safe names
     assert len(summary["layers"]) == 20 and summary["layers"][0]["coefficients"] == 64
 
     # An interrupted run: results.json lost, completed stages kept. Nothing retrains.
@@ -69,8 +71,19 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
 
 def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> None:
     experiment.prepare_run_dir(make_config(tmp_path))
-    with pytest.raises(InputError, match=r"made by a different config"):
-        experiment.prepare_run_dir(make_config(tmp_path, seed=3))
+    with pytest.raises(InputError, match=r"made by a different config \(ft.lr, seed differ\)"):
+        experiment.prepare_run_dir(make_config(tmp_path, seed=3, ft={"epochs": 1, "lr": 1e-3}))
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [({"epochs": -1}, "lp.epochs: must be >= 0"), ({"lr": 0}, "lp.lr: must be > 0"),
+     ({"weight_decay": -0.1}, "lp.weight_decay: must be >= 0")],
+)  # fmt: skip
+def test_bad_stage_settings_fail_with_the_config(tmp_path, stage, message) -> None:
+    """Before: a negative lp.epochs failed only after both FT pipelines had trained."""
+    with pytest.raises(InputError, match=message):
+        make_config(tmp_path, lp={"epochs": 1, "lr": 1e-3, **stage})
 
 
 def test_cli_reports_a_config_typo_on_one_line(tmp_path, capsys) -> None:
