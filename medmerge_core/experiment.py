@@ -9,6 +9,7 @@ resume checkpoint, then the finished stage).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch import nn
 from medmerge_core.config import ExperimentConfig, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
-from medmerge_core.io import atomic_savez, atomic_write_json, atomic_write_text
+from medmerge_core.io import atomic_savez, atomic_write_json, atomic_write_text, load_torch_file
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
 from medmerge_core.probe import UNIFORM, ProbeSettings, learn_merge
 from medmerge_core.train import (
@@ -38,6 +39,8 @@ from medmerge_core.train import (
     scored,
     seed_everything,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -259,6 +262,15 @@ def _differing_keys(saved: Any, config: ExperimentConfig) -> list[str]:
     return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)) or ["?"]
 
 
+def _readable(path: Path) -> bool:
+    try:
+        load_torch_file(path, "unreadable checkpoint")
+    except InputError:
+        log.warning("%s is missing or unreadable: evaluating its method again", path)
+        return False
+    return True
+
+
 def load_results(run_dir: Path) -> dict[str, Any]:
     import json
 
@@ -286,8 +298,8 @@ def run_experiment(
     ctx = RunContext(config, task, sources, runtime, run_dir, show_progress)
     results = load_results(run_dir)
     for method, pipeline, source in planned_methods(config):
-        if method in results:
-            continue
+        if method in results and _readable(run_dir / "checkpoints" / f"{file_stem(method)}.pt"):
+            continue  # finished; a lost or truncated checkpoint is rebuilt from state/
         seed_everything(config.seed)
         start = time.perf_counter()
         model, stages = PIPELINE_FUNCTIONS[pipeline](ctx, method, source)

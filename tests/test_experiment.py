@@ -68,6 +68,14 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
     again = experiment.run_experiment(config, task=tiny_task, show_progress=False)
     assert again["medmerge"]["test"] == results["medmerge"]["test"]
 
+    # A truncated final checkpoint is noticed on rerun and rebuilt from the finished stages.
+    final = run / "checkpoints" / "medmerge.pt"
+    intact = torch.load(final, weights_only=True)["state_dict"]
+    final.write_bytes(final.read_bytes()[:1000])
+    experiment.run_experiment(config, task=tiny_task, show_progress=False)
+    rebuilt = torch.load(final, weights_only=True)["state_dict"]
+    assert all(torch.equal(intact[k], rebuilt[k]) for k in intact)
+
 
 def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> None:
     experiment.prepare_run_dir(make_config(tmp_path))
