@@ -8,6 +8,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 
 from medmerge_core.errors import InputError
 from medmerge_core.probe import ProbeSettings
+from medmerge_core.train import StageConfig
 
 PIPELINES: tuple[str, ...] = ("ft", "lp_ft", "average_ft", "medmerge")
 # Keys that changed meaning: a one-line pointer instead of a silent new behaviour.
@@ -39,12 +41,7 @@ class StageSettings:
 
     def __post_init__(self) -> None:
         """Checked with the config, not when the stage finally starts."""
-        if self.epochs < 0:
-            raise InputError(f"epochs: must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise InputError(f"lr: must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise InputError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        StageConfig(self.epochs, self.lr, self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -250,6 +247,21 @@ def _name_override(exc: InputError, overrides: dict[str, str]) -> InputError:
         if where.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{where}."):
             return _SetError(f"--set {key}={text}: {message}")
     return exc
+
+
+def differences(
+    saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) of every setting that differs, in `now`'s
+    order; nested mappings are compared key by key."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in [*now, *(k for k in saved if k not in now)]:
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append((f"{prefix}{key}", old, new))
+    return out
 
 
 def config_from_dict(

@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from medmerge_core.config import ExperimentConfig, dump_config
+from medmerge_core.config import ExperimentConfig, differences, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_savez, atomic_write_json, atomic_write_text, load_torch_file
@@ -230,7 +230,9 @@ def prepare_run_dir(config: ExperimentConfig) -> Path:
     resolved = dump_config(config)
     saved = run_dir / "config.yaml"
     if saved.exists() and saved.read_text(encoding="utf-8") != resolved:
-        differ = _differing_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), config)
+        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        now = yaml.safe_load(resolved)
+        differ = sorted(key for key, _, _ in differences(before, now)) or ["?"]
         raise InputError(
             f"{saved}: this run folder was made by a different config ({', '.join(differ)} "
             "differ); change `name` or delete the folder"
@@ -246,20 +248,6 @@ def prepare_run_dir(config: ExperimentConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, resolved)
     return run_dir
-
-
-def _differing_keys(saved: Any, config: ExperimentConfig) -> list[str]:
-    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {
-                k: v
-                for key, item in value.items()
-                for k, v in flat(item, f"{prefix}{key}.").items()
-            }
-        return {prefix.rstrip("."): value}
-
-    before, now = flat(saved or {}), flat(yaml.safe_load(dump_config(config)))
-    return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)) or ["?"]
 
 
 def _readable(path: Path) -> bool:

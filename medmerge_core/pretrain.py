@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from medmerge_core.config import differences
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
 from medmerge_core.io import load_torch_file
@@ -65,21 +66,6 @@ def pretrain_settings(
     return json.loads(json.dumps(settings, default=str))
 
 
-def _first_difference(
-    saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = ""
-) -> str | None:
-    """'key: <saved> saved, <now> now' for the first setting that differs (dotted into
-    mappings, e.g. data.task), or None."""
-    for key in [*now, *(k for k in saved if k not in now)]:
-        old, new = saved.get(key), now.get(key)
-        if old == new:
-            continue
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            return _first_difference(old, new, f"{prefix}{key}.")
-        return f"{prefix}{key}: {old!r} saved, {new!r} now"
-    return None
-
-
 def pretrain_source(
     arch: str,
     task: TaskData,
@@ -130,11 +116,12 @@ def pretrain_source(
                 "version); delete it or pick another --out"
             )
         if recorded is not None:
-            difference = _first_difference(recorded, settings)
-            if difference is not None:
+            differ = differences(recorded, settings)
+            if differ:
+                key, old, new = differ[0]
                 raise InputError(
-                    f"{out}: exists, pretrained with different settings ({difference}); "
-                    "delete it or pick another --out"
+                    f"{out}: exists, pretrained with different settings ({key}: {old!r} saved, "
+                    f"{new!r} now); delete it or pick another --out"
                 )
         model.load_state_dict(saved["state_dict"])
         return evaluate(model, test, runtime, task.multilabel)

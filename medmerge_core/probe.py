@@ -88,7 +88,6 @@ class LearnedMerge:
     model: nn.Module  # the baked plain model, on the runtime's device
     fit: FitResult | None  # None when the budget is zero
     coefficients: dict[str, np.ndarray]  # [d, ...] per merged key
-    summary: list[dict[str, object]]  # per layer: see merge.coefficient_summary
 
 
 def learn_merge(
@@ -140,19 +139,16 @@ def learn_merge(
             show_progress=show_progress,
         )
     coefficients = merged.coefficient_arrays()
-    summary = (
+    if report_dir is not None:
         write_merge_report(report_dir, coefficients, names)
-        if report_dir is not None
-        else coefficient_summary(coefficients)
-    )
-    return LearnedMerge(runtime.model(merged.bake()), result, coefficients, summary)
+    return LearnedMerge(runtime.model(merged.bake()), result, coefficients)
 
 
 def write_merge_report(
     run_dir: Path, coefficients: Mapping[str, np.ndarray], source_names: Sequence[str]
-) -> list[dict[str, object]]:
+) -> None:
     """coefficients.npz (every coefficient + per-layer means), coefficient_summary.json
-    (per-kernel movement per layer) and coefficients.png; returns the summary rows."""
+    (per-kernel movement per layer, see merge.coefficient_summary) and coefficients.png."""
     from medmerge_core.report import plot_merge_coefficients
 
     summary = coefficient_summary(coefficients)
@@ -169,4 +165,3 @@ def write_merge_report(
         plot_merge_coefficients(coefficients, source_names, run_dir / "coefficients.png")
     except RuntimeError as exc:  # matplotlib (the `plots` extra) is not installed
         log.warning("no coefficients.png: %s", exc)
-    return summary

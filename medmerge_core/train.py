@@ -105,6 +105,8 @@ class StageConfig:
             raise InputError(f"steps: must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise InputError(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise InputError(f"weight_decay: must be >= 0, got {self.weight_decay}")
 
     def num_epochs(self, steps_per_epoch: int) -> int:
         if self.steps is None:
@@ -246,7 +248,6 @@ def fit(
         raise InputError(f"{name}: nothing to train (no parameter requires grad)")
     optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
     scaler = runtime.grad_scaler()
-    best_state = copy.deepcopy(model.state_dict())
     result = FitResult(best_epoch=-1, best_val={})
     start = 0
     if checkpoint is not None and checkpoint.exists():
@@ -266,6 +267,8 @@ def fit(
         scaler.load_state_dict(saved["scaler"])
         best_state = saved["best_state"]
         start = saved["epoch"] + 1
+    else:
+        best_state = copy.deepcopy(model.state_dict())
 
     steps_per_epoch = len(train_batches) if stage.steps is not None else 0  # type: ignore[arg-type]
     epochs = stage.num_epochs(steps_per_epoch)
