@@ -1,16 +1,19 @@
-"""Issue 6: the MedMerge protocol on real MedMNIST images, with ablations, 3 sources and figures.
+"""The MedMerge protocol on real MedMNIST images: main comparison, ablations, 3 sources, figures.
 
-    python -m simulations.reproduce --arch resnet18 --image-size 28 --seeds 0 1 2 3 4 \
-        --data-root ../shared/data/medmnist --out runs/reproduce
+    python -m simulations.reproduce --data-root ../shared/data/medmnist \
+        --arch cifar_resnet56 --source A=cifar10:resnet56 --source B=pretrain:pneumoniamnist@A \
+        --target breastmnist --seeds 0 1 2 3 4 5 6 7 8 9 --studies main --out runs/reproduce
 
-Substitution (stated in RESULTS.md too): the paper's 224x224 datasets and ImageNet weights
-cannot be had here, so the target is BreastMNIST, Source A is a model pretrained on the built-in
-generic synthetic task (the ImageNet stand-in), Source B is pretrained on PneumoniaMNIST from A
-(as the paper's related models were initialised from ImageNet), and Source C on the synthetic
-lesion task `related_a` from A (lesion margin and size: the cues read in breast ultrasound).
+Any MedMNIST .npz under --data-root is a target (gray or RGB, official splits); --label-budget
+keeps a seeded, class-stratified fraction or count of its training labels per seed. Each source
+A, B, C is `NAME=SPEC`: a spec `load_source` reads (a checkpoint path, `cifar10:resnet56`,
+`torchvision:ENUM`, `random`), or `pretrain:DATASET[@INIT]`, pretraining on a MedMNIST flag or
+`synthetic:KIND` from another source's weights (from random init without `@INIT`), as the paper's
+HAM10K model started from ImageNet.
 
-Sources are pretrained once per architecture and cached; every (study, seed) is one resumable
-run folder of `run_experiment`, so an interrupted study continues where it stopped.
+Sources are pretrained once per architecture and cached (a cached file made with other settings
+is refused); every (study, seed) is one resumable run folder of `run_experiment`, so an
+interrupted study continues where it stopped.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from medmerge_core.cifar_resnet import CIFAR10_PREFIX
 from medmerge_core.config import ExperimentConfig, ModelConfig, StageSettings
 from medmerge_core.data.base import TaskData
+from medmerge_core.data.splits import check_label_budget
 from medmerge_core.data.synthetic import make_task
+from medmerge_core.errors import InputError
 from medmerge_core.experiment import load_results, run_experiment
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
@@ -41,20 +47,21 @@ from simulations.common import (
     load_medmnist_file,
     mean_std,
     median_range,
-    paired_difference,
     relative,
     set_threads,
     subsample_train,
     update_section,
 )
+from simulations.stats import paired_comparison
 
 PAPER_LP_LR, PAPER_FT_LR, PAPER_EPOCHS = 1e-4, 1e-5, 50
-SOURCE_TEXT = {
-    "A": "generic synthetic task (ImageNet stand-in), from random init",
-    "B": "PneumoniaMNIST (chest X-ray), initialised from A",
-    "C": "synthetic lesion task `related_a` (margin x size), initialised from A",
-    "zeros": "all conv weights zero (paper Fig. 4)",
-}
+DEFAULT_SOURCES = (
+    ("A", "pretrain:synthetic:generic"),
+    ("B", "pretrain:pneumoniamnist@A"),
+    ("C", "pretrain:synthetic:related_a@A"),
+)
+PRETRAIN = "pretrain:"
+SYNTHETIC = "synthetic:"
 STUDIES = ("main", "ablations", "three")
 METRICS_NOTE = (
     "Test metrics: mean ± std (population) over seeds. Times in seconds: median (min-max) over "
@@ -115,7 +122,8 @@ class Settings:
     ablation_seeds: tuple[int, ...] | None = None  # None: the main seeds
     studies: tuple[str, ...] = STUDIES
     target: str = "breastmnist"
-    related: str = "pneumoniamnist"
+    sources: tuple[tuple[str, str], ...] = DEFAULT_SOURCES  # (name, spec) for A, B, C
+    label_budget: float | int | None = None  # of the target's training labels, per seed
     lp_epochs: int = PAPER_EPOCHS  # LP in LP-FT; the probe's BN and head share the LP lr
     probe_steps: int = DEFAULT_STEPS
     coef_lr: float = DEFAULT_COEF_LR
@@ -133,9 +141,24 @@ class Settings:
     show_progress: bool = True
     argv: tuple[str, ...] = field(default=(), compare=False)
 
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.sources]
+        if sorted(names) != ["A", "B", "C"]:
+            raise InputError(f"--source: give each of A, B, C once (got {', '.join(names)})")
+        for name, spec in self.sources:
+            init = pretrain_recipe(spec)[1] if spec.startswith(PRETRAIN) else None
+            if init is not None and (init == name or init not in names):
+                raise InputError(f"--source {name}={spec}: @{init} must name another source")
+        if self.label_budget is not None:
+            check_label_budget(self.label_budget, "--label-budget")
+
     @property
     def tag(self) -> str:
-        return f"{self.arch}-{self.image_size}"
+        budget = "" if self.label_budget is None else f"-labels{self.label_budget:g}"
+        return f"{self.target}-{self.arch}-{self.image_size}{budget}"
+
+    def source_spec(self, name: str) -> str:
+        return dict(self.sources)[name]
 
     @property
     def run_root(self) -> Path:
@@ -147,39 +170,89 @@ class Settings:
         return self.seeds
 
 
+def pretrain_recipe(spec: str) -> tuple[str, str | None]:
+    """`pretrain:DATASET[@INIT]` -> (DATASET, INIT or None)."""
+    dataset, _, init = spec.removeprefix(PRETRAIN).partition("@")
+    if not dataset:
+        raise InputError(f"--source {spec}: name a dataset after 'pretrain:'")
+    return dataset, init or None
+
+
+def describe_source(spec: str) -> str:
+    """A source spec in words, for the console and RESULTS.md."""
+    if spec == "zeros":
+        return "all conv weights zero (paper Fig. 4)"
+    if spec.startswith(CIFAR10_PREFIX):
+        return f"CIFAR-10-trained `{spec}` weights (../shared/weights/cifar10_resnet, MANIFEST.md)"
+    if not spec.startswith(PRETRAIN):
+        return f"weights from `{spec}`"
+    dataset, init = pretrain_recipe(spec)
+    what = (
+        f"synthetic `{dataset.removeprefix(SYNTHETIC)}` task"
+        if dataset.startswith(SYNTHETIC)
+        else dataset
+    )
+    return f"pretrained on {what}, from {'source ' + init if init else 'random init'}"
+
+
+def source_order(s: Settings, needed: set[str]) -> list[str]:
+    """The needed sources and the sources they start from, each after its init."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        spec = s.source_spec(name)
+        init = pretrain_recipe(spec)[1] if spec.startswith(PRETRAIN) else None
+        if init is not None:
+            visit(init)
+        if name not in order:
+            order.append(name)
+
+    for name in sorted(needed):
+        visit(name)
+    return order
+
+
+def pretrain_task(s: Settings, dataset: str) -> TaskData:
+    if dataset.startswith(SYNTHETIC):
+        sizes = {"n_train": s.synthetic_train, "n_val": s.synthetic_val,
+                 "n_test": s.synthetic_val}  # fmt: skip
+        return make_task(dataset.removeprefix(SYNTHETIC), image_size=s.image_size, seed=0, **sizes)
+    task = load_medmnist_file(s.data_root, dataset).resized(s.image_size)
+    return subsample_train(task, s.source_train)
+
+
 def prepare_sources(s: Settings, console: Console) -> dict[str, dict[str, Any]]:
-    """Pretrain (or load the cached) sources A, B and C; returns their specs and test metrics."""
+    """Load or pretrain (once, cached) the sources the studies use; their specs and metrics."""
     runtime = Runtime.detect("auto")
     source_dir = s.run_root / "sources"
     stage = StageConfig(s.source_epochs, s.source_lr)
-    sizes = {"n_train": s.synthetic_train, "n_val": s.synthetic_val, "n_test": s.synthetic_val}
     needed = {name for spec in plan(s.studies) for name in spec.sources} - {"zeros"}
-    if needed:
-        needed.add("A")  # B and C start from A
-    tasks: dict[str, Any] = {
-        "A": lambda: make_task("generic", image_size=s.image_size, seed=0, **sizes),
-        "B": lambda: subsample_train(
-            load_medmnist_file(s.data_root, s.related).resized(s.image_size), s.source_train
-        ),
-        "C": lambda: make_task("related_a", image_size=s.image_size, seed=0, **sizes),
-    }
     info: dict[str, dict[str, Any]] = {}
-    for index, name in enumerate(("A", "B", "C")):
-        if name not in needed:
+    for index, name in enumerate(source_order(s, needed)):
+        spec = s.source_spec(name)
+        text = describe_source(spec)
+        if not spec.startswith(PRETRAIN):
+            info[name] = {"spec": spec, "text": text}
             continue
         path = source_dir / f"{name}.pt"
         if s.report_only and not path.exists():
             continue
-        task: TaskData = tasks[name]()
-        console.print(f"[bold]source {name}[/]: {SOURCE_TEXT[name]} ({len(task.train)} train)")
-        init = None if name == "A" else load_source(str(source_dir / "A.pt"), s.arch, 1)
+        dataset, init_name = pretrain_recipe(spec)
+        task = pretrain_task(s, dataset)
+        console.print(f"[bold]source {name}[/]: {text} ({len(task.train)} train)")
+        init = None
+        if init_name is not None:
+            init = load_source(info[init_name]["spec"], s.arch, task.in_channels)
         start = time.perf_counter()
         metrics = pretrain_source(
             s.arch, task, path, stage, runtime, init=init, batch_size=s.batch_size,
             seed=index, show_progress=s.show_progress,
+            init_spec=None if init_name is None else s.source_spec(init_name),
+            data_spec={"dataset": dataset, "train": len(task.train)},
         )  # fmt: skip
         info[name] = {
             "spec": str(path.resolve()),
+            "text": text,
             "task": task.name,
             "train": len(task.train),
             "test_accuracy": metrics["accuracy"],
@@ -187,7 +260,7 @@ def prepare_sources(s: Settings, console: Console) -> dict[str, dict[str, Any]]:
             "chance": 1.0 / task.num_classes,
             "seconds": time.perf_counter() - start,
         }
-    info["zeros"] = {"spec": "zeros"}
+    info["zeros"] = {"spec": "zeros", "text": describe_source("zeros")}
     return info
 
 
@@ -197,7 +270,11 @@ def make_config(
     return ExperimentConfig(
         name=f"{spec.group}-seed{seed}",
         output_dir=str(s.run_root),
-        data={"format": "medmnist", "path": str((s.data_root / f"{s.target}.npz").resolve())},
+        data={
+            "format": "medmnist",
+            "path": str((s.data_root / f"{s.target}.npz").resolve()),
+            **({} if s.label_budget is None else {"label_budget": s.label_budget}),
+        },
         sources={name: sources[name]["spec"] for name in spec.sources},
         model=ModelConfig(arch=s.arch, image_size=s.image_size),
         pipelines=list(spec.pipelines),
@@ -227,7 +304,6 @@ def method_ids(spec: RunSpec) -> list[str]:
 def run_all(s: Settings, console: Console) -> dict[str, dict[int, dict[str, Any]]]:
     """Run (or, with report_only, just collect) every planned (study, seed); resumable."""
     sources = prepare_sources(s, console)
-    target = None
     collected: dict[str, dict[int, dict[str, Any]]] = {}
     for spec in plan(s.studies):
         for seed in s.seeds_for(spec):
@@ -235,11 +311,9 @@ def run_all(s: Settings, console: Console) -> dict[str, dict[int, dict[str, Any]
             if s.report_only or any(n not in sources for n in spec.sources):
                 results = load_results(run_dir)
             else:
-                if target is None:
-                    target = load_medmnist_file(s.data_root, s.target).resized(s.image_size)
                 console.print(f"[bold]{spec.group}[/] seed {seed}: {spec.label}")
                 config = make_config(s, spec, seed, sources)
-                results = run_experiment(config, task=target, show_progress=s.show_progress)
+                results = run_experiment(config, show_progress=s.show_progress)
             if results:  # results.json is key-sorted: restore the plan's method order
                 order = [m for m in method_ids(spec) if m in results]
                 collected.setdefault(spec.group, {})[seed] = {m: results[m] for m in order}
@@ -381,21 +455,29 @@ def coefficient_spread(s: Settings, collected: Mapping[str, Any]) -> str:
     )
 
 
-def findings(collected: Mapping[str, Any]) -> list[str]:
-    """MedMerge against every other method of its seed (and 3 sources against 2), by seed."""
-    lines = []
+def findings(collected: Mapping[str, Any]) -> list[list[str]]:
+    """Table rows: MedMerge against every other method of its seed (and 3 sources against 2),
+    paired by seed, with a bootstrap CI, a Wilcoxon p-value and a verdict (simulations.stats)."""
+    rows = []
 
     def compare(label: str, ours: Mapping[int, Any], theirs: Mapping[int, Any], method: str,
                 ours_method: str = "medmerge") -> None:  # fmt: skip
         seeds = [k for k in sorted(ours) if ours_method in ours[k] and method in theirs.get(k, {})]
-        if not seeds:
+        if len(seeds) < 2:
             return
-        parts = []
         for key, name in (("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
             mine = [ours[k][ours_method]["test"][key] for k in seeds]
             other = [theirs[k][method]["test"][key] for k in seeds]
-            parts.append(f"{name} {paired_difference(mine, other)}")
-        lines.append(f"- {label}: " + "; ".join(parts) + ".")
+            result = paired_comparison(mine, other)
+            p_value = result.p_value
+            rows.append([
+                label, name, f"{result.mean_difference:+.3f}",
+                f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}]",
+                f"{p_value:.3f}" if p_value >= 0.001 else f"{p_value:.1e}",
+                f"{result.wins}/{result.n}",
+                {"A better": "**MedMerge better**", "B better": "**MedMerge worse**"}.get(
+                    result.verdict, result.verdict),
+            ])  # fmt: skip
 
     main = collected.get("main", {})
     others = dict.fromkeys(m for r in main.values() for m in r if m != "medmerge")
@@ -404,13 +486,19 @@ def findings(collected: Mapping[str, Any]) -> list[str]:
     three = collected.get("three", {})
     compare("MedMerge A + B + C − MedMerge A + B", three, main, "medmerge")
     compare("MedMerge A + B + C − Avg+FT A + B + C", three, three, "average_ft")
-    return lines
+    return rows
 
 
 def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path]) -> str:
     """The RESULTS.md section: substitution, protocol, tables, figures and the command."""
     sources = collected["_sources"][0]
     runs = {g: [collected[g][k] for k in sorted(collected[g])] for g in collected if g[0] != "_"}
+    budget_text = ""
+    if s.label_budget is not None:
+        budget_text = (
+            f"; a class-stratified label budget of {s.label_budget:g} of the training labels, "
+            "drawn per seed"
+        )
     deviations = []
     if s.lp_lr != PAPER_LP_LR or s.ft_lr != PAPER_FT_LR:
         deviations.append(
@@ -434,20 +522,20 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
         "weights are not available here (no internet). This study runs the paper's protocol at "
         f"MedMNIST scale on real images: target **{s.target}** (28x28 originals"
         f"{', resized to ' + str(s.image_size) if s.image_size != 28 else ''}; official "
-        "splits). **Source A is a stand-in for ImageNet**: a model pretrained on the built-in "
-        "*synthetic* generic task. The numbers are not comparable with the paper's Table 1.",
+        f"splits{budget_text}). Source A stands in for ImageNet. The numbers are not comparable "
+        "with the paper's Table 1.",
         "",
-        "Sources (pretrained once, cached under the run folder):",
+        "Sources (pretrained ones are made once and cached under the run folder):",
         "",
         markdown_table(
-            ["source", "what", "train images", "its test accuracy", "chance (1/classes)"],
+            ["source", "what", "its training images", "its test accuracy", "chance (1/classes)"],
             [
                 [
                     n,
-                    SOURCE_TEXT[n],
-                    str(v["train"]),
-                    f"{v['test_accuracy']:.3f}",
-                    f"{v.get('chance', float('nan')):.3f}",
+                    v["text"],
+                    str(v.get("train", "n/a")),
+                    f"{v['test_accuracy']:.3f}" if "test_accuracy" in v else "n/a",
+                    f"{v['chance']:.3f}" if "chance" in v else "n/a",
                 ]
                 for n, v in sources.items()
                 if n != "zeros"
@@ -498,7 +586,19 @@ def render(s: Settings, collected: Mapping[str, Any], figures: Mapping[str, Path
         ]
     summary = findings(collected)
     if summary:
-        out += ["", "### What the numbers show (test metrics, paired by seed)", "", *summary]
+        out += [
+            "",
+            "### What the numbers show (test metrics, paired by seed)",
+            "",
+            "Difference = MedMerge − other, one value per seed; 95% percentile bootstrap CI of "
+            "the mean difference; two-sided Wilcoxon signed-rank p. A verdict needs both the CI "
+            "to exclude 0 and p < 0.05; otherwise the difference is within the noise of "
+            f"{len(s.seeds)} seeds (`simulations/stats.py`).",
+            "",
+            markdown_table(
+                ["comparison", "metric", "mean diff", "95% CI", "Wilcoxon p", "seeds higher",
+                 "verdict"], summary),
+        ]  # fmt: skip
     ablation_rows = []
     for spec in plan(s.studies):
         if spec.ablation and runs.get(spec.group):
@@ -559,13 +659,37 @@ def run_study(s: Settings, console: Console | None = None) -> Path:
     return s.results
 
 
+def _source_arg(text: str) -> tuple[str, str]:
+    name, sep, spec = text.partition("=")
+    if not sep or name not in ("A", "B", "C") or not spec:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected A=SPEC, B=SPEC or C=SPEC")
+    return name, spec
+
+
+def _budget_arg(text: str) -> float | int:
+    try:
+        return check_label_budget(text, "--label-budget")
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", type=Path, required=True, help="folder with the MedMNIST .npz")
     p.add_argument("--out", type=Path, default=Settings.out, help="run folders (resumable)")
     p.add_argument("--results", type=Path, default=Settings.results)
     p.add_argument("--figures", type=Path, default=Settings.figures)
-    p.add_argument("--arch", default=Settings.arch, help="resnet18, densenet121, ...")
+    p.add_argument("--arch", default=Settings.arch, help="resnet18, cifar_resnet56, ...")
+    p.add_argument("--target", default=Settings.target, help="MedMNIST flag under --data-root")
+    p.add_argument(
+        "--source", action="append", type=_source_arg, default=[], metavar="NAME=SPEC",
+        help="A, B or C: a weights spec or pretrain:DATASET[@INIT] (default: "
+        + ", ".join(f"{n}={v}" for n, v in DEFAULT_SOURCES) + ")",
+    )  # fmt: skip
+    p.add_argument(
+        "--label-budget", type=_budget_arg,
+        help="fraction (0, 1] or count of the target's training labels, per seed",
+    )  # fmt: skip
     p.add_argument("--image-size", type=int, default=Settings.image_size)
     p.add_argument("--seeds", type=int, nargs="+", default=list(Settings.seeds))
     p.add_argument("--ablation-seeds", type=int, nargs="+", help="default: --seeds")
@@ -588,7 +712,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     a = p.parse_args(argv)
     return Settings(
         data_root=a.data_root, out=a.out, results=a.results, figures=a.figures, arch=a.arch,
-        image_size=a.image_size, seeds=tuple(a.seeds),
+        image_size=a.image_size, seeds=tuple(a.seeds), target=a.target,
+        sources=tuple({**dict(DEFAULT_SOURCES), **dict(a.source)}.items()),
+        label_budget=a.label_budget,
         ablation_seeds=tuple(a.ablation_seeds) if a.ablation_seeds else None,
         studies=tuple(a.studies), lp_epochs=a.lp_epochs, probe_steps=a.probe_steps,
         coef_lr=a.coef_lr, lp_lr=a.lp_lr, ft_epochs=a.ft_epochs,

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations import reproduce, robustness
+from medmerge_core.errors import InputError
+from simulations import label_efficiency, reproduce, robustness
 from simulations.common import median_range, paired_difference, update_section
 
 
@@ -56,16 +57,20 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     results, figures = tmp_path / "RESULTS.md", tmp_path / "results"
     argv = [
         "--data-root", str(data_root), "--out", str(tmp_path / "runs"),
-        "--results", str(results), "--figures", str(figures), *TINY, "--seeds", "0",
+        "--results", str(results), "--figures", str(figures), *TINY, "--seeds", "0", "1",
         "--studies", "main", "three", "--lp-epochs", "1", "--ft-epochs", "1", "--probe-steps", "2",
         "--source-epochs", "1", "--synthetic-train", "16", "--synthetic-val", "8",
-        "--lp-lr", "1e-3",
+        "--lp-lr", "1e-3", "--source", "A=random:3", "--label-budget", "0.5",
     ]  # fmt: skip
     assert reproduce.main(argv) == 0
     text = results.read_text()
-    assert "<!-- reproduce-resnet18-16:start -->" in text
-    assert "stand-in for ImageNet" in text and "python -m simulations.reproduce" in text
+    assert "<!-- reproduce-breastmnist-resnet18-16-labels0.5:start -->" in text
+    assert "stands in for ImageNet" in text and "python -m simulations.reproduce" in text
+    assert "label budget of 0.5" in text and "weights from `random:3`" in text
+    assert "pretrained on pneumoniamnist, from source A" in text
     assert "learning rates LP/probe 0.001" in text  # the deviation is stated
+    split = (tmp_path / "runs" / "breastmnist-resnet18-16-labels0.5" / "main-seed0" / "split.csv")
+    assert split.read_text().count(",unused") == 8  # half of the 16 training labels
     for needle in (
         "FT A",
         "LP-FT B",
@@ -75,17 +80,60 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
         "C alone: LP-FT C",
         "relative to LP",
         "Every run",
-        "- MedMerge − Avg+FT: macro-F1",
-        "- MedMerge A + B + C − MedMerge A + B",
+        "| MedMerge − Avg+FT | macro-F1 |",
+        "| MedMerge A + B + C − MedMerge A + B | accuracy |",
+        "Wilcoxon p",
     ):
         assert needle in text, needle
     for key in ("fig2_main", "fig2_ablations", "three_sources"):
-        png = figures / f"resnet18-16_{key}.png"
+        png = figures / f"breastmnist-resnet18-16-labels0.5_{key}.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"results/{png.name}" in text
 
     # Resuming runs nothing new and, with --report-only, rewrites the same tables.
     reproduce.main([*argv, "--report-only"])
     assert results.read_text().split("Every run")[1] == text.split("Every run")[1]
+
+
+def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
+    results, figures = tmp_path / "RESULTS.md", tmp_path / "results"
+    argv = [
+        "--budgets", "0.5", "1.0", "--", "--data-root", str(data_root), "--target",
+        "pneumoniamnist", "--source", "B=pretrain:breastmnist@A", "--source", "A=random:1",
+        "--out", str(tmp_path / "runs"), "--results", str(results), "--figures", str(figures),
+        *TINY, "--seeds", "0", "1", "--lp-epochs", "1", "--ft-epochs", "1", "--probe-steps", "2",
+        "--source-epochs", "1",
+    ]  # fmt: skip
+    assert label_efficiency.main(argv) == 0
+    text = results.read_text()
+    assert "## Label efficiency on pneumoniamnist" in text
+    assert "| 0.5 (8 images) | 1 (16 images) |" in text and "(n=2)" in text
+    assert "budget 0.5, MedMerge − LP-FT A:" in text and "Wilcoxon p=" in text
+    png = figures / "label_efficiency_pneumoniamnist-resnet18-16.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and "python -m simulations.label_efficiency" in text
+
+
+def test_source_specs_are_checked_and_ordered_by_init() -> None:
+    settings = reproduce.Settings(
+        data_root=Path("data"),
+        sources=(("C", "pretrain:synthetic:related_a@B"), ("B", "pretrain:x@A"), ("A", "w.pt")),
+    )
+    assert reproduce.source_order(settings, {"C"}) == ["A", "B", "C"]
+    assert reproduce.describe_source("cifar10:resnet56").startswith("CIFAR-10-trained")
+    assert reproduce.describe_source("pretrain:synthetic:generic") == (
+        "pretrained on synthetic `generic` task, from random init"
+    )
+    for sources, needle in (
+        ((("A", "x"), ("B", "pretrain:y@B"), ("C", "z")), "@B must name another source"),
+        ((("A", "x"), ("B", "y")), "give each of A, B, C once"),
+    ):
+        with pytest.raises(InputError, match=needle):
+            reproduce.Settings(data_root=Path("data"), sources=sources)
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--data-root", "d", "--source", "D=x"])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--data-root", "d", "--label-budget", "1.5"])
+    parsed = reproduce.parse_args(["--data-root", "d", "--source", "A=cifar10:resnet20"])
+    assert dict(parsed.sources)["A"] == "cifar10:resnet20" and parsed.tag.startswith("breast")
 
 
 def test_robustness_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:

@@ -1,0 +1,155 @@
+"""Label-efficiency curves: the main comparison at several label budgets of one target.
+
+    python -m simulations.label_efficiency --budgets 0.01 0.05 0.2 1.0 -- \
+        --data-root ../shared/data/medmnist --target pneumoniamnist --arch cifar_resnet56 \
+        --source A=cifar10:resnet56 --source B=pretrain:breastmnist@A --seeds 0 1 2 3 4 \
+        --out runs/label_efficiency
+
+Everything after `--` is `simulations.reproduce`'s options; each budget is that driver's main
+study with `--label-budget` (its own run folders, drawn per seed, class-stratified; validation
+and test stay the official splits), so an interrupted curve resumes. Writes a macro-F1 vs
+label-fraction plot under --figures and one RESULTS.md section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from medmerge_core.data.splits import check_label_budget, label_budget_index
+from medmerge_core.report import method_label, pyplot, save_figure
+from simulations import reproduce
+from simulations.common import command_line, mean_std, relative, set_threads, update_section
+from simulations.stats import paired_comparison
+
+Curve = dict[float | int, dict[int, dict[str, Any]]]  # budget -> seed -> method -> results
+
+
+def collect(base: reproduce.Settings, budgets: Sequence[float | int], console: Console) -> Curve:
+    """Run (or read back) the main study at every budget."""
+    curve: Curve = {}
+    for budget in budgets:
+        settings = replace(base, label_budget=budget, studies=("main",))
+        console.print(f"[bold]label budget {budget:g}[/]")
+        curve[budget] = reproduce.run_all(settings, console).get("main", {})
+    return curve
+
+
+def train_sizes(base: reproduce.Settings, budgets: Sequence[float | int]) -> dict[Any, int]:
+    """Training images kept per budget (class-stratified, so the same count for every seed)."""
+    with np.load(base.data_root / f"{base.target}.npz") as data:
+        labels = np.asarray(data["train_labels"]).reshape(len(data["train_labels"]), -1)[:, 0]
+    return {b: len(label_budget_index(labels, b, seed=0)) for b in budgets}
+
+
+def plot_curve(curve: Curve, path: Path, title: str) -> Path:
+    """Mean test macro-F1 (± std over seeds) against the label fraction, one line per method."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    budgets = sorted(curve)
+    methods = list(dict.fromkeys(m for b in budgets for r in curve[b].values() for m in r))
+    for method in methods:
+        xs, means, stds = [], [], []
+        for budget in budgets:
+            values = [r[method]["test"]["macro_f1"] for r in curve[budget].values() if method in r]
+            if values:
+                xs.append(budget)
+                means.append(float(np.mean(values)))
+                stds.append(float(np.std(values)))
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method_label(method))
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.set_xlabel("fraction (or count) of the target's training labels")
+    ax.set_ylabel("test macro-F1 (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def render(base: reproduce.Settings, curve: Curve, figure: Path | None, argv: Sequence[str]) -> str:
+    budgets = sorted(curve)
+    methods = list(dict.fromkeys(m for b in budgets for r in curve[b].values() for m in r))
+    sizes = train_sizes(base, budgets)
+    header = ["method", *[f"{b:g} ({sizes.get(b, 'n/a')} images)" for b in budgets]]
+    rows = []
+    for method in methods:
+        cells = []
+        for budget in budgets:
+            values = [r[method]["test"]["macro_f1"] for r in curve[budget].values() if method in r]
+            cells.append(f"{mean_std(values)} (n={len(values)})")
+        rows.append([method_label(method), *cells])
+    comparisons = []
+    for budget in budgets:
+        by_seed = curve[budget]
+        for method in methods:
+            if method == "medmerge":
+                continue
+            seeds = [k for k in sorted(by_seed) if {"medmerge", method} <= set(by_seed[k])]
+            if len(seeds) < 2:
+                continue
+            result = paired_comparison(
+                [by_seed[k]["medmerge"]["test"]["macro_f1"] for k in seeds],
+                [by_seed[k][method]["test"]["macro_f1"] for k in seeds],
+            )
+            comparisons.append(f"- budget {budget:g}, MedMerge − {method_label(method)}: "
+                               + result.format())  # fmt: skip
+    sources = "; ".join(f"{n} = {reproduce.describe_source(v)}" for n, v in base.sources
+                        if n in ("A", "B"))  # fmt: skip
+    out = [
+        f"## Label efficiency on {base.target} ({base.arch}, {base.image_size}x{base.image_size})",
+        "",
+        f"Sources: {sources}. Protocol as in the main study (see its section): LP "
+        f"{base.lp_epochs} epochs at lr {base.lp_lr:g}, probe {base.probe_steps} steps "
+        f"(coefficients at lr {base.coef_lr:g}), FT {base.ft_epochs} epochs at lr "
+        f"{base.ft_lr:g}, best epoch on validation macro-F1. The label budget keeps a "
+        "class-stratified subset of the training labels, drawn per seed; validation and test "
+        "are the official splits.",
+        "",
+        "Test macro-F1, mean ± std over seeds:",
+        "",
+        reproduce.markdown_table(header, rows),
+    ]
+    if figure is not None:
+        out += ["", f"![label efficiency]({relative(figure, base.results)})"]
+    if comparisons:
+        out += ["", "Paired by seed (macro-F1; `simulations/stats.py`):", "", *comparisons]
+    out += ["", "Reproduce:", "", "```",
+            command_line("simulations.label_efficiency", argv), "```"]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budgets", nargs="+", required=True, help="fractions (0, 1] or counts")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then simulations.reproduce options")
+    a = p.parse_args(argv)
+    rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
+    base = reproduce.parse_args(rest)
+    budgets = [check_label_budget(text, "--budgets") for text in a.budgets]
+    console = Console()
+    set_threads(base.threads)
+    curve = collect(base, budgets, console)
+    figure = None
+    if any(curve.values()):
+        name = f"label_efficiency_{base.target}-{base.arch}-{base.image_size}.png"
+        figure = plot_curve(curve, base.figures / name, f"{base.target}: macro-F1 vs labels")
+    key = f"label-efficiency-{base.target}-{base.arch}-{base.image_size}"
+    update_section(base.results, key, render(base, curve, figure, argv))
+    console.print(f"wrote {base.results}" + (f" and {figure}" if figure else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
