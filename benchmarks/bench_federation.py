@@ -43,18 +43,14 @@ from rich.console import Console
 from rich.table import Table
 
 from client.client_app import app as client_app
-from medmerge_core.federation import (
-    FederationConfig,
-    ModelInfo,
-    compress,
+from medmerge_core.federation.config import FederationConfig, node_settings
+from medmerge_core.federation.roles import (
     coordinator_merge,
     institution_backbone,
-    model_reference,
-    node_settings,
     site_evaluate,
     site_train,
-    transport_keys,
 )
+from medmerge_core.federation.transport import ModelInfo, compress, model_reference, transport_keys
 from medmerge_core.models import build_model
 from medmerge_core.train import Runtime
 from server.inprocess import InProcessGrid

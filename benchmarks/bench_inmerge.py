@@ -30,7 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medmerge_core.inmerge import InMergeConfig, inmerge_
+from medmerge_core.inmerge import inmerge_
+from medmerge_core.settings import InMergeSettings
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -74,7 +75,7 @@ def _make_step(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    config: InMergeConfig | None,
+    config: InMergeSettings | None,
     generator: torch.Generator,
 ) -> Callable[[], None]:
     """One training step; InMerge first when ``config`` is given (as a training loop would)."""
@@ -118,7 +119,7 @@ def bench_train_step(
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    config = InMergeConfig(p=args.p, tau=args.tau)
+    config = InMergeSettings(p=args.p, tau=args.tau)
     gen = torch.Generator().manual_seed(args.seed)
     merged_model = _build(name, device, args.seed)
     plain = _make_step(_build(name, device, args.seed), x, y, None, torch.Generator())
@@ -154,7 +155,7 @@ def bench_apply_vs_forward(
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    config = InMergeConfig(p=args.p, tau=args.tau)
+    config = InMergeSettings(p=args.p, tau=args.tau)
     gen = torch.Generator().manual_seed(args.seed)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)

@@ -28,7 +28,8 @@ from medmerge_core.data.synthetic import make_task
 from medmerge_core.demo import DemoSettings, pretrain_demo_sources
 from medmerge_core.merge import MergedModel
 from medmerge_core.models import build_model, load_source, split_head
-from medmerge_core.probe import DEFAULT_COEF_LR, DEFAULT_STEPS, ProbeSettings, learn_merge
+from medmerge_core.probe import learn_merge
+from medmerge_core.settings import DEFAULT_COEF_LR, DEFAULT_STEPS, ProbeSettings
 from medmerge_core.train import Runtime, TensorBatches, extract_features, task_loss
 
 

@@ -13,20 +13,15 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from medmerge_core.errors import InputError
-from medmerge_core.federation import (
-    FedBNStore,
-    FederationConfig,
-    ModelInfo,
-    NodeSettings,
-    compress,
+from medmerge_core.federation.config import FederationConfig, NodeSettings, node_settings
+from medmerge_core.federation.roles import (
     coordinator_merge,
     institution_backbone,
-    model_reference,
-    node_settings,
     site_evaluate,
-    site_state_dir,
     site_train,
 )
+from medmerge_core.federation.site_state import FedBNStore, site_state_dir
+from medmerge_core.federation.transport import ModelInfo, compress, model_reference
 from medmerge_core.models import StateDict
 from medmerge_core.train import Runtime
 

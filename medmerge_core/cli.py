@@ -27,7 +27,8 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
     from medmerge_core.data.registry import load_task, validate_spec
     from medmerge_core.models import load_source
     from medmerge_core.pretrain import pretrain_source
-    from medmerge_core.train import Runtime, StageConfig
+    from medmerge_core.settings import StageSettings
+    from medmerge_core.train import Runtime
 
     spec = {k: yaml.safe_load(v) for k, v in _variables(args.data).items()}
     validate_spec(spec, where="--data")
@@ -38,7 +39,7 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
         args.arch,
         task,
         args.out,
-        StageConfig(args.epochs, args.lr),
+        StageSettings(args.epochs, args.lr),
         Runtime.detect(args.device),
         init=init,
         batch_size=args.batch_size,

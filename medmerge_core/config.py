@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +13,7 @@ from typing import Any
 import yaml
 
 from medmerge_core.errors import InputError
-from medmerge_core.probe import ProbeSettings
-from medmerge_core.train import StageConfig
+from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings, build
 
 PIPELINES: tuple[str, ...] = ("ft", "lp_ft", "average_ft", "medmerge")
 # Keys that changed meaning: a one-line pointer instead of a silent new behaviour.
@@ -31,26 +27,6 @@ RENAMED = {
 class ModelConfig:
     arch: str = "resnet18"
     image_size: int = 64
-
-
-@dataclass(frozen=True)
-class StageSettings:
-    epochs: int = 10
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-
-    def __post_init__(self) -> None:
-        """Checked with the config, not when the stage finally starts."""
-        StageConfig(self.epochs, self.lr, self.weight_decay)
-
-
-@dataclass(frozen=True)
-class InMergeSettings:
-    p: float = 0.3
-    tau: float = 0.3
-    alpha: float = 0.8
-    skip_layers: int = 10
-    start_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,78 +68,6 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _check(value: Any, hint: Any, where: str) -> Any:
-    """Convert/validate one value against a type hint; raise InputError naming `where`."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _check(value, option, where)
-            except InputError as exc:
-                errors.append(str(exc))
-        raise InputError(errors[0])
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(hint, value, where + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise InputError(f"{where}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(hint)
-        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
-        _, item = typing.get_args(hint)
-        return {str(k): _check(v, item, f"{where}.{k}") for k, v in value.items()}
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise InputError(
-            f"{where}: expected {hint.__name__}, got {type(value).__name__} ({value!r})"
-        )
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if f"{prefix}{key}" in RENAMED:
-            raise InputError(f"{prefix}{key}: {RENAMED[prefix + key]}")
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise InputError(f"{prefix}{key}: unknown key{hint}")
-    kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    for key in required:
-        if key not in kwargs:
-            raise InputError(f"{prefix}{key}: missing")
-    try:
-        return cls(**kwargs)
-    except InputError as exc:  # a section's own check names its key; add the section
-        message = str(exc)
-        if prefix and not message.startswith(prefix.rstrip(".")):
-            raise InputError(prefix + message) from exc
-        raise
 
 
 def _substitute(value: Any, variables: dict[str, str]) -> Any:
@@ -275,7 +179,7 @@ def config_from_dict(
     variables, overrides = _split_settings(data, dict(variables or {}))
     data = _apply_overrides(data, overrides)
     try:
-        return _build(ExperimentConfig, _substitute(data, variables))
+        return build(ExperimentConfig, _substitute(data, variables), renamed=RENAMED)
     except _SetError:
         raise
     except InputError as exc:

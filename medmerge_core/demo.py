@@ -13,14 +13,14 @@ from typing import Any
 
 from rich.console import Console
 
-from medmerge_core.config import ExperimentConfig, ModelConfig, StageSettings
+from medmerge_core.config import ExperimentConfig, ModelConfig
 from medmerge_core.data.synthetic import make_task
 from medmerge_core.experiment import run_experiment
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
-from medmerge_core.probe import ProbeSettings
 from medmerge_core.report import detail_table, table1
-from medmerge_core.train import Runtime, StageConfig
+from medmerge_core.settings import ProbeSettings, StageSettings
+from medmerge_core.train import Runtime
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def pretrain_demo_sources(
     """The demo's two sources (resumable): a generic one from random init, and a related one
     initialised from it. Also the sources of the probe sweep and benchmark."""
     console = console or Console(quiet=True)
-    stage = StageConfig(s.source_epochs, s.source_lr)
+    stage = StageSettings(s.source_epochs, s.source_lr)
     sizes = {"n_train": s.source_train, "n_val": max(s.source_train // 5, 32), "n_test": 64}
     generic_task = make_task("generic", image_size=s.image_size, seed=s.seed, **sizes)
     related_task = make_task("related_a", image_size=s.image_size, seed=s.seed, **sizes)

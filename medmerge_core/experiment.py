@@ -24,12 +24,13 @@ from torch import nn
 from medmerge_core.config import ExperimentConfig, differences, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
+from medmerge_core.inmerge import inmerge_
 from medmerge_core.io import atomic_savez, atomic_write_json, atomic_write_text, load_torch_file
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
-from medmerge_core.probe import UNIFORM, ProbeSettings, learn_merge
+from medmerge_core.probe import UNIFORM, learn_merge
+from medmerge_core.settings import ProbeSettings, StageSettings
 from medmerge_core.train import (
     Runtime,
-    StageConfig,
     StepHook,
     TensorBatches,
     extract_features,
@@ -74,7 +75,7 @@ class RunContext:
         model: nn.Module,
         method: str,
         stage: str,
-        settings: StageConfig,
+        settings: StageSettings,
         train: Any,
         val: Any,
         before_step: StepHook | None = None,
@@ -95,18 +96,9 @@ class RunContext:
         ).summary()
 
     def inmerge_hook(self) -> StepHook | None:
-        settings = self.config.inmerge
-        if settings is None:
+        config = self.config.inmerge
+        if config is None:
             return None
-        from medmerge_core.inmerge import InMergeConfig, inmerge_
-
-        config = InMergeConfig(
-            p=settings.p,
-            tau=settings.tau,
-            alpha=settings.alpha,
-            skip_layers=settings.skip_layers,
-            start_epoch=settings.start_epoch,
-        )
         generator = torch.Generator()
         seeded_for = [-1]
 
@@ -148,7 +140,7 @@ class RunContext:
     def finetune(self, model: nn.Module, method: str) -> dict[str, Any]:
         c = self.config
         train, val, _ = self.loaders()
-        settings = StageConfig(c.ft.epochs, c.ft.lr, c.ft.weight_decay)
+        settings = c.ft
         return self.stage(model, method, "ft", settings, train, val, self.inmerge_hook())
 
 
@@ -172,7 +164,7 @@ def _lp_ft(ctx: RunContext, method: str, source: str) -> tuple[nn.Module, dict[s
         head,
         method,
         "lp",
-        StageConfig(c.lp.epochs, c.lp.lr, c.lp.weight_decay),
+        c.lp,
         TensorBatches(train_x, train_y, c.batch_size, shuffle=True, seed=c.seed),
         TensorBatches(val_x, val_y, c.eval_batch_size, shuffle=False),
     )

@@ -43,73 +43,26 @@ not merged stay bit for bit unchanged.
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from medmerge_core.errors import InputError
+from medmerge_core.models import StateDict, conv_layers
+from medmerge_core.settings import InMergeSettings
 
 __all__ = [
-    "InMergeConfig",
+    "InMergeSettings",
     "InMergeStats",
-    "conv_layers",
-    "conv_weight_keys",
+    "apply_inmerge",
     "inmerge_",
     "inmerge_state_dict",
     "merge_kernels",
 ]
 
 _EPS = 1e-12  # Guards the cosine against zero-norm kernels (their cosine becomes 0).
-
-
-@dataclass(frozen=True)
-class InMergeConfig:
-    """InMerge hyper-parameters (defaults from the paper).
-
-    p: probability that a kernel draws a partner. tau: cosine threshold (strictly greater merges).
-    alpha: weight kept by the kernel itself. skip_layers: number of leading conv layers never
-    merged (L_s). start_epoch: first training epoch in which the training loop applies InMerge
-    (see ``active``); the merge functions themselves ignore it.
-    """
-
-    p: float = 0.3
-    tau: float = 0.3
-    alpha: float = 0.8
-    skip_layers: int = 10
-    start_epoch: int = 0
-
-    def __post_init__(self) -> None:
-        # Normalised to plain float/int so numpy scalars from YAML or sweeps behave the same.
-        for name, low, high in (("p", 0.0, 1.0), ("tau", -1.0, 1.0), ("alpha", 0.0, 1.0)):
-            object.__setattr__(self, name, _check_real(name, getattr(self, name), low, high))
-        for name in ("skip_layers", "start_epoch"):
-            object.__setattr__(self, name, _check_count(name, getattr(self, name)))
-
-    def active(self, epoch: int) -> bool:
-        """Whether InMerge should run in ``epoch`` (0-based), so loops share one rule."""
-        return epoch >= self.start_epoch
-
-
-def _check_real(name: str, value: object, low: float, high: float) -> float:
-    ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and low <= value <= high
-    )
-    if not ok:
-        raise InputError(f"inmerge.{name}: must be in [{low:g}, {high:g}], got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value: object) -> int:
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0):
-        raise InputError(f"inmerge.{name}: must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -155,7 +108,7 @@ def _compact_on_host(device: torch.device) -> bool:
 
 
 def _merge_layer(
-    weight: Tensor, config: InMergeConfig, generator: torch.Generator, inplace: bool
+    weight: Tensor, config: InMergeSettings, generator: torch.Generator, inplace: bool
 ) -> tuple[Tensor, int, Tensor]:
     """Core of InMerge on one conv weight: returns (weight, kernels drawn, kernels merged).
 
@@ -207,7 +160,7 @@ def _merge_layer(
 
 
 def merge_kernels(
-    weight: Tensor, config: InMergeConfig, generator: torch.Generator
+    weight: Tensor, config: InMergeSettings, generator: torch.Generator
 ) -> tuple[Tensor, int, int]:
     """InMerge on a single conv weight ``[C_out, ...]``, ignoring ``skip_layers``.
 
@@ -222,28 +175,7 @@ def merge_kernels(
     return out, drawn, int(merged.item())
 
 
-def conv_layers(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
-    """Every ``nn.Conv2d`` with its qualified name, in ``model.modules()`` order (InMerge order)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            yield name, module
-
-
-def conv_weight_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the Conv2d weights in InMerge layer order, for ``inmerge_state_dict``.
-
-    Keys follow ``model.state_dict()`` naming; a parametrized conv weight (whose state-dict key is
-    ``...parametrizations.weight.original``) is not supported and raises a ValueError.
-    """
-    keys = []
-    for name, module in conv_layers(model):
-        if "weight" not in module._parameters:
-            raise ValueError(f"{name}: conv weight is not a plain parameter (parametrized?)")
-        keys.append(f"{name}.weight" if name else "weight")
-    return keys
-
-
-def inmerge_(model: nn.Module, config: InMergeConfig, generator: torch.Generator) -> InMergeStats:
+def inmerge_(model: nn.Module, config: InMergeSettings, generator: torch.Generator) -> InMergeStats:
     """Apply InMerge in place to every eligible Conv2d of ``model``; call before a training step.
 
     A no-op (zero stats, no randomness consumed) when ``model.training`` is False, so evaluation
@@ -270,7 +202,7 @@ def inmerge_(model: nn.Module, config: InMergeConfig, generator: torch.Generator
 def inmerge_state_dict(
     state: Mapping[str, Tensor],
     conv_weight_keys: Sequence[str],
-    config: InMergeConfig,
+    config: InMergeSettings,
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
     """Return a new state dict with InMerge applied to the listed conv weights (in that order).
@@ -301,3 +233,17 @@ def inmerge_state_dict(
                 continue
             out[key], _, _ = _merge_layer(state[key], config, generator, inplace=False)
     return out
+
+
+def apply_inmerge(
+    state: Mapping[str, torch.Tensor],
+    conv_keys: Sequence[str],
+    config: InMergeSettings,
+    generator: torch.Generator,
+) -> tuple[StateDict, int]:
+    """InMerge on an aggregate; returns (new state, kernels changed) for the round log."""
+    merged = inmerge_state_dict(state, conv_keys, config, generator)
+    changed = sum(
+        int((merged[k] != state[k]).flatten(1).any(1).sum()) for k in conv_keys if k in state
+    )
+    return merged, changed

@@ -35,13 +35,11 @@ from torch import nn
 from torch.func import functional_call
 
 from medmerge_core.errors import InputError
-from medmerge_core.models import StateDict, head_name
+from medmerge_core.models import NORM_TYPES, StateDict, head_name, mergeable_keys
+from medmerge_core.settings import CONSTRAINTS, GRANULARITIES
 
 Granularity = Literal["kernel", "layer", "parameter"]
-GRANULARITIES: tuple[str, ...] = ("kernel", "layer", "parameter")
 Constraint = Literal["none", "clamp", "softmax"]
-CONSTRAINTS: tuple[str, ...] = ("none", "clamp", "softmax")
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def coefficient_shape(weight_shape: torch.Size, granularity: Granularity) -> tuple[int, ...]:
@@ -107,17 +105,6 @@ def combine_source_major(stack: torch.Tensor, free: torch.Tensor) -> torch.Tenso
     for i in range(d - 1):
         out = torch.addcmul(out, w[i], stack[i])
     return out
-
-
-def mergeable_keys(model: nn.Module) -> list[tuple[str, str | None]]:
-    """(weight key, bias key or None) of every Conv2d and backbone Linear, in module order."""
-    head = head_name(model)
-    pairs = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and name != head:
-            bias = f"{name}.bias" if module.bias is not None else None
-            pairs.append((f"{name}.weight", bias))
-    return pairs
 
 
 def check_sources(sources: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ from medmerge_core.io import atomic_torch_save, load_torch_file
 
 log = logging.getLogger(__name__)
 
+# Normalisation layers: FedBN keeps them local, the probe may freeze them.
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 StateDict = dict[str, torch.Tensor]
 
 # Architectures whose head and stem we know how to swap. Any torchvision classification model
@@ -274,3 +276,44 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     backbone = copy.deepcopy(model)
     _set_module(backbone, name, nn.Identity())
     return backbone, head
+
+
+def mergeable_keys(model: nn.Module) -> list[tuple[str, str | None]]:
+    """(weight key, bias key or None) of every Conv2d and backbone Linear, in module order."""
+    head = head_name(model)
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and name != head:
+            bias = f"{name}.bias" if module.bias is not None else None
+            pairs.append((f"{name}.weight", bias))
+    return pairs
+
+
+def conv_layers(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
+    """Every ``nn.Conv2d`` with its qualified name, in ``model.modules()`` order (InMerge order)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            yield name, module
+
+
+def conv_weight_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the Conv2d weights in InMerge layer order, for ``inmerge_state_dict``.
+
+    Keys follow ``model.state_dict()`` naming; a parametrized conv weight (whose state-dict key is
+    ``...parametrizations.weight.original``) is not supported and raises a ValueError.
+    """
+    keys = []
+    for name, module in conv_layers(model):
+        if "weight" not in module._parameters:
+            raise ValueError(f"{name}: conv weight is not a plain parameter (parametrized?)")
+        keys.append(f"{name}.weight" if name else "weight")
+    return keys
+
+
+def norm_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of every normalisation layer (affine params and running stats)."""
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            keys += [f"{name}.{k}" for k in module.state_dict()]
+    return keys

@@ -15,7 +15,8 @@ from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
 from medmerge_core.io import load_torch_file
 from medmerge_core.models import StateDict, backbone_keys, build_model, save_checkpoint
-from medmerge_core.train import Runtime, StageConfig, evaluate, fit
+from medmerge_core.settings import StageSettings
+from medmerge_core.train import Runtime, evaluate, fit
 
 
 def _digest(state: StateDict, keys: list[str]) -> str:
@@ -31,7 +32,7 @@ def _digest(state: StateDict, keys: list[str]) -> str:
 def pretrain_settings(
     arch: str,
     task: TaskData,
-    stage: StageConfig,
+    stage: StageSettings,
     *,
     init: StateDict | None = None,
     init_keys: list[str] | None = None,
@@ -70,7 +71,7 @@ def pretrain_source(
     arch: str,
     task: TaskData,
     out: Path,
-    stage: StageConfig,
+    stage: StageSettings,
     runtime: Runtime,
     *,
     init: StateDict | None = None,

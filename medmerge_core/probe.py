@@ -14,71 +14,13 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_savez, atomic_write_json
-from medmerge_core.merge import (
-    CONSTRAINTS,
-    GRANULARITIES,
-    MergedModel,
-    coefficient_summary,
-)
+from medmerge_core.merge import MergedModel, coefficient_summary
 from medmerge_core.models import StateDict
-from medmerge_core.train import Batches, FitResult, Runtime, StageConfig, fit
+from medmerge_core.settings import ProbeSettings
+from medmerge_core.train import Batches, FitResult, Runtime, fit
 
 log = logging.getLogger(__name__)
-
-# Chosen on validation data (RESULTS.md, "Probe settings sweep"): with Adam the coefficients
-# move at most about coef_lr per step, so the budget and the rate together set how far the
-# merge can go.
-DEFAULT_COEF_LR = 1e-2
-DEFAULT_STEPS = 300
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """The probe's own settings: the `merge:` config block and the federation's merge-* keys.
-
-    The budget is `steps` optimiser steps or `epochs` (not both); with neither, DEFAULT_STEPS.
-    BN and the head train with the LP learning rate and weight decay; the coefficients with
-    `coef_lr` and no weight decay.
-    """
-
-    granularity: str = "kernel"
-    freeze_bn: bool = False
-    constraint: str = "none"
-    coef_lr: float = DEFAULT_COEF_LR
-    steps: int | None = None
-    epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise InputError(
-                f"merge.granularity: unknown '{self.granularity}'; expected one of {GRANULARITIES}"
-            )
-        if self.constraint not in CONSTRAINTS:
-            raise InputError(
-                f"merge.constraint: unknown '{self.constraint}'; expected one of {CONSTRAINTS}"
-            )
-        if not self.coef_lr > 0:
-            raise InputError(f"merge.coef_lr: must be > 0, got {self.coef_lr}")
-        for key in ("steps", "epochs"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise InputError(f"merge.{key}: must be >= 0, got {value}")
-        if self.steps is not None and self.epochs is not None:
-            raise InputError("merge: give the probe budget as steps or as epochs, not both")
-
-    def stage(self, lr: float, weight_decay: float) -> StageConfig:
-        """The probe's stage: its budget, with BN and head at (lr, weight_decay)."""
-        if self.epochs is not None:
-            return StageConfig(self.epochs, lr, weight_decay)
-        steps = DEFAULT_STEPS if self.steps is None else self.steps
-        return StageConfig(0, lr, weight_decay, steps=steps)
-
-    @property
-    def trains(self) -> bool:
-        return (self.epochs if self.epochs is not None else self.steps) != 0
-
 
 UNIFORM = ProbeSettings(steps=0)  # Avg+FT: the merge at its 1/d initialisation, untrained
 

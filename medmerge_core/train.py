@@ -7,7 +7,6 @@ uses uniformly; the loop itself never branches on the device (timm's approach).
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +23,7 @@ from torch import nn
 from medmerge_core.errors import InputError, NonFiniteLossError
 from medmerge_core.io import append_jsonl, atomic_torch_save, load_torch_file
 from medmerge_core.metrics import classification_metrics
+from medmerge_core.settings import StageSettings
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 StepHook = Callable[[nn.Module, int], None]
@@ -83,35 +83,6 @@ class Runtime:
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """Optimiser settings for one stage (LP, probe or FT): AdamW as in the paper.
-
-    The budget is `epochs`, or `steps` optimiser steps when given (a data-scarce target has few
-    steps per epoch): validation still runs after every full epoch and after the last step.
-    """
-
-    epochs: int
-    lr: float
-    weight_decay: float = 0.01
-    steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise InputError(f"epochs: must be >= 0, got {self.epochs}")
-        if self.steps is not None and self.steps < 0:
-            raise InputError(f"steps: must be >= 0, got {self.steps}")
-        if not self.lr > 0:
-            raise InputError(f"lr: must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise InputError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-
-    def num_epochs(self, steps_per_epoch: int) -> int:
-        if self.steps is None:
-            return self.epochs
-        return math.ceil(self.steps / max(steps_per_epoch, 1))
 
 
 @dataclass
@@ -213,7 +184,7 @@ def fit(
     model: nn.Module,
     train_batches: Batches,
     val_batches: Batches,
-    stage: StageConfig,
+    stage: StageSettings,
     runtime: Runtime,
     *,
     multilabel: bool = False,

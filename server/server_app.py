@@ -15,20 +15,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from medmerge_core.federation import (
-    FederationConfig,
-    FederationRun,
+from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.run import FederationRun, render, round_table
+from medmerge_core.federation.transport import (
     ModelInfo,
-    check_backbone,
-    check_coefficients,
-    check_update,
     compress,
     model_reference,
-    render,
     restore_dtypes,
-    round_table,
     transport_keys,
 )
+from medmerge_core.federation.validation import check_backbone, check_coefficients, check_update
 from medmerge_core.models import StateDict
 from server.strategy import MedMergeFedAvg, addressee
 

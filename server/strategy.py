@@ -17,15 +17,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from medmerge_core.federation import (
-    FederationConfig,
-    ModelInfo,
-    apply_inmerge,
-    compress,
-    model_reference,
-    restore_dtypes,
-    screen_replies,
-)
+from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.transport import ModelInfo, compress, model_reference, restore_dtypes
+from medmerge_core.federation.validation import screen_replies
+from medmerge_core.inmerge import apply_inmerge
 from medmerge_core.models import StateDict
 
 log = logging.getLogger("flwr")
@@ -147,9 +142,7 @@ class MedMergeFedAvg(FedAvg):
         if arrays is None:
             return None, metrics
         state = restore_dtypes(arrays.to_torch_state_dict(), self.meta)
-        if self.cfg.inmerge:
-            state, changed = apply_inmerge(
-                state, self.conv_keys, self.cfg.inmerge_config(), self.generator
-            )
+        if self.cfg.inmerge is not None:
+            state, changed = apply_inmerge(state, self.conv_keys, self.cfg.inmerge, self.generator)
             self.round_log["inmerge_kernels"] = changed
         return ArrayRecord(state), metrics

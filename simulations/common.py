@@ -1,4 +1,4 @@
-"""What both study drivers share: MedMNIST loading, subsets, mean ± std and RESULTS.md sections.
+"""What the study drivers share: MedMNIST loading, subsets, mean ± std and RESULTS.md sections.
 
 RESULTS.md holds one section per study between `<!-- key:start -->` and `<!-- key:end -->`
 markers. A driver rewrites only its own section, under a file lock and with an atomic
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmerge_core.data.base import ArraySplit, TaskData
+from medmerge_core.data.base import TaskData
+from medmerge_core.data.medmnist import load_medmnist
 from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_write_text
 
@@ -26,41 +27,15 @@ RESULTS_HEADER = (
     "Every number below was produced by a driver in `simulations/`; each section is rewritten\n"
     "by its driver (between its markers) and names the command that reproduces it.\n"
 )
-MEDMNIST_CLASSES = {
-    "breastmnist": ("malignant", "normal_or_benign"),
-    "pneumoniamnist": ("normal", "pneumonia"),
-}
 
 
 def load_medmnist_file(root: Path, flag: str) -> TaskData:
-    """The official MedMNIST .npz `root/<flag>.npz` as a TaskData (official splits).
-
-    Uses the core loader when it is installed; otherwise reads the documented .npz layout
-    (train/val/test _images and _labels) directly.
-    """
+    """The official MedMNIST .npz `root/<flag>.npz` as a TaskData (official splits), read by the
+    core's loader (its class names, checks and errors)."""
     path = Path(root) / f"{flag}.npz"
     if not path.is_file():
         raise InputError(f"--data-root: {path} not found (expected the MedMNIST .npz file)")
-    try:
-        from medmerge_core.data.medmnist import load_medmnist
-    except ImportError:
-        load_medmnist = None
-    if load_medmnist is not None:
-        return load_medmnist(str(path))
-    with np.load(path) as data:
-        splits = {
-            name: ArraySplit(
-                np.ascontiguousarray(data[f"{name}_images"], dtype=np.uint8),
-                np.asarray(data[f"{name}_labels"]).reshape(-1).astype(np.int64),
-            )
-            for name in ("train", "val", "test")
-        }
-    classes = MEDMNIST_CLASSES.get(flag)
-    if classes is None:
-        count = int(max(s.labels.max() for s in splits.values())) + 1
-        classes = tuple(f"class_{i}" for i in range(count))
-    return TaskData(flag, splits["train"], splits["val"], splits["test"], classes,
-                    notes={"source": str(path)})  # fmt: skip
+    return load_medmnist(str(path))
 
 
 def subsample_train(task: TaskData, limit: int | None, seed: int = 0) -> TaskData:

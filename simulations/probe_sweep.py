@@ -29,8 +29,9 @@ from medmerge_core.demo import DemoSettings, pretrain_demo_sources
 from medmerge_core.io import atomic_write_json
 from medmerge_core.models import build_model, load_source
 from medmerge_core.pretrain import pretrain_source
-from medmerge_core.probe import ProbeSettings, learn_merge
-from medmerge_core.train import Runtime, StageConfig
+from medmerge_core.probe import learn_merge
+from medmerge_core.settings import ProbeSettings, StageSettings
+from medmerge_core.train import Runtime
 from simulations.common import (
     command_line,
     load_medmnist_file,
@@ -49,7 +50,7 @@ def target_setup(
 ) -> tuple[str, TaskData, list[dict[str, torch.Tensor]], str]:
     """(arch, target task with val split, [source A, source B], description)."""
     source_dir = out / target / "sources"
-    stage = StageConfig(3, 1e-3)
+    stage = StageSettings(3, 1e-3)
     if target == "synthetic":
         arch = "resnet18"
         generic, related = pretrain_demo_sources(source_dir, DemoSettings(), runtime,

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medmerge_core.cifar_resnet import CIFAR10_PREFIX
-from medmerge_core.config import ExperimentConfig, ModelConfig, StageSettings
+from medmerge_core.config import ExperimentConfig, ModelConfig
 from medmerge_core.data.base import TaskData
 from medmerge_core.data.splits import check_label_budget
 from medmerge_core.data.synthetic import make_task
@@ -39,9 +39,16 @@ from medmerge_core.errors import InputError
 from medmerge_core.experiment import load_results, run_experiment
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
-from medmerge_core.probe import DEFAULT_COEF_LR, DEFAULT_STEPS, ProbeSettings
 from medmerge_core.report import layer_means_from_npz, method_label, plot_coefficient_heatmap
-from medmerge_core.train import Runtime, StageConfig
+from medmerge_core.settings import (
+    DEFAULT_COEF_LR,
+    DEFAULT_STEPS,
+    ProbeSettings,
+    StageSettings,
+    add_arguments,
+    from_arguments,
+)
+from medmerge_core.train import Runtime
 from simulations.common import (
     command_line,
     load_medmnist_file,
@@ -138,7 +145,7 @@ class Settings:
     synthetic_val: int = 200
     threads: int = 1
     report_only: bool = False
-    show_progress: bool = True
+    progress: bool = True
     argv: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -225,7 +232,7 @@ def prepare_sources(s: Settings, console: Console) -> dict[str, dict[str, Any]]:
     """Load or pretrain (once, cached) the sources the studies use; their specs and metrics."""
     runtime = Runtime.detect("auto")
     source_dir = s.run_root / "sources"
-    stage = StageConfig(s.source_epochs, s.source_lr)
+    stage = StageSettings(s.source_epochs, s.source_lr)
     needed = {name for spec in plan(s.studies) for name in spec.sources} - {"zeros"}
     info: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(source_order(s, needed)):
@@ -246,7 +253,7 @@ def prepare_sources(s: Settings, console: Console) -> dict[str, dict[str, Any]]:
         start = time.perf_counter()
         metrics = pretrain_source(
             s.arch, task, path, stage, runtime, init=init, batch_size=s.batch_size,
-            seed=index, show_progress=s.show_progress,
+            seed=index, show_progress=s.progress,
             init_spec=None if init_name is None else s.source_spec(init_name),
             data_spec={"dataset": dataset, "train": len(task.train)},
         )  # fmt: skip
@@ -313,7 +320,7 @@ def run_all(s: Settings, console: Console) -> dict[str, dict[int, dict[str, Any]
             else:
                 console.print(f"[bold]{spec.group}[/] seed {seed}: {spec.label}")
                 config = make_config(s, spec, seed, sources)
-                results = run_experiment(config, show_progress=s.show_progress)
+                results = run_experiment(config, show_progress=s.progress)
             if results:  # results.json is key-sorted: restore the plan's method order
                 order = [m for m in method_ids(spec) if m in results]
                 collected.setdefault(spec.group, {})[seed] = {m: results[m] for m in order}
@@ -673,14 +680,23 @@ def _budget_arg(text: str) -> float | int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+HELP = {
+    "data_root": "folder with the MedMNIST .npz files",
+    "out": "run folders (resumable)",
+    "arch": "resnet18, cifar_resnet56, densenet121, ...",
+    "target": "MedMNIST flag under --data-root",
+    "ablation_seeds": "default: --seeds",
+    "lp_lr": "paper: 1e-4",
+    "ft_lr": "paper: 1e-5",
+    "source_train": "cap on the training images of a MedMNIST pretraining source",
+    "report_only": "collect finished runs only",
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", type=Path, required=True, help="folder with the MedMNIST .npz")
-    p.add_argument("--out", type=Path, default=Settings.out, help="run folders (resumable)")
-    p.add_argument("--results", type=Path, default=Settings.results)
-    p.add_argument("--figures", type=Path, default=Settings.figures)
-    p.add_argument("--arch", default=Settings.arch, help="resnet18, cifar_resnet56, ...")
-    p.add_argument("--target", default=Settings.target, help="MedMNIST flag under --data-root")
+    add_arguments(p, Settings, skip=("sources", "label_budget", "studies", "argv"), help=HELP)
+    p.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES))
     p.add_argument(
         "--source", action="append", type=_source_arg, default=[], metavar="NAME=SPEC",
         help="A, B or C: a weights spec or pretrain:DATASET[@INIT] (default: "
@@ -690,38 +706,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         "--label-budget", type=_budget_arg,
         help="fraction (0, 1] or count of the target's training labels, per seed",
     )  # fmt: skip
-    p.add_argument("--image-size", type=int, default=Settings.image_size)
-    p.add_argument("--seeds", type=int, nargs="+", default=list(Settings.seeds))
-    p.add_argument("--ablation-seeds", type=int, nargs="+", help="default: --seeds")
-    p.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES))
-    p.add_argument("--lp-epochs", type=int, default=Settings.lp_epochs)
-    p.add_argument("--probe-steps", type=int, default=Settings.probe_steps)
-    p.add_argument("--coef-lr", type=float, default=Settings.coef_lr)
-    p.add_argument("--ft-epochs", type=int, default=Settings.ft_epochs)
-    p.add_argument("--lp-lr", type=float, default=Settings.lp_lr, help="paper: 1e-4")
-    p.add_argument("--ft-lr", type=float, default=Settings.ft_lr, help="paper: 1e-5")
-    p.add_argument("--batch-size", type=int, default=Settings.batch_size)
-    p.add_argument("--source-epochs", type=int, default=Settings.source_epochs)
-    p.add_argument("--source-lr", type=float, default=Settings.source_lr)
-    p.add_argument("--source-train", type=int, help="cap on Source B's training images")
-    p.add_argument("--synthetic-train", type=int, default=Settings.synthetic_train)
-    p.add_argument("--synthetic-val", type=int, default=Settings.synthetic_val)
-    p.add_argument("--threads", type=int, default=Settings.threads)
-    p.add_argument("--report-only", action="store_true", help="collect finished runs only")
-    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    return Settings(
-        data_root=a.data_root, out=a.out, results=a.results, figures=a.figures, arch=a.arch,
-        image_size=a.image_size, seeds=tuple(a.seeds), target=a.target,
+    return from_arguments(
+        Settings, a, studies=tuple(a.studies), label_budget=a.label_budget,
         sources=tuple({**dict(DEFAULT_SOURCES), **dict(a.source)}.items()),
-        label_budget=a.label_budget,
-        ablation_seeds=tuple(a.ablation_seeds) if a.ablation_seeds else None,
-        studies=tuple(a.studies), lp_epochs=a.lp_epochs, probe_steps=a.probe_steps,
-        coef_lr=a.coef_lr, lp_lr=a.lp_lr, ft_epochs=a.ft_epochs,
-        ft_lr=a.ft_lr, batch_size=a.batch_size, source_epochs=a.source_epochs,
-        source_lr=a.source_lr, source_train=a.source_train, synthetic_train=a.synthetic_train,
-        synthetic_val=a.synthetic_val,
-        threads=a.threads, report_only=a.report_only, show_progress=not a.no_progress,
         argv=tuple(argv or ()),
     )  # fmt: skip
 

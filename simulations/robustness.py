@@ -26,13 +26,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from medmerge_core.config import ExperimentConfig, InMergeSettings, ModelConfig, StageSettings
+from medmerge_core.config import ExperimentConfig, ModelConfig
 from medmerge_core.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from medmerge_core.data.base import ArraySplit, BatchLoader, TaskData
 from medmerge_core.experiment import load_results, run_experiment
-from medmerge_core.inmerge import InMergeConfig, inmerge_
-from medmerge_core.io import atomic_write_json
+from medmerge_core.inmerge import inmerge_
+from medmerge_core.io import atomic_write_json, load_torch_file
 from medmerge_core.models import build_model, load_source
+from medmerge_core.settings import InMergeSettings, StageSettings, add_arguments, from_arguments
 from medmerge_core.train import Runtime, evaluate
 from simulations.common import (
     command_line,
@@ -63,14 +64,10 @@ class Settings:
     lr: float = 1e-4
     batch_size: int = 32
     max_train: int | None = None  # cap on training images per dataset (seeded subset)
-    p: float = 0.3
-    tau: float = 0.3
-    alpha: float = 0.8
-    skip_layers: int = 10
-    start_epoch: int = 0
+    inmerge: InMergeSettings = field(default_factory=InMergeSettings)  # --p, --tau, ...
     threads: int = 1
     report_only: bool = False
-    show_progress: bool = True
+    progress: bool = True
     argv: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -88,6 +85,10 @@ def corrupted_tests(test: ArraySplit) -> dict[str, ArraySplit]:
     return splits
 
 
+def _fine_tuned(run_dir: Path) -> dict[str, Any]:
+    return load_torch_file(run_dir / "checkpoints" / "ft_init.pt", "unreadable fine-tuned model")
+
+
 def evaluate_conditions(
     run_dir: Path, s: Settings, task: TaskData, tests: Mapping[str, ArraySplit]
 ) -> dict[str, dict[str, float]]:
@@ -97,8 +98,7 @@ def evaluate_conditions(
         saved = json.loads(cache.read_text(encoding="utf-8"))
         if set(saved) == set(tests):
             return saved
-    saved_model = torch.load(run_dir / "checkpoints" / "ft_init.pt", map_location="cpu",
-                             weights_only=True)  # fmt: skip
+    saved_model = _fine_tuned(run_dir)
     model = build_model(s.arch, task.num_classes, task.in_channels)
     model.load_state_dict(saved_model["state_dict"])
     runtime = Runtime.detect("auto")
@@ -125,16 +125,12 @@ def inmerge_activity(s: Settings, task: TaskData, state: Mapping[str, torch.Tens
     full = model.state_dict()
     full.update(state)
     model.load_state_dict(full)
-    config = InMergeConfig(p=s.p, tau=s.tau, alpha=s.alpha, skip_layers=s.skip_layers)
-    stats = inmerge_(model.train(), config, torch.Generator().manual_seed(0))
+    stats = inmerge_(model.train(), s.inmerge, torch.Generator().manual_seed(0))
     return f"{stats.kernels_merged} of {stats.kernels_drawn} drawn kernels in {stats.layers} layers"
 
 
 def make_config(s: Settings, dataset: str, variant: str, seed: int) -> ExperimentConfig:
-    inmerge = None
-    if variant == "inmerge":
-        inmerge = InMergeSettings(p=s.p, tau=s.tau, alpha=s.alpha, skip_layers=s.skip_layers,
-                                  start_epoch=s.start_epoch)  # fmt: skip
+    inmerge = s.inmerge if variant == "inmerge" else None
     return ExperimentConfig(
         name=f"{dataset}-{variant}-seed{seed}",
         output_dir=str(s.run_root),
@@ -170,15 +166,13 @@ def run_all(
                 ):
                     continue  # report only seeds where both variants finished
                 console.print(f"[bold]{dataset}[/] {variant} seed {seed}")
-                results = run_experiment(config, task=task, show_progress=s.show_progress)
+                results = run_experiment(config, task=task, show_progress=s.progress)
                 metrics = evaluate_conditions(run_dir, s, task, tests)
                 metrics["_train"] = {"seconds": results["ft:init"]["seconds"],
                                      "train_images": len(task.train)}  # fmt: skip
                 collected.setdefault(dataset, {}).setdefault(variant, []).append(metrics)
                 if variant == "inmerge" and "end" not in activity:
-                    saved = torch.load(run_dir / "checkpoints" / "ft_init.pt", map_location="cpu",
-                                       weights_only=True)  # fmt: skip
-                    activity["end"] = inmerge_activity(s, task, saved["state_dict"])
+                    activity["end"] = inmerge_activity(s, task, _fine_tuned(run_dir)["state_dict"])
                     activity["end_seed"] = str(seed)
         if dataset not in collected:
             continue
@@ -205,8 +199,9 @@ def render(s: Settings, collected: Mapping[str, Any]) -> str:
         f"fine-tuned from `{Path(s.init).name if '/' in s.init else s.init}` by the core FT "
         f"pipeline: AdamW lr {s.lr:g}, {s.epochs} epochs, batch {s.batch_size}, no "
         "augmentation, best epoch on validation macro-F1, CPU fp32. InMerge: p "
-        f"{s.p:g}, tau {s.tau:g}, alpha {s.alpha:g}, skip_layers {s.skip_layers}, from epoch "
-        f"{s.start_epoch}, before every training step. A seed sets the head init, batch order "
+        f"{s.inmerge.p:g}, tau {s.inmerge.tau:g}, alpha {s.inmerge.alpha:g}, skip_layers "
+        f"{s.inmerge.skip_layers}, from epoch {s.inmerge.start_epoch}, before every training "
+        "step. A seed sets the head init, batch order "
         "and InMerge draws; seeds finished (both variants; planned "
         f"{list(s.seeds)}): "
         + ", ".join(f"{d} {len(runs['baseline'])}" for d, runs in collected.items())
@@ -299,37 +294,20 @@ def run_study(s: Settings, console: Console | None = None) -> Path:
     return s.results
 
 
+HELP = {
+    "data_root": "folder with the MedMNIST .npz files",
+    "init": "checkpoint path or random:SEED",
+    "max_train": "cap on training images per dataset",
+    "report_only": "report finished runs only",
+}
+
+
 def parse_args(argv: Sequence[str]) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", type=Path, required=True, help="folder with the MedMNIST .npz")
-    p.add_argument("--out", type=Path, default=Settings.out)
-    p.add_argument("--results", type=Path, default=Settings.results)
+    add_arguments(p, Settings, skip=("datasets", "argv"), help=HELP, prefixes={"inmerge": ""})
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    p.add_argument("--seeds", type=int, nargs="+", default=list(Settings.seeds))
-    p.add_argument("--arch", default=Settings.arch)
-    p.add_argument("--image-size", type=int, default=Settings.image_size)
-    p.add_argument("--init", default=Settings.init, help="checkpoint path or random:SEED")
-    p.add_argument("--epochs", type=int, default=Settings.epochs)
-    p.add_argument("--lr", type=float, default=Settings.lr)
-    p.add_argument("--batch-size", type=int, default=Settings.batch_size)
-    p.add_argument("--max-train", type=int, help="cap on training images per dataset")
-    p.add_argument("--p", type=float, default=Settings.p)
-    p.add_argument("--tau", type=float, default=Settings.tau)
-    p.add_argument("--alpha", type=float, default=Settings.alpha)
-    p.add_argument("--skip-layers", type=int, default=Settings.skip_layers)
-    p.add_argument("--start-epoch", type=int, default=Settings.start_epoch)
-    p.add_argument("--threads", type=int, default=Settings.threads)
-    p.add_argument("--report-only", action="store_true", help="report finished runs only")
-    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    return Settings(
-        data_root=a.data_root, out=a.out, results=a.results, datasets=tuple(a.datasets),
-        seeds=tuple(a.seeds), arch=a.arch, image_size=a.image_size, init=a.init,
-        epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_train=a.max_train, p=a.p,
-        tau=a.tau, alpha=a.alpha, skip_layers=a.skip_layers, start_epoch=a.start_epoch,
-        threads=a.threads, report_only=a.report_only, show_progress=not a.no_progress,
-        argv=tuple(argv),
-    )  # fmt: skip
+    return from_arguments(Settings, a, datasets=tuple(a.datasets), argv=tuple(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,16 +16,18 @@ from torch import nn
 
 from medmerge_core.cifar_resnet import CifarResNet, resolve_cifar10_source, weight_folders
 from medmerge_core.errors import InputError
-from medmerge_core.inmerge import InMergeConfig, inmerge_
-from medmerge_core.merge import MergedModel, mergeable_keys
+from medmerge_core.inmerge import inmerge_
+from medmerge_core.merge import MergedModel
 from medmerge_core.models import (
     backbone_keys,
     build_model,
     head_name,
     identify_arch,
     load_source,
+    mergeable_keys,
     stem_conv_name,
 )
+from medmerge_core.settings import InMergeSettings
 
 WEIGHTS = (Path(__file__).resolve().parents[1] / ".." / "shared/weights/cifar10_resnet").resolve()
 FILES = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}
@@ -161,7 +163,7 @@ def test_inmerge_changes_deep_kernels_only() -> None:
     torch.manual_seed(0)
     model = build_model("cifar_resnet20", 2, 1).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = InMergeConfig(p=1.0, tau=-1.0)  # skip_layers=10 by default
+    config = InMergeSettings(p=1.0, tau=-1.0)  # skip_layers=10 by default
     stats = inmerge_(model, config, torch.Generator().manual_seed(0))
     convs = [w for w, _ in mergeable_keys(model)]
     assert stats.layers == len(convs) - config.skip_layers == 9

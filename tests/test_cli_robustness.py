@@ -16,7 +16,8 @@ from medmerge_core.cli import main
 from medmerge_core.config import load_config
 from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_torch_save, atomic_write_text, load_torch_file
-from medmerge_core.train import Runtime, StageConfig
+from medmerge_core.settings import StageSettings
+from medmerge_core.train import Runtime
 
 CONFIG = (
     "name: x\n"
@@ -245,7 +246,7 @@ def test_pretrain_refuses_a_file_without_recorded_settings(tmp_path, capsys) -> 
 def test_library_callers_keep_reusing_old_files_and_resume(tiny_task, tmp_path, monkeypatch):
     from medmerge_core.models import build_model, save_checkpoint
 
-    out, stage, cpu = tmp_path / "src.pt", StageConfig(1, 1e-3), Runtime.detect("cpu")
+    out, stage, cpu = tmp_path / "src.pt", StageSettings(1, 1e-3), Runtime.detect("cpu")
     # Interrupted after training: the .ckpt stays, and a rerun finishes from it.
     real_evaluate = pretrain.evaluate
     monkeypatch.setattr(pretrain, "evaluate", lambda *a, **k: (_ for _ in ()).throw(OSError))

@@ -7,31 +7,38 @@ import pytest
 import torch
 
 from medmerge_core.errors import InputError
-from medmerge_core.federation import (
-    FedBNStore,
-    FederationConfig,
-    FederationRun,
+from medmerge_core.federation.config import FederationConfig, node_settings
+from medmerge_core.federation.data import shard_task
+from medmerge_core.federation.run import FederationRun
+from medmerge_core.federation.site_state import FedBNStore, site_state_dir
+from medmerge_core.federation.transport import (
     ModelInfo,
     compress,
     model_reference,
-    node_settings,
     restore_dtypes,
-    screen_replies,
-    shard_task,
-    site_state_dir,
     transport_keys,
 )
+from medmerge_core.federation.validation import screen_replies
+from medmerge_core.settings import InMergeSettings, StageSettings
 
 
 def test_run_config_is_typed_and_typos_are_errors() -> None:
     cfg = FederationConfig.from_run_config({"rounds": 5, "ft-lr": 1, "sim-roles": "site, site"})
-    assert cfg.rounds == 5 and cfg.ft_lr == 1.0 and cfg.sim_roles == ("site", "site")
+    assert cfg.rounds == 5 and cfg.ft.lr == 1.0 and cfg.sim_roles == ("site", "site")
+    assert cfg.ft.epochs == 1 and cfg.pretrain == StageSettings(epochs=2, lr=1e-3)  # defaults kept
     with pytest.raises(InputError, match="unknown key 'round'"):
         FederationConfig.from_run_config({"round": 5})
     with pytest.raises(InputError, match="fedbn"):
         FederationConfig.from_run_config({"fedbn": "yes"})
-    with pytest.raises(InputError, match=r"inmerge\.p"):
+    with pytest.raises(InputError, match=r"^run config inmerge-p: must be in \[0, 1\]"):
         FederationConfig.from_run_config({"inmerge-p": 2.0})
+    with pytest.raises(InputError, match=r"run config local-epochs: renamed ft-epochs"):
+        FederationConfig.from_run_config({"local-epochs": 2})
+    switched = FederationConfig.from_run_config({"inmerge": False, "inmerge-tau": 0.1})
+    assert switched.inmerge is None
+    assert FederationConfig.from_run_config({"inmerge-tau": 0.1}).inmerge == InMergeSettings(
+        tau=0.1
+    )
 
 
 def test_roles_from_node_config_and_from_partition_id(tmp_path) -> None:
@@ -96,8 +103,8 @@ def test_dtypes_come_from_the_model_not_the_aggregate() -> None:
 def test_a_run_folder_refuses_a_different_config(tmp_path) -> None:
     FederationRun(FederationConfig(output_dir=str(tmp_path), rounds=2))
     FederationRun(FederationConfig(output_dir=str(tmp_path), rounds=5))  # more rounds: resume
-    with pytest.raises(InputError, match="ft_lr"):
-        FederationRun(FederationConfig(output_dir=str(tmp_path), ft_lr=0.5))
+    with pytest.raises(InputError, match=r"differs in ft\.lr\)"):
+        FederationRun(FederationConfig(output_dir=str(tmp_path), ft=StageSettings(1, 0.5)))
 
 
 def test_a_site_keeps_its_fedbn_layers_per_round_on_its_own_disk(tmp_path) -> None:

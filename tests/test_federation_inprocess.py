@@ -21,7 +21,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.client_app import app as client_app
-from medmerge_core.federation import ModelInfo, model_reference, state_digest
+from medmerge_core.federation.run import state_digest
+from medmerge_core.federation.transport import ModelInfo, model_reference
 from medmerge_core.models import backbone_keys, build_model
 from server.inprocess import InProcessGrid
 from server.server_app import run_federation
@@ -32,7 +33,7 @@ ARCH = "shufflenet_v2_x0_5"  # 1.4M parameters: the smallest torchvision CNN wit
 def run_config(tmp_path, **overrides) -> dict:
     base = {
         "output-dir": str(tmp_path), "arch": ARCH, "image-size": 16, "synthetic-n-train": 32,
-        "synthetic-n-val": 16, "synthetic-n-test": 16, "rounds": 2, "merge-steps": 0,
+        "synthetic-n-val": 16, "synthetic-n-test": 16, "rounds": 2,
         "merge-epochs": 1, "min-sites": 2, "inmerge-tau": -1.0, "batch-size": 16,
     }  # fmt: skip
     return {**base, **overrides}

@@ -158,7 +158,7 @@ def tiny_run(tmp_path: Path, **extra: object) -> str:
     settings = {
         "output-dir": f'"{tmp_path / "runs"}"', "arch": '"shufflenet_v2_x0_5"', "image-size": 16,
         "synthetic-n-train": 16, "synthetic-n-val": 8, "synthetic-n-test": 8, "rounds": 1,
-        "min-sites": 1, "merge-steps": 0, "merge-epochs": 1, "batch-size": 8, "timeout": 600.0,
+        "min-sites": 1, "merge-epochs": 1, "batch-size": 8, "timeout": 600.0,
         **extra,
     }  # fmt: skip
     return " ".join(f"{k}={v}" for k, v in settings.items())

@@ -17,14 +17,9 @@ import torchvision
 from torch import Tensor, nn
 
 from medmerge_core.errors import InputError
-from medmerge_core.inmerge import (
-    InMergeConfig,
-    InMergeStats,
-    conv_weight_keys,
-    inmerge_,
-    inmerge_state_dict,
-    merge_kernels,
-)
+from medmerge_core.inmerge import InMergeStats, inmerge_, inmerge_state_dict, merge_kernels
+from medmerge_core.models import conv_weight_keys
+from medmerge_core.settings import InMergeSettings, build
 
 ALL = {"p": 1.0, "tau": -1.0, "skip_layers": 0}  # Every kernel draws a partner and merges.
 
@@ -84,7 +79,7 @@ def test_hand_built_layer_exact_result() -> None:
     # K0 . K3 = -1, K1 ~ K0 and K1 ~ K2 at cos 0.707, K0 _|_ K2. alpha=0.75 keeps values exact.
     conv = _conv_with([[1, 0], [1, 1], [0, 1], [-1, 0]])
     before = conv.weight.detach().clone().reshape(4, 2)
-    config = InMergeConfig(p=0.5, tau=0.3, alpha=0.75, skip_layers=0)
+    config = InMergeSettings(p=0.5, tau=0.3, alpha=0.75, skip_layers=0)
     seed = 31
     u, partner = _draws(seed, 4)
     drawn = (u < 0.5).tolist()
@@ -107,7 +102,7 @@ def test_hand_built_layer_exact_result() -> None:
 
 def test_simultaneous_update_when_two_kernels_pick_each_other() -> None:
     conv = _conv_with([[1, 0], [1, 1]])  # With C_out=2 each kernel must pick the other.
-    stats = inmerge_(conv, InMergeConfig(alpha=0.75, **ALL), _gen(0))
+    stats = inmerge_(conv, InMergeSettings(alpha=0.75, **ALL), _gen(0))
     # Sequential updates would give K1 = 0.75*[1,1] + 0.25*[1,0.25] = [1, 0.8125].
     assert torch.equal(conv.weight.detach().reshape(2, 2), torch.tensor([[1, 0.25], [1, 0.75]]))
     assert stats.kernels_merged == 2
@@ -117,7 +112,7 @@ def test_p1_tau_minus1_merges_every_kernel_with_its_drawn_partner() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 9, 3)
     before = conv.weight.detach().clone()
-    stats = inmerge_(conv, InMergeConfig(alpha=0.8, **ALL), _gen(5))
+    stats = inmerge_(conv, InMergeSettings(alpha=0.8, **ALL), _gen(5))
     after = conv.weight.detach()
     _, partner = _draws(5, 9)
     assert (partner != torch.arange(9)).all()
@@ -131,7 +126,7 @@ def test_p1_tau_minus1_merges_every_kernel_with_its_drawn_partner() -> None:
 def test_p0_merges_nothing() -> None:
     model = _conv_stack(0)
     before = _conv_weights(model)
-    stats = inmerge_(model, InMergeConfig(p=0.0, tau=-1.0, skip_layers=0), _gen(0))
+    stats = inmerge_(model, InMergeSettings(p=0.0, tau=-1.0, skip_layers=0), _gen(0))
     assert stats == InMergeStats(layers=4, kernels_drawn=0, kernels_merged=0)
     assert not any(_changed_layers(before, model))
 
@@ -140,14 +135,14 @@ def test_dissimilar_kernels_are_untouched() -> None:
     conv = nn.Conv2d(6, 6, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(torch.eye(6).reshape(6, 6, 1, 1))  # Mutually orthogonal: cos = 0.
-    stats = inmerge_(conv, InMergeConfig(p=1.0, tau=0.0, skip_layers=0), _gen(0))
+    stats = inmerge_(conv, InMergeSettings(p=1.0, tau=0.0, skip_layers=0), _gen(0))
     assert stats == InMergeStats(layers=1, kernels_drawn=6, kernels_merged=0)
     assert torch.equal(conv.weight.detach().reshape(6, 6), torch.eye(6))
     # Opposed kernels (cos = -0.89) are below tau = 0.3 too; tau = -1 merges them.
     anti = _conv_with([[1, 0], [-1, 0.5]])
-    kept = inmerge_(anti, InMergeConfig(p=1.0, tau=0.3, skip_layers=0), _gen(0))
+    kept = inmerge_(anti, InMergeSettings(p=1.0, tau=0.3, skip_layers=0), _gen(0))
     assert kept.kernels_merged == 0
-    assert inmerge_(anti, InMergeConfig(**ALL), _gen(0)).kernels_merged == 2
+    assert inmerge_(anti, InMergeSettings(**ALL), _gen(0)).kernels_merged == 2
 
 
 def test_single_output_channel_and_bias_untouched() -> None:
@@ -156,13 +151,13 @@ def test_single_output_channel_and_bias_untouched() -> None:
     w = single.weight.detach().clone()
     g = _gen(0)
     state = g.get_state()
-    assert inmerge_(single, InMergeConfig(**ALL), g) == InMergeStats(layers=1)
+    assert inmerge_(single, InMergeSettings(**ALL), g) == InMergeStats(layers=1)
     assert torch.equal(single.weight, w)
     assert torch.equal(g.get_state(), state)  # Nothing to merge: no randomness consumed.
 
     conv = nn.Conv2d(3, 8, 3, bias=True)
     bias = conv.bias.detach().clone()
-    inmerge_(conv, InMergeConfig(**ALL), _gen(0))
+    inmerge_(conv, InMergeSettings(**ALL), _gen(0))
     assert torch.equal(conv.bias, bias)
 
 
@@ -170,7 +165,7 @@ def test_single_output_channel_and_bias_untouched() -> None:
 def test_half_precision_matches_fp32_computation(dtype: torch.dtype) -> None:
     low = _conv_stack(0).to(dtype)
     ref = copy.deepcopy(low).float()  # Same values, upcast: the fp32 path InMerge must follow.
-    config = InMergeConfig(p=0.5, tau=0.0, skip_layers=0)
+    config = InMergeSettings(p=0.5, tau=0.0, skip_layers=0)
     s_low = inmerge_(low, config, _gen(3))
     s_ref = inmerge_(ref, config, _gen(3))
     assert s_low == s_ref and s_low.kernels_merged > 0
@@ -187,7 +182,7 @@ def test_fp16_cosine_does_not_overflow() -> None:
     conv = nn.Conv2d(64, 8, 3, bias=False).half()
     with torch.no_grad():
         conv.weight.copy_(weight)
-    stats = inmerge_(conv, InMergeConfig(p=1.0, tau=0.5, skip_layers=0), _gen(0))
+    stats = inmerge_(conv, InMergeSettings(p=1.0, tau=0.5, skip_layers=0), _gen(0))
     assert stats.kernels_merged == 8
     assert torch.isfinite(conv.weight).all()
 
@@ -202,7 +197,7 @@ def test_masked_update_path_matches_compacted_path(
 
     compact = _conv_stack(0).to(dtype)
     masked = copy.deepcopy(compact)
-    config = InMergeConfig(p=0.5, tau=0.0, skip_layers=1)
+    config = InMergeSettings(p=0.5, tau=0.0, skip_layers=1)
     s_compact = inmerge_(compact, config, _gen(4))
     monkeypatch.setattr(inmerge_module, "_compact_on_host", lambda device: False)
     s_masked = inmerge_(masked, config, _gen(4))
@@ -219,7 +214,7 @@ def test_masked_update_path_matches_compacted_path(
 def test_channels_last_gives_same_result() -> None:
     plain = _conv_stack(0)
     cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-    config = InMergeConfig(p=0.5, tau=0.0, skip_layers=1)
+    config = InMergeSettings(p=0.5, tau=0.0, skip_layers=1)
     assert inmerge_(plain, config, _gen(1)) == inmerge_(cl, config, _gen(1))
     for a, b in zip(_conv_weights(plain), _conv_weights(cl), strict=True):
         assert torch.equal(a, b)
@@ -231,7 +226,7 @@ def test_channels_last_gives_same_result() -> None:
 def test_shallow_layers_bit_for_bit_untouched() -> None:
     model = _conv_stack(0)
     before = _conv_weights(model)
-    stats = inmerge_(model, InMergeConfig(p=1.0, tau=-1.0, skip_layers=2), _gen(0))
+    stats = inmerge_(model, InMergeSettings(p=1.0, tau=-1.0, skip_layers=2), _gen(0))
     assert _changed_layers(before, model) == [False, False, True, True]
     assert stats == InMergeStats(layers=2, kernels_drawn=48, kernels_merged=48)
 
@@ -241,15 +236,15 @@ def test_eval_mode_never_touches_weights() -> None:
     before = _conv_weights(model)
     g = _gen(0)
     state = g.get_state()
-    assert inmerge_(model, InMergeConfig(**ALL), g) == InMergeStats()
+    assert inmerge_(model, InMergeSettings(**ALL), g) == InMergeStats()
     assert not any(_changed_layers(before, model))
     assert torch.equal(g.get_state(), state)
     model.train()  # Sanity: the same call in training mode does merge.
-    assert inmerge_(model, InMergeConfig(**ALL), g).kernels_merged > 0
+    assert inmerge_(model, InMergeSettings(**ALL), g).kernels_merged > 0
 
 
 def test_same_seed_same_result_different_seed_differs() -> None:
-    config = InMergeConfig(p=0.5, tau=-1.0, skip_layers=0)
+    config = InMergeSettings(p=0.5, tau=-1.0, skip_layers=0)
     a, b, c = _conv_stack(0), _conv_stack(0), _conv_stack(0)
     inmerge_(a, config, _gen(7))
     inmerge_(b, config, _gen(7))
@@ -269,7 +264,7 @@ def test_state_dict_version_pure_and_equal_to_in_place() -> None:
     keys = conv_weight_keys(model)
     state = model.state_dict()  # Aliases the parameters: in-place edits would show here.
     snapshot = {k: v.clone() for k, v in state.items()}
-    config = InMergeConfig(p=0.3, tau=0.0, skip_layers=4)
+    config = InMergeSettings(p=0.3, tau=0.0, skip_layers=4)
 
     merged = inmerge_state_dict(state, keys, config, _gen(11))
 
@@ -290,14 +285,14 @@ def test_merge_kernels_leaves_input_alone() -> None:
     torch.manual_seed(0)
     w = torch.randn(8, 4, 3, 3)
     w0 = w.clone()
-    out, drawn, merged = merge_kernels(w, InMergeConfig(**ALL), _gen(0))
+    out, drawn, merged = merge_kernels(w, InMergeSettings(**ALL), _gen(0))
     assert torch.equal(w, w0) and not torch.equal(out, w)
     assert (drawn, merged) == (8, 8)
 
 
 def test_state_dict_rejects_bad_keys() -> None:
     state = {"conv.weight": torch.randn(4, 3, 3, 3), "fc.weight": torch.randn(2, 4)}
-    config = InMergeConfig(skip_layers=0)
+    config = InMergeSettings(skip_layers=0)
     with pytest.raises(InputError, match=r"missing\.weight"):
         inmerge_state_dict(state, ["missing.weight"], config, _gen(0))
     with pytest.raises(InputError, match=r"fc\.weight: expected a 4-D"):
@@ -346,7 +341,7 @@ def test_torchvision_models(name: str) -> None:
     eligible = sum(w.shape[0] for w in before[10:])
 
     # p=1, tau=-1: every kernel of every layer from the 11th on merges; the first 10 never do.
-    stats = inmerge_(model, InMergeConfig(p=1.0, tau=-1.0, skip_layers=10), _gen(0))
+    stats = inmerge_(model, InMergeSettings(p=1.0, tau=-1.0, skip_layers=10), _gen(0))
     changed = _changed_layers(before, model)
     assert sum(changed) == CONV_COUNTS[name] - 10
     assert changed[:10] == [False] * 10 and changed[-1]
@@ -357,7 +352,7 @@ def test_torchvision_models(name: str) -> None:
     # almost nothing. tau = 0 keeps the gate meaningful (it rejects about half of the drawn
     # pairs) while deep layers change: ~p/2 = 15% of eligible kernels should merge.
     _restore(model, before)
-    stats = inmerge_(model, InMergeConfig(p=0.3, tau=0.0, alpha=0.8, skip_layers=10), _gen(0))
+    stats = inmerge_(model, InMergeSettings(p=0.3, tau=0.0, alpha=0.8, skip_layers=10), _gen(0))
     after = _conv_weights(model)
     changed = _changed_layers(before, model)
     assert changed[:10] == [False] * 10
@@ -376,7 +371,7 @@ def test_torchvision_models(name: str) -> None:
 
 def test_config_error_message_names_field() -> None:
     with pytest.raises(InputError) as info:
-        InMergeConfig(p=1.5)
+        build(InMergeSettings, {"p": 1.5}, "inmerge.")  # as the YAML config reads it
     assert str(info.value) == "inmerge.p: must be in [0, 1], got 1.5"
 
 
@@ -397,14 +392,13 @@ def test_config_error_message_names_field() -> None:
     ],
 )
 def test_invalid_config_fields(field: str, value: object) -> None:
-    with pytest.raises(InputError, match=rf"^inmerge\.{field}: "):
-        InMergeConfig(**{field: value})
+    with pytest.raises(InputError, match=rf"^{field}: "):
+        InMergeSettings(**{field: value})
 
 
-def test_config_defaults_and_active() -> None:
-    config = InMergeConfig(start_epoch=2)
+def test_config_defaults() -> None:
+    config = InMergeSettings(start_epoch=2)
     assert (config.p, config.tau, config.alpha, config.skip_layers) == (0.3, 0.3, 0.8, 10)
-    assert [config.active(e) for e in range(4)] == [False, False, True, True]
-    from_numpy = InMergeConfig(p=np.float32(0.5), skip_layers=np.int64(3))  # e.g. from a sweep
+    from_numpy = InMergeSettings(p=np.float32(0.5), skip_layers=np.int64(3))  # e.g. from a sweep
     assert (from_numpy.p, from_numpy.skip_layers) == (0.5, 3)
     assert type(from_numpy.p) is float and type(from_numpy.skip_layers) is int

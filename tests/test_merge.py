@@ -11,7 +11,8 @@ from medmerge_core.errors import InputError
 from medmerge_core.merge import MergedModel, merge_state_dicts
 from medmerge_core.models import build_model, load_source
 from medmerge_core.probe import write_merge_report
-from medmerge_core.train import Runtime, StageConfig, evaluate, fit
+from medmerge_core.settings import StageSettings
+from medmerge_core.train import Runtime, evaluate, fit
 
 
 def sources(arch: str = "resnet18", seeds: tuple[int, ...] = (1, 2), in_channels: int = 1):
@@ -144,7 +145,7 @@ def test_probe_step_trains_only_coefficients_bn_and_head(tiny_task) -> None:
     coefs = [c.detach().clone() for c in model.coefficients]
     bn = model.model.bn1.weight.detach().clone()
     head = model.model.fc.weight.detach().clone()
-    stage = StageConfig(epochs=1, lr=1e-2)
+    stage = StageSettings(epochs=1, lr=1e-2)
     one_batch = [next(iter(BatchLoader(tiny_task.train, 16, shuffle=True)))]
     fit(model, one_batch, one_batch, stage, Runtime.detect("cpu"), show_progress=False)
     for index in range(len(model.weight_keys)):  # frozen source stacks, bit for bit
@@ -166,7 +167,7 @@ def test_frozen_bn_stays_at_the_source_mean(tiny_task) -> None:
         model,
         one_batch,
         one_batch,
-        StageConfig(1, 1e-2),
+        StageSettings(1, 1e-2),
         Runtime.detect("cpu"),
         show_progress=False,
     )
@@ -182,7 +183,7 @@ def test_probe_lowers_validation_loss(tiny_task) -> None:
     train = BatchLoader(tiny_task.train, 16, shuffle=True)
     val = BatchLoader(tiny_task.val, 32)
     start = evaluate(model, val, runtime)["loss"]
-    fit(model, train, val, StageConfig(4, 3e-3), runtime, show_progress=False)
+    fit(model, train, val, StageSettings(4, 3e-3), runtime, show_progress=False)
     assert evaluate(model, val, runtime)["loss"] < start
 
 

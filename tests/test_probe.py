@@ -16,8 +16,9 @@ from medmerge_core.data.base import BatchLoader
 from medmerge_core.errors import InputError
 from medmerge_core.merge import MergedModel, coefficient_summary, project_to_simplex
 from medmerge_core.models import build_model, load_source, save_checkpoint
-from medmerge_core.probe import ProbeSettings, learn_merge
-from medmerge_core.train import Runtime, StageConfig, fit
+from medmerge_core.probe import learn_merge
+from medmerge_core.settings import ProbeSettings, StageSettings, build
+from medmerge_core.train import Runtime, fit
 
 
 class Interrupt(Exception):
@@ -66,7 +67,7 @@ def test_probe_equals_bake_on_the_gpu_code_paths(tiny_task, amp, channels_last) 
         merged,
         BatchLoader(tiny_task.train, 32, shuffle=True),
         BatchLoader(tiny_task.val, 32),
-        StageConfig(0, 1e-3, steps=2),
+        StageSettings(0, 1e-3, steps=2),
         runtime,
         param_groups=merged.parameter_groups(0.05, 1e-3, 0.01),
         show_progress=False,
@@ -158,7 +159,7 @@ def test_step_budget_counts_optimiser_steps(tiny_task) -> None:
         merged,
         BatchLoader(tiny_task.train, 32, shuffle=True),  # 2 steps per epoch: 2 + 2 + 1
         BatchLoader(tiny_task.val, 32),
-        StageConfig(0, 1e-3, steps=5),
+        StageSettings(0, 1e-3, steps=5),
         Runtime.detect("cpu"),
         param_groups=merged.parameter_groups(1e-2, 1e-3, 0.01),
         after_step=lambda: steps.append(1),
@@ -178,7 +179,7 @@ def test_step_budget_counts_optimiser_steps(tiny_task) -> None:
 )
 def test_bad_probe_settings_are_one_line_errors(settings, message) -> None:
     with pytest.raises(InputError, match=message):
-        ProbeSettings(**settings)
+        build(ProbeSettings, settings, "merge.")  # as the YAML config reads it
 
 
 def test_federation_probe_keys_reach_the_probe_settings() -> None:
@@ -186,10 +187,12 @@ def test_federation_probe_keys_reach_the_probe_settings() -> None:
 
     cfg = FederationConfig.from_run_config({"merge-steps": 7, "merge-coef-lr": 0.05,
                                             "merge-constraint": "clamp"})  # fmt: skip
-    assert cfg.probe_settings() == ProbeSettings(steps=7, coef_lr=0.05, constraint="clamp")
-    by_epochs = FederationConfig.from_run_config({"merge-steps": 7, "merge-epochs": 2})
-    assert by_epochs.probe_settings() == ProbeSettings(epochs=2)
-    with pytest.raises(InputError, match=r"run config merge.constraint"):
+    assert cfg.merge == ProbeSettings(steps=7, coef_lr=0.05, constraint="clamp")
+    by_epochs = FederationConfig.from_run_config({"merge-steps": 300, "merge-epochs": 2})
+    assert by_epochs.merge == ProbeSettings(epochs=2)  # the pyproject's steps, epochs > 0 win
+    with pytest.raises(InputError, match=r"run config merge-steps: .*not both"):
+        FederationConfig.from_run_config({"merge-steps": 7, "merge-epochs": 2})
+    with pytest.raises(InputError, match=r"run config merge-constraint"):
         FederationConfig.from_run_config({"merge-constraint": "simplex"})
 
 
@@ -273,7 +276,7 @@ def test_an_interrupted_probe_resumes_bit_for_bit(tiny_task, tmp_path) -> None:
             merged,
             BatchLoader(tiny_task.train, 16, shuffle=True, seed=3),
             BatchLoader(tiny_task.val, 32),
-            StageConfig(3, 1e-3),
+            StageSettings(3, 1e-3),
             runtime,
             param_groups=merged.parameter_groups(0.05, 1e-3, 0.01),
             after_step=merged.project_,

@@ -10,7 +10,8 @@ from medmerge_core.data.base import BatchLoader
 from medmerge_core.errors import NonFiniteLossError
 from medmerge_core.metrics import classification_metrics
 from medmerge_core.models import build_model
-from medmerge_core.train import Runtime, StageConfig, fit
+from medmerge_core.settings import StageSettings
+from medmerge_core.train import Runtime, fit
 
 
 class Interrupt(Exception):
@@ -34,7 +35,7 @@ def test_interrupted_fit_resumes_after_the_last_completed_epoch(tiny_task, tmp_p
             model,
             train,
             val,
-            StageConfig(3, 1e-3),
+            StageSettings(3, 1e-3),
             runtime,
             before_step=stop_in_epoch_2,
             checkpoint=ckpt,
@@ -50,7 +51,7 @@ def test_interrupted_fit_resumes_after_the_last_completed_epoch(tiny_task, tmp_p
         fresh,
         train,
         val,
-        StageConfig(3, 1e-3),
+        StageSettings(3, 1e-3),
         runtime,
         before_step=lambda m, e: seen.append(e),
         checkpoint=ckpt,
@@ -68,7 +69,7 @@ def test_best_epoch_by_validation_macro_f1_is_restored(tiny_task) -> None:
         model,
         BatchLoader(tiny_task.train, 32, shuffle=True),
         BatchLoader(tiny_task.val, 32),
-        StageConfig(3, 1e-3),
+        StageSettings(3, 1e-3),
         runtime,
         show_progress=False,
     )
@@ -89,7 +90,7 @@ def test_nan_loss_is_a_clear_error(tiny_task) -> None:
             model,
             BatchLoader(tiny_task.train, 32),
             BatchLoader(tiny_task.val, 32),
-            StageConfig(1, 1e-3),
+            StageSettings(1, 1e-3),
             Runtime.detect("cpu"),
             name="ft",
             before_step=poison,

@@ -9,25 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medmerge_core.errors import InputError
-from medmerge_core.inmerge import InMergeConfig
-from medmerge_core.probe import DEFAULT_COEF_LR, DEFAULT_STEPS, ProbeSettings
+from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings, from_flat
 
 ROLES: tuple[str, ...] = ("institution", "coordinator", "site")
 DP_MODES: tuple[str, ...] = ("none", "server", "client")
 # Settings that may change between a run and its resumption without invalidating it.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({"rounds", "timeout", "device", "output_dir"})
+# Run-config keys that were renamed: a one-line pointer instead of "unknown key".
+RENAMED_KEYS = {
+    "local-epochs": "renamed ft-epochs",
+    "weight-decay": "now per phase: pretrain-weight-decay, merge-weight-decay, ft-weight-decay",
+}
 
 
 @dataclass(frozen=True)
 class FederationConfig:
     """The run config (`[tool.flwr.app.config]` plus `-c` overrides), typed and checked.
 
-    Keys are the field names with '-' for '_'. Tuples are comma-separated strings.
+    Flat dashed keys (`settings.from_flat`): a field `batch_size` is `batch-size`; a block's
+    fields are `<block>-<field>` (`ft-lr`, `merge-coef-lr`, `inmerge-tau`); `inmerge` alone is
+    its on/off switch. Tuples are comma-separated strings.
     """
 
     run_name: str = "federation"
@@ -46,30 +52,17 @@ class FederationConfig:
     synthetic_n_test: int = 200
     # Deployment: how many nodes to wait for before starting (0: every one already there).
     wait_nodes: int = 0
-    # Phase 1 (institutions pretrain when they have data and no checkpoint yet).
-    pretrain_epochs: int = 2
-    pretrain_lr: float = 1e-3
-    # Phase 2 (the MedMerge probe at the coordinator): a budget of merge-steps optimiser steps,
-    # or merge-epochs epochs when that is > 0; coefficients at merge-coef-lr without weight
-    # decay, BN and head at merge-lr with weight-decay.
-    merge_steps: int = DEFAULT_STEPS
-    merge_epochs: int = 0
-    merge_coef_lr: float = DEFAULT_COEF_LR
+    # Phase 1: institutions pretrain when they have data and no checkpoint yet.
+    pretrain: StageSettings = field(default_factory=lambda: StageSettings(epochs=2, lr=1e-3))
+    # Phase 2: the MedMerge probe at the coordinator; BN and head at merge-lr, merge-weight-decay.
+    merge: ProbeSettings = field(default_factory=ProbeSettings)
     merge_lr: float = 1e-3
-    merge_granularity: str = "kernel"
-    merge_constraint: str = "none"
-    merge_freeze_bn: bool = False
-    # Phase 3 (federated fine-tuning at the sites).
+    merge_weight_decay: float = 0.01
+    # Phase 3: federated fine-tuning at the sites, `ft` per round, InMerge on each aggregate.
     rounds: int = 3
-    local_epochs: int = 1
-    ft_lr: float = 1e-4
-    weight_decay: float = 0.01
+    ft: StageSettings = field(default_factory=lambda: StageSettings(epochs=1, lr=1e-4))
     fedbn: bool = False
-    inmerge: bool = True
-    inmerge_p: float = 0.3
-    inmerge_tau: float = 0.3
-    inmerge_alpha: float = 0.8
-    inmerge_skip_layers: int = 10
+    inmerge: InMergeSettings | None = field(default_factory=InMergeSettings)
     min_sites: int = 2
     outlier_factor: float = 10.0
     fp16: bool = False
@@ -81,59 +74,25 @@ class FederationConfig:
     def __post_init__(self) -> None:
         bad = [r for r in self.sim_roles if r not in ROLES]
         if bad:
-            raise InputError(f"run config sim-roles: unknown role '{bad[0]}'; expected {ROLES}")
+            raise InputError(f"sim-roles: unknown role '{bad[0]}'; expected {ROLES}")
         if self.dp not in DP_MODES:
-            raise InputError(f"run config dp: expected one of {DP_MODES}, got '{self.dp}'")
+            raise InputError(f"dp: expected one of {DP_MODES}, got '{self.dp}'")
         if self.dp == "client" and self.fedbn:
-            raise InputError("run config dp='client' cannot be combined with fedbn=true")
-        names = ("rounds", "local_epochs", "merge_steps", "merge_epochs", "pretrain_epochs",
-                 "wait_nodes")  # fmt: skip
-        for name in names:
+            raise InputError("dp: 'client' cannot be combined with fedbn=true")
+        for name in ("rounds", "wait_nodes"):
             if getattr(self, name) < 0:
-                raise InputError(f"run config {name.replace('_', '-')}: must be >= 0")
+                raise InputError(f"{name.replace('_', '-')}: must be >= 0")
         if self.min_sites < 1 or self.batch_size < 1:
-            raise InputError("run config min-sites and batch-size: must be >= 1")
+            raise InputError("min-sites and batch-size: must be >= 1")
         if self.outlier_factor <= 1:
-            raise InputError("run config outlier-factor: must be > 1")
-        self.inmerge_config()  # validates p / tau / alpha / skip-layers
-        try:
-            self.probe_settings()
-        except InputError as exc:
-            raise InputError(f"run config {exc}") from exc
+            raise InputError("outlier-factor: must be > 1")
+        if not self.merge_lr > 0 or self.merge_weight_decay < 0:
+            raise InputError("merge-lr: must be > 0 (and merge-weight-decay >= 0)")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
         """Typed config from Flower's flat run config; unknown keys are errors (typos)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                raise InputError(f"run config: unknown key '{key}'")
-            default = fields[name].default
-            values[name] = _coerce(key, value, default)
-        return cls(**values)
-
-    def inmerge_config(self) -> InMergeConfig:
-        return InMergeConfig(
-            p=self.inmerge_p,
-            tau=self.inmerge_tau,
-            alpha=self.inmerge_alpha,
-            skip_layers=self.inmerge_skip_layers,
-        )
-
-    def probe_settings(self) -> ProbeSettings:
-        """The coordinator's probe: merge-epochs epochs when > 0, else merge-steps steps (both
-        0: the sources' uniform average, untrained)."""
-        by_epochs = self.merge_epochs > 0
-        return ProbeSettings(
-            granularity=self.merge_granularity,
-            freeze_bn=self.merge_freeze_bn,
-            constraint=self.merge_constraint,
-            coef_lr=self.merge_coef_lr,
-            steps=None if by_epochs else self.merge_steps,
-            epochs=self.merge_epochs if by_epochs else None,
-        )
+        return from_flat(cls, run_config, "run config", renamed=RENAMED_KEYS)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a restarted run to resume (rounds may grow; paths may move)."""
@@ -146,28 +105,6 @@ class FederationConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).expanduser() / self.run_name
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise InputError(f"run config {key}: expected true or false, got {value!r}")
-        return value
-    if isinstance(default, tuple):
-        if not isinstance(value, str):
-            raise InputError(f"run config {key}: expected a comma-separated string")
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"run config {key}: expected an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InputError(f"run config {key}: expected a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise InputError(f"run config {key}: expected a string, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)

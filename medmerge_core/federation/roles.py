@@ -17,7 +17,7 @@ from medmerge_core.federation.data import load_node_data
 from medmerge_core.federation.transport import ModelInfo, restore_dtypes
 from medmerge_core.models import StateDict, adapt_stem, build_model, load_source, stem_conv_name
 from medmerge_core.probe import LearnedMerge, learn_merge
-from medmerge_core.train import Runtime, StageConfig, evaluate, fit
+from medmerge_core.train import Runtime, evaluate, fit
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,8 @@ def institution_backbone(
                 "(where the backbone pretrained on its data is saved)"
             )
         task = load_node_data(settings, cfg)
-        stage = StageConfig(cfg.pretrain_epochs, cfg.pretrain_lr, cfg.weight_decay)
         metrics = pretrain_source(
-            cfg.arch, task, Path(ckpt).expanduser(), stage, runtime,
+            cfg.arch, task, Path(ckpt).expanduser(), cfg.pretrain, runtime,
             batch_size=cfg.batch_size, seed=cfg.seed, show_progress=False,
         )  # fmt: skip
         log.info("institution %s pretrained: %s", settings.name, metrics)
@@ -83,9 +82,9 @@ def coordinator_merge(
         list(names),
         BatchLoader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed),
         BatchLoader(task.val, 256),
-        cfg.probe_settings(),
+        cfg.merge,
         cfg.merge_lr,
-        cfg.weight_decay,
+        cfg.merge_weight_decay,
         runtime,
         multilabel=task.multilabel,
         name="merge probe",
@@ -139,7 +138,7 @@ def site_train(
         model,
         BatchLoader(task.train, cfg.batch_size, shuffle=True, seed=seed),
         BatchLoader(task.val, 256),
-        StageConfig(cfg.local_epochs, cfg.ft_lr, cfg.weight_decay),
+        cfg.ft,
         runtime,
         multilabel=task.multilabel,
         name=f"round {server_round}",

@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from medmerge_core.config import differences
 from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig
 from medmerge_core.federation.transport import ModelInfo
@@ -46,9 +47,8 @@ class FederationRun:
         fingerprint = cfg.fingerprint()
         if saved.exists():
             old = json.loads(saved.read_text(encoding="utf-8"))
-            if old != fingerprint:
-                keys = set(old) | set(fingerprint)
-                diff = sorted(k for k in keys if old.get(k) != fingerprint.get(k))
+            diff = [key for key, _, _ in differences(old, fingerprint)]
+            if diff:
                 raise InputError(
                     f"{saved}: this run folder was made by a different run config "
                     f"(differs in {', '.join(diff)}); change run-name or delete the folder"

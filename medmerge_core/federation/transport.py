@@ -1,4 +1,5 @@
-"""What travels: the model description, FedBN / integer-buffer key selection, fp16, dtypes.
+"""What travels: the model description, the keys that travel (FedBN, integer buffers), fp16
+and dtype restoration.
 
 `ModelInfo` is sent as config so every node can rebuild the merged model; `model_reference`
 gives the keys, shapes and dtypes everything is checked and restored against.
@@ -14,9 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medmerge_core.inmerge import InMergeConfig, conv_weight_keys, inmerge_state_dict
-from medmerge_core.merge import NORM_TYPES
-from medmerge_core.models import StateDict, build_model
+from medmerge_core.models import StateDict, build_model, conv_weight_keys, norm_keys
 
 
 @dataclass(frozen=True)
@@ -54,15 +53,6 @@ def _reference(info: ModelInfo) -> tuple[StateDict, list[str], list[str]]:
     return dict(model.state_dict()), conv_weight_keys(model), norm_keys(model)
 
 
-def norm_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of every normalisation layer (affine params and running stats)."""
-    keys = []
-    for name, module in model.named_modules():
-        if isinstance(module, NORM_TYPES):
-            keys += [f"{name}.{k}" for k in module.state_dict()]
-    return keys
-
-
 def transport_keys(meta: Mapping[str, torch.Tensor], norm: Sequence[str], fedbn: bool) -> list[str]:
     """Keys that travel each round: floating tensors only, and no norm layers under FedBN.
 
@@ -91,17 +81,3 @@ def restore_dtypes(
             value = value.round()
         out[key] = value.to(dtype)
     return out
-
-
-def apply_inmerge(
-    state: Mapping[str, torch.Tensor],
-    conv_keys: Sequence[str],
-    config: InMergeConfig,
-    generator: torch.Generator,
-) -> tuple[StateDict, int]:
-    """InMerge on an aggregate; returns (new state, kernels changed) for the round log."""
-    merged = inmerge_state_dict(state, conv_keys, config, generator)
-    changed = sum(
-        int((merged[k] != state[k]).flatten(1).any(1).sum()) for k in conv_keys if k in state
-    )
-    return merged, changed
