@@ -43,16 +43,10 @@ from rich.console import Console
 from rich.table import Table
 
 from client.client_app import app as client_app
-from medmerge_core.federation.config import FederationConfig, node_settings
-from medmerge_core.federation.roles import (
-    coordinator_merge,
-    institution_backbone,
-    site_evaluate,
-    site_train,
-)
+from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.roles import Node
 from medmerge_core.federation.transport import ModelInfo, compress, model_reference, transport_keys
 from medmerge_core.models import build_model
-from medmerge_core.train import Runtime
 from server.inprocess import InProcessGrid
 from server.server_app import run_federation
 
@@ -76,21 +70,20 @@ def bytes_per_round() -> None:
         print(f"{arch:14} {params:>10,} {row[0]:>14.1f} {row[1]:>14.1f}")
 
 
-def one_process(cfg: FederationConfig) -> tuple[float, dict[str, float]]:
+def one_process(run_config: dict) -> tuple[float, dict[str, float]]:
     """The federation's work as direct calls: 2 backbones, 1 merge, R rounds x 3 sites.
 
     Returns (seconds, seconds per phase)."""
     began = time.perf_counter()
-    runtime = Runtime.detect(cfg.device)
-    nodes = [node_settings(n, cfg) for n in SIM_NODES]
-    sources = [institution_backbone(n, cfg, runtime)[0] for n in nodes if n.role == "institution"]
+    nodes = [Node.from_configs(n, run_config) for n in SIM_NODES]
+    sources = [n.backbone()[0] for n in nodes if n.settings.role == "institution"]
     collected = time.perf_counter()
-    coordinator = next(n for n in nodes if n.role == "coordinator")
-    state, info, _, _ = coordinator_merge(sources, ["a", "b"], coordinator, cfg, runtime)
+    coordinator = next(n for n in nodes if n.settings.role == "coordinator")
+    state, info, _, _ = coordinator.merge(sources, ["a", "b"])
     merged = time.perf_counter()
-    sites = [n for n in nodes if n.role == "site"]
-    for server_round in range(1, cfg.rounds + 1):
-        updates = [site_train(state, info, s, cfg, runtime, server_round) for s in sites]
+    sites = [n for n in nodes if n.settings.role == "site"]
+    for server_round in range(1, FederationConfig.from_run_config(run_config).rounds + 1):
+        updates = [s.train(state, info, server_round, None) for s in sites]
         total = sum(n for _, n, _ in updates)
         state = {
             k: sum(u[k].double() * n / total for u, n, _ in updates).to(v.dtype)
@@ -98,7 +91,7 @@ def one_process(cfg: FederationConfig) -> tuple[float, dict[str, float]]:
             for k, v in state.items()
         }  # fmt: skip
         for s in sites:
-            site_evaluate(state, info, s, cfg, runtime)
+            s.evaluate(state, info, None)
     end = time.perf_counter()
     phases = {"start-up": 0.0, "collect": collected - began, "merge": merged - collected,
               "fine-tune": end - merged, "shut-down": 0.0}  # fmt: skip
@@ -207,7 +200,7 @@ Timing = tuple[float, dict, dict[str, float]]  # seconds, last round's record, s
 
 
 def _one_process(small: dict, name: str) -> Timing:
-    seconds, phases = one_process(FederationConfig.from_run_config({**small, "run-name": name}))
+    seconds, phases = one_process({**small, "run-name": name})
     return seconds, {}, phases
 
 

@@ -172,12 +172,34 @@ def _load_checkpoint(path: Path, arch: str, reference: nn.Module, in_channels: i
     found = saved_arch or identify_arch(state)
     if found is not None and found != arch:
         raise InputError(f"{path}: checkpoint is {found} but model.arch is {arch}")
+    out = fit_backbone(state, arch, in_channels, str(path), reference)
+    head = head_name(reference) + "."
+    dropped = [k for k in state if k.startswith(head)]
+    expected = reference.state_dict()
+    if dropped and any(state[k].shape != expected[k].shape for k in dropped if k in expected):
+        log.info("%s: dropped a head of the wrong size (%s); a new head is used", path, dropped[0])
+    return out
+
+
+def fit_backbone(
+    state: Mapping[str, torch.Tensor],
+    arch: str,
+    in_channels: int,
+    where: str,
+    reference: nn.Module | None = None,
+) -> StateDict:
+    """The backbone part of `state` for `arch` with `in_channels` input channels: stem adapted,
+    every key present with the model's shape and dtype (a missing step counter is filled in),
+    or a one-line InputError naming `where`."""
+    if reference is None:
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays untouched
+            reference = build_model(arch, 2, in_channels)
     expected = reference.state_dict()
     wanted = backbone_keys(reference)
     missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
     if missing:
         raise InputError(
-            f"{path}: not a {arch} backbone ({len(missing)} keys missing, e.g. '{missing[0]}')"
+            f"{where}: not a {arch} backbone ({len(missing)} keys missing, e.g. '{missing[0]}')"
         )
     stem = stem_conv_name(reference) + ".weight"
     out: StateDict = {}
@@ -190,15 +212,17 @@ def _load_checkpoint(path: Path, arch: str, reference: nn.Module, in_channels: i
             value = adapt_stem(value, in_channels)
         if value.shape != expected[key].shape:
             raise InputError(
-                f"{path}: '{key}' has shape {tuple(value.shape)}, {arch} expects "
+                f"{where}: '{key}' has shape {tuple(value.shape)}, {arch} expects "
                 f"{tuple(expected[key].shape)}"
             )
         out[key] = value.to(expected[key].dtype)
-    head = head_name(reference) + "."
-    dropped = [k for k in state if k.startswith(head)]
-    if dropped and any(state[k].shape != expected[k].shape for k in dropped if k in expected):
-        log.info("%s: dropped a head of the wrong size (%s); a new head is used", path, dropped[0])
     return out
+
+
+def is_source_spec(text: str) -> bool:
+    """Whether `load_source` reads `text` as a spec rather than as a checkpoint path."""
+    prefixes = ("random:", "torchvision:", CIFAR10_PREFIX)
+    return text in ("zeros", "random") or text.startswith(prefixes)
 
 
 def _load_torchvision_weights(name: str, arch: str, in_channels: int) -> StateDict:

@@ -85,6 +85,9 @@ class Runtime:
         return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
 
 
+EVAL_BATCH_SIZE = 256  # evaluation only: no gradients, so a larger batch than training
+
+
 @dataclass
 class FitResult:
     best_epoch: int

@@ -5,8 +5,8 @@ No Flower imports here, so every role, check and file format is testable with pl
 - `config`: `FederationConfig` (the run config) and `NodeSettings` (one node's role, data and
   checkpoint, from its node config in deployment or its partition id in simulation);
 - `data`: data specs and deterministic, label-stratified shards of a node's data;
-- `roles`: the three roles as plain functions: `institution_backbone`, `coordinator_merge`,
-  `site_train` / `site_evaluate`;
+- `roles`: `Node`, one node with its role, settings and data; its methods are the roles'
+  steps: `backbone` (institution), `merge` (coordinator), `train` / `evaluate` (site);
 - `validation`: reply screening (`screen_replies`): keys, shapes, dtypes, NaN/Inf and
   update-norm outliers;
 - `transport`: `ModelInfo`, the keys that travel (FedBN), fp16 compression and dtype

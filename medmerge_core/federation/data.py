@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,17 @@ import numpy as np
 
 from medmerge_core.data.base import TaskData
 from medmerge_core.errors import InputError
-from medmerge_core.federation.config import FederationConfig, NodeSettings
+from medmerge_core.federation.config import FederationConfig
 
 
 def parse_data_spec(text: str, cfg: FederationConfig) -> dict[str, Any]:
-    """'synthetic:TASK', a MedMNIST '.npz' path, or a .yaml/.json file holding a data mapping."""
+    """'synthetic:TASK', a MedMNIST '.npz' path, or a .yaml/.json file holding a data mapping;
+    the image size goes with it, so the spec alone says how to load the data."""
+    spec = _data_mapping(text, cfg)
+    return {**spec, "image_size": cfg.image_size}
+
+
+def _data_mapping(text: str, cfg: FederationConfig) -> dict[str, Any]:
     if text.startswith("synthetic:"):
         return {
             "format": "synthetic",
@@ -51,14 +58,16 @@ def shard_task(task: TaskData, index: int, count: int, seed: int) -> TaskData:
     return dataclasses.replace(task, **splits)
 
 
-def load_node_data(settings: NodeSettings, cfg: FederationConfig) -> TaskData:
-    if settings.data is None:
-        raise InputError(f"node '{settings.name}': node config has no 'data'")
+def load_node_data(
+    name: str, spec: Mapping[str, Any], shard: tuple[int, int] | None, seed: int
+) -> TaskData:
+    """A node's data from its parsed spec (`parse_data_spec`), sharded when it holds a shard."""
     from medmerge_core.data.registry import load_task
 
-    task = load_task(parse_data_spec(settings.data, cfg), image_size=cfg.image_size, seed=cfg.seed)
-    if settings.shard is not None:
-        task = shard_task(task, *settings.shard, seed=cfg.seed)
+    data = {k: v for k, v in spec.items() if k != "image_size"}
+    task = load_task(data, image_size=spec["image_size"], seed=seed)
+    if shard is not None:
+        task = shard_task(task, *shard, seed=seed)
     if min(len(task.train), len(task.val), len(task.test)) == 0:
-        raise InputError(f"node '{settings.name}': a split of its data is empty after sharding")
+        raise InputError(f"node '{name}': a split of its data is empty after sharding")
     return task

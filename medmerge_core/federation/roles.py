@@ -1,9 +1,16 @@
-"""The three roles as plain functions: institution, coordinator, site."""
+"""A node of the federation: its role, its private data (loaded once per message) and the
+training steps it runs, each the core's own function called with plain values.
+
+`Node.from_configs` reads the run config and the node config once; the ClientApp handlers
+call `backbone` (institution), `merge` (coordinator), `train` / `evaluate` (site).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -12,155 +19,205 @@ from torch import nn
 
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
-from medmerge_core.federation.config import FederationConfig, NodeSettings
-from medmerge_core.federation.data import load_node_data
-from medmerge_core.federation.transport import ModelInfo, restore_dtypes
-from medmerge_core.models import StateDict, adapt_stem, build_model, load_source, stem_conv_name
+from medmerge_core.federation.config import FederationConfig, NodeSettings, node_settings
+from medmerge_core.federation.data import load_node_data, parse_data_spec
+from medmerge_core.federation.site_state import FedBNStore, site_state_dir
+from medmerge_core.federation.transport import ModelInfo, model_reference, restore_dtypes
+from medmerge_core.models import StateDict, build_model, fit_backbone, is_source_spec, load_source
+from medmerge_core.pretrain import pretrain_source
 from medmerge_core.probe import LearnedMerge, learn_merge
-from medmerge_core.train import Runtime, evaluate, fit
+from medmerge_core.settings import ProbeSettings, StageSettings
+from medmerge_core.train import EVAL_BATCH_SIZE, Runtime, evaluate, fit
 
 log = logging.getLogger(__name__)
 
 
-def institution_backbone(
-    settings: NodeSettings, cfg: FederationConfig, runtime: Runtime
-) -> tuple[StateDict, dict[str, Any]]:
-    """The node's backbone: from its checkpoint or source spec, else pretrained on its data."""
-    from medmerge_core.pretrain import pretrain_source
+def _cpu(state: Mapping[str, torch.Tensor]) -> StateDict:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
-    ckpt = settings.checkpoint
-    is_spec = ckpt is not None and (
-        ckpt in ("zeros", "random") or ckpt.split(":")[0] in ("random", "torchvision")
-    )
-    if ckpt is not None and (is_spec or Path(ckpt).expanduser().exists()):
-        in_channels = settings.in_channels
-        if settings.data is not None and not is_spec:
-            in_channels = load_node_data(settings, cfg).in_channels
-        state = load_source(ckpt, cfg.arch, in_channels)
-    elif settings.data is not None:
+
+@dataclass(frozen=True)
+class Node:
+    """One node: who it is, what it holds, and the run's settings its role needs."""
+
+    settings: NodeSettings
+    data_spec: Mapping[str, Any] | None  # how to load its private data (None: it has none)
+    arch: str
+    seed: int
+    batch_size: int
+    pretrain: StageSettings
+    probe: ProbeSettings
+    probe_lr: float
+    probe_weight_decay: float
+    ft: StageSettings
+    fedbn_dir: Path | None  # where a site keeps its own norm layers under FedBN
+    fp16: bool  # replies travel as fp16
+
+    @classmethod
+    def from_configs(
+        cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any], role: str | None = None
+    ) -> Node:
+        cfg = FederationConfig.from_run_config(run_config)
+        settings = node_settings(node_config, cfg)
+        if role is not None and settings.role != role:
+            raise InputError(f"node '{settings.name}' has role '{settings.role}', not '{role}'")
+        return cls(
+            settings=settings,
+            data_spec=None if settings.data is None else parse_data_spec(settings.data, cfg),
+            arch=cfg.arch,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            pretrain=cfg.pretrain,
+            probe=cfg.merge,
+            probe_lr=cfg.merge_lr,
+            probe_weight_decay=cfg.merge_weight_decay,
+            ft=cfg.ft,
+            fedbn_dir=site_state_dir(settings, cfg) if cfg.fedbn else None,
+            fp16=cfg.fp16,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        return Runtime.detect(self.settings.device)
+
+    @cached_property
+    def task(self) -> TaskData:
+        if self.data_spec is None:
+            raise InputError(f"node '{self.name}': node config has no 'data'")
+        return load_node_data(self.name, self.data_spec, self.settings.shard, self.seed)
+
+    # ------------------------------------------------------------------ institution
+
+    def backbone(self) -> tuple[StateDict, dict[str, Any]]:
+        """The node's backbone: from its checkpoint or source spec, else pretrained on its data."""
+        ckpt = self.settings.checkpoint
+        if ckpt is not None and (is_source_spec(ckpt) or Path(ckpt).expanduser().exists()):
+            channels = self.settings.in_channels
+            if self.data_spec is not None and not is_source_spec(ckpt):
+                channels = self.task.in_channels
+            return _cpu(load_source(ckpt, self.arch, channels)), {"source": self.name}
+        if self.data_spec is None:
+            raise InputError(f"institution '{self.name}': node config needs checkpoint or data")
         if ckpt is None:
             raise InputError(
-                f"institution '{settings.name}': set node config checkpoint=PATH "
+                f"institution '{self.name}': set node config checkpoint=PATH "
                 "(where the backbone pretrained on its data is saved)"
             )
-        task = load_node_data(settings, cfg)
         metrics = pretrain_source(
-            cfg.arch, task, Path(ckpt).expanduser(), cfg.pretrain, runtime,
-            batch_size=cfg.batch_size, seed=cfg.seed, show_progress=False,
+            self.arch, self.task, Path(ckpt).expanduser(), self.pretrain, self.runtime,
+            batch_size=self.batch_size, seed=self.seed, show_progress=False,
         )  # fmt: skip
-        log.info("institution %s pretrained: %s", settings.name, metrics)
-        state = load_source(ckpt, cfg.arch, task.in_channels)
-    else:
-        raise InputError(f"institution '{settings.name}': node config needs checkpoint or data")
-    return {k: v.detach().cpu() for k, v in state.items()}, {"source": settings.name}
+        log.info("institution %s pretrained: %s", self.name, metrics)
+        state = load_source(ckpt, self.arch, self.task.in_channels)
+        return _cpu(state), {"source": self.name}
 
+    # ------------------------------------------------------------------ coordinator
 
-def coordinator_merge(
-    sources: Sequence[StateDict],
-    names: Sequence[str],
-    settings: NodeSettings,
-    cfg: FederationConfig,
-    runtime: Runtime,
-) -> tuple[StateDict, ModelInfo, LearnedMerge, dict[str, float]]:
-    """Learn the MedMerge coefficients on local target data and bake a plain model, with the
-    experiment's own probe (`learn_merge`).
-
-    Returns (merged state dict, model info, the learned merge, metrics).
-    """
-    task = load_node_data(settings, cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, task.num_classes, task.in_channels)
-    stem = stem_conv_name(model) + ".weight"
-    adapted = [
-        {k: (adapt_stem(v, task.in_channels) if k == stem else v).float()
-         if v.is_floating_point() else v for k, v in s.items()}
-        for s in sources
-    ]  # fmt: skip
-    learned = learn_merge(
-        model,
-        adapted,
-        list(names),
-        BatchLoader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed),
-        BatchLoader(task.val, 256),
-        cfg.merge,
-        cfg.merge_lr,
-        cfg.merge_weight_decay,
-        runtime,
-        multilabel=task.multilabel,
-        name="merge probe",
-        show_progress=False,
-    )
-    test = evaluate(learned.model, BatchLoader(task.test, 256), runtime, task.multilabel)
-    metrics = {f"test_{k}": float(v) for k, v in test.items()}
-    if learned.fit is not None:
-        metrics.update({f"val_{k}": float(v) for k, v in learned.fit.best_val.items()})
-    state = {k: v.detach().cpu() for k, v in learned.model.state_dict().items()}
-    info = ModelInfo(cfg.arch, task.num_classes, task.in_channels)
-    return state, info, learned, metrics
-
-
-def _site_model(
-    state: Mapping[str, torch.Tensor],
-    info: ModelInfo,
-    task: TaskData,
-    local_bn: Mapping[str, torch.Tensor] | None,
-    runtime: Runtime,
-) -> nn.Module:
-    if (task.num_classes, task.in_channels) != (info.num_classes, info.in_channels):
-        raise InputError(
-            f"site data has {task.num_classes} classes / {task.in_channels} channels, the merged "
-            f"model {info.num_classes} / {info.in_channels}"
+    def merge(
+        self, sources: Sequence[StateDict], names: Sequence[str]
+    ) -> tuple[StateDict, ModelInfo, LearnedMerge, dict[str, float]]:
+        """Learn the MedMerge coefficients on local target data and bake a plain model, with
+        the experiment's own probe (`learn_merge`)."""
+        task = self.task
+        torch.manual_seed(self.seed)
+        model = build_model(self.arch, task.num_classes, task.in_channels)
+        fitted = [fit_backbone(state, self.arch, task.in_channels, f"source '{name}'")
+                  for state, name in zip(sources, names, strict=True)]  # fmt: skip
+        learned = learn_merge(
+            model,
+            fitted,
+            list(names),
+            BatchLoader(task.train, self.batch_size, shuffle=True, seed=self.seed),
+            BatchLoader(task.val, EVAL_BATCH_SIZE),
+            self.probe,
+            self.probe_lr,
+            self.probe_weight_decay,
+            self.runtime,
+            multilabel=task.multilabel,
+            name="merge probe",
+            show_progress=False,
         )
-    model = info.build()
-    full = model.state_dict()
-    full.update(state)
-    if local_bn:
-        full.update(local_bn)
-    model.load_state_dict(restore_dtypes(full, model.state_dict()))
-    return runtime.model(model)
+        test = evaluate(learned.model, BatchLoader(task.test, EVAL_BATCH_SIZE), self.runtime,
+                        task.multilabel)  # fmt: skip
+        metrics = {f"test_{k}": float(v) for k, v in test.items()}
+        if learned.fit is not None:
+            metrics.update({f"val_{k}": float(v) for k, v in learned.fit.best_val.items()})
+        info = ModelInfo(self.arch, task.num_classes, task.in_channels)
+        return _cpu(learned.model.state_dict()), info, learned, metrics
 
+    # ------------------------------------------------------------------ site
 
-def site_train(
-    state: Mapping[str, torch.Tensor],
-    info: ModelInfo,
-    settings: NodeSettings,
-    cfg: FederationConfig,
-    runtime: Runtime,
-    server_round: int,
-    local_bn: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[StateDict, int, dict[str, float]]:
-    """Fine-tune the global model locally; returns (new state, examples, metrics)."""
-    task = load_node_data(settings, cfg)
-    model = _site_model(state, info, task, local_bn, runtime)
-    seed = cfg.seed * 1_000_003 + server_round * 101 + (settings.shard or (0, 1))[0]
-    torch.manual_seed(seed)
-    result = fit(
-        model,
-        BatchLoader(task.train, cfg.batch_size, shuffle=True, seed=seed),
-        BatchLoader(task.val, 256),
-        cfg.ft,
-        runtime,
-        multilabel=task.multilabel,
-        name=f"round {server_round}",
-        show_progress=False,
-    )
-    last = result.history[-1] if result.history else {}
-    metrics = {k: float(v) for k, v in last.items() if isinstance(v, int | float)}
-    metrics.pop("epoch", None)
-    out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return out, len(task.train), metrics
+    def local_norm(self, up_to: int, initial: StateDict | None) -> StateDict | None:
+        """FedBN: this site's own norm layers after round `up_to` or earlier, else `initial`
+        (the merged model's); None without FedBN."""
+        if self.fedbn_dir is None:
+            return None
+        saved = FedBNStore(self.fedbn_dir).latest(up_to)
+        return saved if saved is not None else initial
 
+    def _model(
+        self,
+        state: Mapping[str, torch.Tensor],
+        info: ModelInfo,
+        local_norm: Mapping[str, torch.Tensor] | None,
+    ) -> nn.Module:
+        task = self.task
+        if (task.num_classes, task.in_channels) != (info.num_classes, info.in_channels):
+            raise InputError(
+                f"site data has {task.num_classes} classes / {task.in_channels} channels, the "
+                f"merged model {info.num_classes} / {info.in_channels}"
+            )
+        model = info.build()
+        full = model.state_dict()
+        full.update(state)
+        full.update(local_norm or {})
+        model.load_state_dict(restore_dtypes(full, model.state_dict()))
+        return self.runtime.model(model)
 
-def site_evaluate(
-    state: Mapping[str, torch.Tensor],
-    info: ModelInfo,
-    settings: NodeSettings,
-    cfg: FederationConfig,
-    runtime: Runtime,
-    local_bn: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[int, dict[str, float]]:
-    """Test metrics of the global model (with this site's BN under FedBN) on local data."""
-    task = load_node_data(settings, cfg)
-    model = _site_model(state, info, task, local_bn, runtime)
-    test = evaluate(model, BatchLoader(task.test, 256), runtime, task.multilabel)
-    return len(task.test), {k: float(v) for k, v in test.items()}
+    def train(
+        self,
+        state: Mapping[str, torch.Tensor],
+        info: ModelInfo,
+        server_round: int,
+        local_norm: Mapping[str, torch.Tensor] | None,
+    ) -> tuple[StateDict, int, dict[str, float]]:
+        """Fine-tune the global model locally; returns (new state, examples, metrics). Under
+        FedBN the new norm layers are saved on this node's disk first."""
+        task = self.task
+        model = self._model(state, info, local_norm)
+        seed = self.seed * 1_000_003 + server_round * 101 + (self.settings.shard or (0, 1))[0]
+        torch.manual_seed(seed)
+        result = fit(
+            model,
+            BatchLoader(task.train, self.batch_size, shuffle=True, seed=seed),
+            BatchLoader(task.val, EVAL_BATCH_SIZE),
+            self.ft,
+            self.runtime,
+            multilabel=task.multilabel,
+            name=f"round {server_round}",
+            show_progress=False,
+        )
+        last = result.history[-1] if result.history else {}
+        metrics = {k: float(v) for k, v in last.items() if isinstance(v, int | float)}
+        metrics.pop("epoch", None)
+        out = _cpu(model.state_dict())
+        if self.fedbn_dir is not None:
+            norm = model_reference(info)[2]
+            FedBNStore(self.fedbn_dir).save(server_round, {k: out[k] for k in norm})
+        return out, len(task.train), metrics
+
+    def evaluate(
+        self,
+        state: Mapping[str, torch.Tensor],
+        info: ModelInfo,
+        local_norm: Mapping[str, torch.Tensor] | None,
+    ) -> tuple[int, dict[str, float]]:
+        """Test metrics of the global model (with this site's norm layers under FedBN)."""
+        model = self._model(state, info, local_norm)
+        test = evaluate(model, BatchLoader(self.task.test, EVAL_BATCH_SIZE), self.runtime,
+                        self.task.multilabel)  # fmt: skip
+        return len(self.task.test), {k: float(v) for k, v in test.items()}
