@@ -47,8 +47,10 @@ from medmerge_core.federation.config import FederationConfig
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.transport import ModelInfo, compress, model_reference, transport_keys
 from medmerge_core.models import build_model
-from server.inprocess import InProcessGrid
 from server.server_app import run_federation
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # simulations/ is not installed
+from simulations.inprocess import InProcessGrid
 
 SIM_NODES = [{"partition-id": i, "num-partitions": 6} for i in range(6)]
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,12 +200,12 @@ PIPELINE_FUNCTIONS: dict[str, Pipeline] = {
 }
 
 
-def planned_methods(config: ExperimentConfig) -> list[tuple[str, str, str]]:
+def planned_methods(pipelines: Sequence[str], sources: Sequence[str]) -> list[tuple[str, str, str]]:
     """(method id, pipeline, source) in run order: per-source baselines, then merges."""
     plan = []
-    for pipeline in config.pipelines:
+    for pipeline in pipelines:
         if pipeline in ("ft", "lp_ft"):
-            plan += [(f"{pipeline}:{s}", pipeline, s) for s in config.sources]
+            plan += [(f"{pipeline}:{s}", pipeline, s) for s in sources]
         else:
             plan.append((pipeline, pipeline, ""))
     return plan
@@ -277,7 +277,7 @@ def run_experiment(
     }
     ctx = RunContext(config, task, sources, runtime, run_dir, show_progress)
     results = load_results(run_dir)
-    for method, pipeline, source in planned_methods(config):
+    for method, pipeline, source in planned_methods(config.pipelines, list(config.sources)):
         if method in results and _readable(run_dir / "checkpoints" / f"{file_stem(method)}.pt"):
             continue  # finished; a lost or truncated checkpoint is rebuilt from state/
         seed_everything(config.seed)

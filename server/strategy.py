@@ -1,38 +1,45 @@
-"""The fine-tuning strategy: Flower's FedAvg restricted to the sites, plus InMerge per round.
+"""The fine-tuning strategy: Flower's FedAvg over the sites, owning its rounds.
 
-Science (screening rules, dtype restoration, InMerge) is in medmerge_core.federation; this class
-only moves it in and out of Flower messages. It works unwrapped or inside Flower's
-differential-privacy wrappers, because the arrays it is given are the travelling (floating)
-tensors only.
+`MedMergeFedAvg.start` runs the rounds as Flower's own `Strategy.start` does, plus what a
+hospital federation needs: resume after the last checkpointed round, a checkpoint and a log
+line after every round, reply screening, InMerge on each aggregate and optional differential
+privacy (Flower's fixed-clipping wrappers around this strategy). The science (screening rules,
+dtype restoration, InMerge) is in medmerge_core; this class moves it in and out of messages.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from medmerge_core.federation.config import FederationConfig
-from medmerge_core.federation.transport import ModelInfo, compress, model_reference, restore_dtypes
+from medmerge_core.federation.run import FederationRun, round_table, table_text
+from medmerge_core.federation.transport import (
+    ModelInfo,
+    compress,
+    model_reference,
+    restore_dtypes,
+    transport_keys,
+)
 from medmerge_core.federation.validation import screen_replies
 from medmerge_core.inmerge import apply_inmerge
 from medmerge_core.models import StateDict
+from server.messages import addressee, exchange
 
 log = logging.getLogger("flwr")
 
 
-def addressee(reply: Message, sent: Iterable[Message]) -> int:
-    """The node a reply answers for. When a node goes offline mid-round, the SuperLink makes
-    the error reply itself and signs it with its own id, so look up the message it answers."""
-    for msg in sent:
-        if msg.metadata.message_id == reply.metadata.reply_to_message_id:
-            return msg.metadata.dst_node_id
-    return reply.metadata.src_node_id
+def _metrics(record: MetricRecord | None, prefix: str) -> dict[str, float]:
+    if record is None:
+        return {}
+    return {prefix + k: float(v) for k, v in record.items() if k != "num-examples"}  # type: ignore[arg-type]
 
 
 class MedMergeFedAvg(FedAvg):
@@ -43,16 +50,22 @@ class MedMergeFedAvg(FedAvg):
     resumed run draws the same partners as an uninterrupted one.
     """
 
-    def __init__(self, cfg: FederationConfig, info: ModelInfo, sites: Mapping[int, str]) -> None:
+    def __init__(
+        self, cfg: FederationConfig, info: ModelInfo, sites: Mapping[int, str], run: FederationRun
+    ) -> None:
         super().__init__(min_train_nodes=cfg.min_sites, min_evaluate_nodes=1, min_available_nodes=1)
         self.cfg = cfg
+        self.info = info
         self.sites = dict(sites)
-        self.meta, self.conv_keys, _ = model_reference(info)
+        self.run = run
+        self.meta, self.conv_keys, self.norm_keys = model_reference(info)
+        self.keys = transport_keys(self.meta, self.norm_keys, cfg.fedbn)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.current: StateDict = {}
-        self.extra: dict[str, ArrayRecord] = {}
-        self.round_log: dict[str, Any] = {}
-        self.addressed: list[Message] = []  # this round's messages (ids set when pushed)
+        self.history: list[dict[str, Any]] = []
+        self._current: StateDict = {}
+        self._extra: dict[str, ArrayRecord] = {}
+        self._round_log: dict[str, Any] = {}
+        self._addressed: list[Message] = []  # this round's messages (ids set when pushed)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -62,6 +75,88 @@ class MedMergeFedAvg(FedAvg):
 
     def name(self, node_id: int) -> str:
         return f"node {node_id} ({self.sites.get(node_id, '?')})"
+
+    # ------------------------------------------------------------------ the rounds
+
+    def _with_privacy(self) -> Strategy:
+        """This strategy, wrapped in Flower's fixed-clipping DP wrapper when asked."""
+        if self.cfg.dp == "none":
+            return self
+        from flwr.serverapp.strategy import (
+            DifferentialPrivacyClientSideFixedClipping,
+            DifferentialPrivacyServerSideFixedClipping,
+        )
+
+        wrapper = (
+            DifferentialPrivacyServerSideFixedClipping
+            if self.cfg.dp == "server"
+            else DifferentialPrivacyClientSideFixedClipping
+        )
+        return wrapper(self, self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm,
+                       len(self.sites))  # fmt: skip
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Any = None,
+    ) -> Result:
+        """Rounds 1..num_rounds from the merged model, or after the run's last checkpoint."""
+        state = initial_arrays.to_torch_state_dict()
+        start = 0
+        saved = self.run.load_checkpoint()
+        if saved is not None:
+            state, start, self.history = saved["state_dict"], int(saved["round"]), saved["history"]
+            self.load_state_dict(saved["strategy"])
+            log.info("resuming after round %d of %d from %s", start, num_rounds, self.run.dir)
+        if self.cfg.fedbn:  # each site starts its private norm layers from the merged model's
+            self._extra = {"local-init": ArrayRecord({k: state[k] for k in self.norm_keys})}
+        strategy = self._with_privacy()
+        result = Result()
+        for server_round in range(start + 1, num_rounds + 1):
+            began = time.perf_counter()
+            messages = strategy.configure_train(server_round, self._shared(state),
+                                                self._config(train_config), grid)  # fmt: skip
+            arrays, train = strategy.aggregate_train(
+                server_round, exchange(grid, messages, timeout)
+            )
+            if arrays is None:
+                log.warning("round %d: no aggregate; the global model is unchanged", server_round)
+            else:
+                state = {**state, **restore_dtypes(arrays.to_torch_state_dict(), self.meta)}
+            messages = strategy.configure_evaluate(server_round, self._shared(state),
+                                                   self._config(evaluate_config), grid)  # fmt: skip
+            evaluation = strategy.aggregate_evaluate(
+                server_round, exchange(grid, messages, timeout)
+            )
+            sent = sum(v for k, v in self._round_log.items() if k.startswith("bytes_"))
+            record = {
+                "phase": "round", "round": server_round, **self._round_log,
+                **_metrics(train, ""), **_metrics(evaluation, "eval_"),
+                "mbytes": sent / 2**20, "seconds": time.perf_counter() - began,
+            }  # fmt: skip
+            self.history.append(record)
+            self.run.save_round(server_round, state, self.state_dict(), self.history)
+            self.run.log(record)
+            log.info("\n%s", table_text(round_table(self.history)))
+            result.train_metrics_clientapp[server_round] = train or MetricRecord()
+            result.evaluate_metrics_clientapp[server_round] = evaluation or MetricRecord()
+        self.run.save_final(state, self.info)
+        log.info("final model: %s", self.run.dir / "final.pt")
+        result.arrays = ArrayRecord(state)
+        return result
+
+    def _shared(self, state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+        return ArrayRecord({k: state[k] for k in self.keys})
+
+    def _config(self, extra: ConfigRecord | None) -> ConfigRecord:
+        return ConfigRecord({**self.info.as_config(), **(extra or {})})
+
+    # ------------------------------------------------------------------ one round
 
     def _messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, kind: str
@@ -75,17 +170,17 @@ class MedMergeFedAvg(FedAvg):
             )
         config["server-round"] = server_round
         payload = ArrayRecord(compress(arrays.to_torch_state_dict(), self.cfg.fp16))
-        content = RecordDict({"arrays": payload, "config": config, **self.extra})
-        sent = payload.count_bytes() + sum(r.count_bytes() for r in self.extra.values())
-        self.round_log[f"bytes_{kind}_down"] = sent * len(nodes)
-        self.addressed = list(self._construct_messages(content, nodes, kind))
-        return self.addressed
+        content = RecordDict({"arrays": payload, "config": config, **self._extra})
+        sent = payload.count_bytes() + sum(r.count_bytes() for r in self._extra.values())
+        self._round_log[f"bytes_{kind}_down"] = sent * len(nodes)
+        self._addressed = list(self._construct_messages(content, nodes, kind))
+        return self._addressed
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.current = arrays.to_torch_state_dict()
-        self.round_log = {}
+        self._current = arrays.to_torch_state_dict()
+        self._round_log = {}
         return self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
 
     def configure_evaluate(
@@ -101,7 +196,7 @@ class MedMergeFedAvg(FedAvg):
         states: dict[str, StateDict] = {}
         rejected: dict[str, str] = {}
         for msg in replies:
-            name = self.name(addressee(msg, self.addressed))
+            name = self.name(addressee(msg, self._addressed))
             if msg.has_error():
                 rejected[name] = f"error reply: {msg.error.reason}"
                 continue
@@ -117,12 +212,12 @@ class MedMergeFedAvg(FedAvg):
             by_name[name] = msg
             states[name] = next(iter(content.array_records.values())).to_torch_state_dict()
         accepted, bad = screen_replies(
-            states, self.current, self.cfg.outlier_factor, allow_fp16=self.cfg.fp16
+            states, self._current, self.cfg.outlier_factor, allow_fp16=self.cfg.fp16
         )
         rejected.update(bad)
         for name, reason in rejected.items():
             log.warning("round %d: rejected reply from %s: %s", server_round, name, reason)
-        self.round_log.update(sites=len(accepted), rejected=sorted(rejected))
+        self._round_log.update(sites=len(accepted), rejected=sorted(rejected))
         if len(accepted) < self.min_train_nodes:
             raise RuntimeError(
                 f"round {server_round}: {len(accepted)} usable site replies, min-sites is "
@@ -133,7 +228,7 @@ class MedMergeFedAvg(FedAvg):
             msg = by_name[name]
             state = restore_dtypes(states[name], self.meta)
             metrics = next(iter(msg.content.metric_records.values()))
-            self.round_log["bytes_train_up"] = self.round_log.get("bytes_train_up", 0) + sum(
+            self._round_log["bytes_train_up"] = self._round_log.get("bytes_train_up", 0) + sum(
                 r.count_bytes() for r in msg.content.array_records.values()
             )
             content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
@@ -144,5 +239,5 @@ class MedMergeFedAvg(FedAvg):
         state = restore_dtypes(arrays.to_torch_state_dict(), self.meta)
         if self.cfg.inmerge is not None:
             state, changed = apply_inmerge(state, self.conv_keys, self.cfg.inmerge, self.generator)
-            self.round_log["inmerge_kernels"] = changed
+            self._round_log["inmerge_kernels"] = changed
         return ArrayRecord(state), metrics

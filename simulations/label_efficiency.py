@@ -27,22 +27,24 @@ from medmerge_core.data.splits import check_label_budget, label_budget_index
 from medmerge_core.report import method_label, pyplot, save_figure
 from simulations import reproduce
 from simulations.common import command_line, mean_std, relative, set_threads, update_section
+from simulations.reproduce_report import markdown_table
 from simulations.stats import paired_comparison
+from simulations.study import StudySettings, describe_source, run_all
 
 Curve = dict[float | int, dict[int, dict[str, Any]]]  # budget -> seed -> method -> results
 
 
-def collect(base: reproduce.Settings, budgets: Sequence[float | int], console: Console) -> Curve:
+def collect(base: StudySettings, budgets: Sequence[float | int], console: Console) -> Curve:
     """Run (or read back) the main study at every budget."""
     curve: Curve = {}
     for budget in budgets:
         settings = replace(base, label_budget=budget, studies=("main",))
         console.print(f"[bold]label budget {budget:g}[/]")
-        curve[budget] = reproduce.run_all(settings, console).get("main", {})
+        curve[budget] = run_all(settings, console).get("main", {})
     return curve
 
 
-def train_sizes(base: reproduce.Settings, budgets: Sequence[float | int]) -> dict[Any, int]:
+def train_sizes(base: StudySettings, budgets: Sequence[float | int]) -> dict[Any, int]:
     """Training images kept per budget (class-stratified, so the same count for every seed)."""
     with np.load(base.data_root / f"{base.target}.npz") as data:
         labels = np.asarray(data["train_labels"]).reshape(len(data["train_labels"]), -1)[:, 0]
@@ -77,7 +79,9 @@ def plot_curve(curve: Curve, path: Path, title: str) -> Path:
     return path
 
 
-def render(base: reproduce.Settings, curve: Curve, figure: Path | None, argv: Sequence[str]) -> str:
+def results_section(
+    base: StudySettings, curve: Curve, figure: Path | None, argv: Sequence[str]
+) -> str:
     budgets = sorted(curve)
     methods = list(dict.fromkeys(m for b in budgets for r in curve[b].values() for m in r))
     sizes = train_sizes(base, budgets)
@@ -104,7 +108,7 @@ def render(base: reproduce.Settings, curve: Curve, figure: Path | None, argv: Se
             )
             comparisons.append(f"- budget {budget:g}, MedMerge − {method_label(method)}: "
                                + result.format())  # fmt: skip
-    sources = "; ".join(f"{n} = {reproduce.describe_source(v)}" for n, v in base.sources
+    sources = "; ".join(f"{n} = {describe_source(v)}" for n, v in base.sources
                         if n in ("A", "B"))  # fmt: skip
     out = [
         f"## Label efficiency on {base.target} ({base.arch}, {base.image_size}x{base.image_size})",
@@ -118,7 +122,7 @@ def render(base: reproduce.Settings, curve: Curve, figure: Path | None, argv: Se
         "",
         "Test macro-F1, mean ± std over seeds:",
         "",
-        reproduce.markdown_table(header, rows),
+        markdown_table(header, rows),
     ]
     if figure is not None:
         out += ["", f"![label efficiency]({relative(figure, base.results)})"]
@@ -146,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = f"label_efficiency_{base.target}-{base.arch}-{base.image_size}.png"
         figure = plot_curve(curve, base.figures / name, f"{base.target}: macro-F1 vs labels")
     key = f"label-efficiency-{base.target}-{base.arch}-{base.image_size}"
-    update_section(base.results, key, render(base, curve, figure, argv))
+    update_section(base.results, key, results_section(base, curve, figure, argv))
     console.print(f"wrote {base.results}" + (f" and {figure}" if figure else ""))
     return 0
 

@@ -194,7 +194,7 @@ def plot_curves(collected: dict[str, Any], path: Path, default: str, default_ste
     plt.close(fig)
 
 
-def render(
+def results_section(
     rows: list[dict[str, Any]], collected: dict[str, Any], args: argparse.Namespace, figure: str
 ) -> str:
     lines = [
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(table)
     plot_curves(collected, args.figure, args.default, args.default_steps)
     figure = relative(args.figure, args.results)
-    update_section(args.results, "probe-sweep", render(rows, collected, args, figure))
+    update_section(args.results, "probe-sweep", results_section(rows, collected, args, figure))
     return 0
 
 

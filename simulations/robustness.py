@@ -51,7 +51,7 @@ CORRUPTION_SEED = 1234
 
 
 @dataclass(frozen=True)
-class Settings:
+class RobustnessSettings:
     data_root: Path
     out: Path = Path("runs/robustness")
     results: Path = Path("RESULTS.md")
@@ -90,7 +90,7 @@ def _fine_tuned(run_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_conditions(
-    run_dir: Path, s: Settings, task: TaskData, tests: Mapping[str, ArraySplit]
+    run_dir: Path, s: RobustnessSettings, task: TaskData, tests: Mapping[str, ArraySplit]
 ) -> dict[str, dict[str, float]]:
     """Test metrics of a run's fine-tuned model on every condition; cached in the run folder."""
     cache = run_dir / "robustness.json"
@@ -118,7 +118,9 @@ def _absolute(spec: str) -> str:
     return str(Path(spec).expanduser().resolve())
 
 
-def inmerge_activity(s: Settings, task: TaskData, state: Mapping[str, torch.Tensor]) -> str:
+def inmerge_activity(
+    s: RobustnessSettings, task: TaskData, state: Mapping[str, torch.Tensor]
+) -> str:
     """How many kernels one InMerge application merges on given weights (a sanity check that
     the option does something: random kernels are rarely similar enough)."""
     model = build_model(s.arch, task.num_classes, task.in_channels)
@@ -129,7 +131,7 @@ def inmerge_activity(s: Settings, task: TaskData, state: Mapping[str, torch.Tens
     return f"{stats.kernels_merged} of {stats.kernels_drawn} drawn kernels in {stats.layers} layers"
 
 
-def make_config(s: Settings, dataset: str, variant: str, seed: int) -> ExperimentConfig:
+def make_config(s: RobustnessSettings, dataset: str, variant: str, seed: int) -> ExperimentConfig:
     inmerge = s.inmerge if variant == "inmerge" else None
     return ExperimentConfig(
         name=f"{dataset}-{variant}-seed{seed}",
@@ -147,7 +149,9 @@ def make_config(s: Settings, dataset: str, variant: str, seed: int) -> Experimen
 
 
 def run_all(
-    s: Settings, console: Console, on_dataset: Callable[[dict[str, Any]], None] | None = None
+    s: RobustnessSettings,
+    console: Console,
+    on_dataset: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{dataset: {variant: [per-seed {condition: metrics}], "_activity": ...}}; resumable."""
     collected: dict[str, dict[str, Any]] = {}
@@ -190,7 +194,7 @@ def _corrupted_mean(run: Mapping[str, Any], metric: str) -> float:
     return float(np.mean([v[metric] for k, v in run.items() if "/" in k]))
 
 
-def render(s: Settings, collected: Mapping[str, Any]) -> str:
+def results_section(s: RobustnessSettings, collected: Mapping[str, Any]) -> str:
     """The RESULTS.md section: setup, one table per dataset, and what the numbers show."""
     out = [
         "## InMerge robustness study (issue 4, part 4)",
@@ -283,11 +287,11 @@ def print_summary(collected: Mapping[str, Any], console: Console) -> None:
     console.print(table)
 
 
-def run_study(s: Settings, console: Console | None = None) -> Path:
+def run_study(s: RobustnessSettings, console: Console | None = None) -> Path:
     console = console or Console()
     set_threads(s.threads)
     collected = run_all(
-        s, console, lambda done: update_section(s.results, "robustness", render(s, done))
+        s, console, lambda done: update_section(s.results, "robustness", results_section(s, done))
     )
     print_summary(collected, console)
     console.print(f"wrote the robustness section of {s.results}")
@@ -302,12 +306,14 @@ HELP = {
 }
 
 
-def parse_args(argv: Sequence[str]) -> Settings:
+def parse_args(argv: Sequence[str]) -> RobustnessSettings:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p, Settings, skip=("datasets", "argv"), help=HELP, prefixes={"inmerge": ""})
+    add_arguments(
+        p, RobustnessSettings, skip=("datasets", "argv"), help=HELP, prefixes={"inmerge": ""}
+    )
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     a = p.parse_args(argv)
-    return from_arguments(Settings, a, datasets=tuple(a.datasets), argv=tuple(argv))
+    return from_arguments(RobustnessSettings, a, datasets=tuple(a.datasets), argv=tuple(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

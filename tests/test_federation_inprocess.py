@@ -1,7 +1,7 @@
 """The whole federation against an in-process Grid (no Flower processes): privacy, faults, resume.
 
 These run the real ServerApp logic and the real ClientApp handlers; only transport is faked
-(server.inprocess.InProcessGrid). The real-process path is in test_federation_network.py.
+(simulations.inprocess.InProcessGrid). The real-process path is in test_federation_network.py.
 
 Cost: one completed 2-round run (`completed`, module-scoped) serves the privacy capture, the
 bit-identical reference for the resume test and the fp32 byte count for the fp16 test; every
@@ -24,8 +24,8 @@ from client.client_app import app as client_app
 from medmerge_core.federation.run import state_digest
 from medmerge_core.federation.transport import ModelInfo, model_reference
 from medmerge_core.models import backbone_keys, build_model
-from server.inprocess import InProcessGrid
 from server.server_app import run_federation
+from simulations.inprocess import InProcessGrid
 
 ARCH = "shufflenet_v2_x0_5"  # 1.4M parameters: the smallest torchvision CNN with a Linear head
 

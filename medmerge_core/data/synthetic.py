@@ -1,6 +1,6 @@
 """Built-in synthetic tasks: the default data on a machine with no medical images and no internet.
 
-The family mirrors the paper's setting (DESIGN.md section 6):
+The family mirrors the paper's setting (section 6 of the architecture notes, ../shared/DESIGN.md):
 - ``generic``: shapes and fill patterns on varied backgrounds, the stand-in for ImageNet.
 - ``related_a``: lesions in a tissue-like modality, labelled by margin (circumscribed vs
   spiculated) and size.

@@ -24,7 +24,6 @@ from medmerge_core.io import (
     atomic_torch_save,
     atomic_write_json,
     load_torch_file,
-    read_jsonl,
 )
 from medmerge_core.models import StateDict
 from medmerge_core.probe import write_merge_report
@@ -120,9 +119,6 @@ class FederationRun:
     def log(self, record: Mapping[str, Any]) -> None:
         append_jsonl(self.metrics_path, dict(record))
 
-    def records(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.metrics_path)
-
 
 def round_table(history: Sequence[Mapping[str, Any]]) -> Table:
     """Per-round metrics as a rich table (the console view of metrics.jsonl)."""
@@ -145,7 +141,7 @@ def round_table(history: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
-def render(table: Table, width: int = 120) -> str:
+def table_text(table: Table, width: int = 120) -> str:
     """A rich table as plain text, for log files and `flwr log`."""
     buffer = io.StringIO()
     Console(file=buffer, width=width, force_terminal=False, color_system=None).print(table)

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from medmerge_core.models import backbone_keys, build_model, stem_conv_name
+from medmerge_core.federation.transport import ModelInfo, model_reference, restore_dtypes
+from medmerge_core.models import StateDict, backbone_keys, build_model, stem_conv_name
 
 
 def check_update(
@@ -118,3 +119,21 @@ def screen_replies(
             )
     accepted = [n for n in replies if n not in rejected]
     return accepted, rejected
+
+
+def accept_merged(
+    state: Mapping[str, torch.Tensor],
+    coefficients: Mapping[str, np.ndarray],
+    info: ModelInfo,
+    sources: int,
+    allow_fp16: bool = False,
+) -> StateDict:
+    """The coordinator's merged model in the model's own dtypes, after checking it and its
+    learned coefficients; RuntimeError naming the problem otherwise."""
+    meta = model_reference(info)[0]
+    reason = check_update(state, meta, allow_fp16) or check_coefficients(
+        coefficients, meta, sources
+    )
+    if reason is not None:
+        raise RuntimeError(f"merge: unusable merged model from the coordinator: {reason}")
+    return restore_dtypes(state, meta)
