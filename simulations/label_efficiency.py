@@ -114,9 +114,9 @@ def results_section(
         f"## Label efficiency on {base.target} ({base.arch}, {base.image_size}x{base.image_size})",
         "",
         f"Sources: {sources}. Protocol as in the main study (see its section): LP "
-        f"{base.lp_epochs} epochs at lr {base.lp_lr:g}, probe {base.probe_steps} steps "
-        f"(coefficients at lr {base.coef_lr:g}), FT {base.ft_epochs} epochs at lr "
-        f"{base.ft_lr:g}, best epoch on validation macro-F1. The label budget keeps a "
+        f"{base.lp.epochs} epochs at lr {base.lp.lr:g}, probe {base.merge.steps} steps "
+        f"(coefficients at lr {base.merge.coef_lr:g}), FT {base.ft.epochs} epochs at lr "
+        f"{base.ft.lr:g}, best epoch on validation macro-F1. The label budget keeps a "
         "class-stratified subset of the training labels, drawn per seed; validation and test "
         "are the official splits.",
         "",

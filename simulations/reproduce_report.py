@@ -212,15 +212,15 @@ def results_section(
             "drawn per seed"
         )
     deviations = []
-    if s.lp_lr != PAPER_LP_LR or s.ft_lr != PAPER_FT_LR:
+    if s.lp.lr != PAPER_LP_LR or s.ft.lr != PAPER_FT_LR:
         deviations.append(
-            f"learning rates LP/probe {s.lp_lr:g}, FT {s.ft_lr:g} instead of the paper's "
+            f"learning rates LP/probe {s.lp.lr:g}, FT {s.ft.lr:g} instead of the paper's "
             f"{PAPER_LP_LR:g} / {PAPER_FT_LR:g} (set by --lp-lr / --ft-lr: with so few epochs "
             "the paper's rates barely move a new head)"
         )
-    if s.lp_epochs != PAPER_EPOCHS or s.ft_epochs != PAPER_EPOCHS:
+    if s.lp.epochs != PAPER_EPOCHS or s.ft.epochs != PAPER_EPOCHS:
         deviations.append(
-            f"{s.lp_epochs} LP epochs and {s.ft_epochs} FT epochs instead of 50 (CPU budget)"
+            f"{s.lp.epochs} LP epochs and {s.ft.epochs} FT epochs instead of 50 (CPU budget)"
         )
     if len(s.seeds) < 5:
         deviations.append(f"{len(s.seeds)} main seed(s) instead of the issue's 5 (CPU budget)")
@@ -254,13 +254,13 @@ def results_section(
             ],
         ),
         "",
-        f"Source pretraining: {s.source_epochs} epochs, AdamW lr {s.source_lr:g}, batch "
+        f"Source pretraining: {s.source.epochs} epochs, AdamW lr {s.source.lr:g}, batch "
         f"{s.batch_size}.",
         "",
-        f"Protocol: AdamW, LP {s.lp_epochs} epochs at lr {s.lp_lr:g}, MedMerge probe "
-        f"{s.probe_steps} steps (coefficients at lr {s.coef_lr:g} without weight decay, BN and "
-        f"head at the LP lr), FT "
-        f"{s.ft_epochs} epochs at lr {s.ft_lr:g}, weight decay 0.01, batch {s.batch_size}, no "
+        f"Protocol: AdamW, LP {s.lp.epochs} epochs at lr {s.lp.lr:g}, MedMerge probe "
+        f"{s.merge.steps} steps (coefficients at lr {s.merge.coef_lr:g} without weight decay, "
+        f"BN and head at the LP lr), FT {s.ft.epochs} epochs at lr {s.ft.lr:g}, weight decay "
+        f"{s.ft.weight_decay:g}, batch {s.batch_size}, no "
         "augmentation, best epoch of every stage chosen on validation macro-F1, CPU fp32. A seed "
         "sets the head init and batch order; sources and splits are fixed.",
         "",
@@ -290,8 +290,8 @@ def results_section(
             "",
             markdown_table(header, method_rows(runs["main"])),
             "",
-            f"Cost of the MedMerge probe ({s.probe_steps} steps) relative to LP in LP-FT "
-            f"({s.lp_epochs} epochs; LP trains the head on features cached once, the probe runs "
+            f"Cost of the MedMerge probe ({s.merge.steps} steps) relative to LP in LP-FT "
+            f"({s.lp.epochs} epochs; LP trains the head on features cached once, the probe runs "
             f"the whole merged network every step): "
             f"**{median_range(ratios)}x** (median (min-max) over seeds; per seed: "
             f"{', '.join(f'{r:.1f}' for r in ratios)}).",

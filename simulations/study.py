@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +25,6 @@ from medmerge_core.experiment import load_results, planned_methods, run_experime
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
 from medmerge_core.settings import (
-    DEFAULT_COEF_LR,
-    DEFAULT_STEPS,
     ProbeSettings,
     StageSettings,
 )
@@ -109,15 +108,12 @@ class StudySettings:
     target: str = "breastmnist"
     sources: tuple[tuple[str, str], ...] = DEFAULT_SOURCES  # (name, spec) for A, B, C
     label_budget: float | int | None = None  # of the target's training labels, per seed
-    lp_epochs: int = PAPER_EPOCHS  # LP in LP-FT; the probe's BN and head share the LP lr
-    probe_steps: int = DEFAULT_STEPS
-    coef_lr: float = DEFAULT_COEF_LR
-    lp_lr: float = PAPER_LP_LR
-    ft_epochs: int = PAPER_EPOCHS
-    ft_lr: float = PAPER_FT_LR
+    # LP in LP-FT (the probe's BN and head train at its lr), the probe, FT: the paper's protocol.
+    lp: StageSettings = field(default_factory=lambda: StageSettings(PAPER_EPOCHS, PAPER_LP_LR))
+    merge: ProbeSettings = field(default_factory=ProbeSettings)
+    ft: StageSettings = field(default_factory=lambda: StageSettings(PAPER_EPOCHS, PAPER_FT_LR))
     batch_size: int = 32
-    source_epochs: int = 5
-    source_lr: float = 1e-3
+    source: StageSettings = field(default_factory=lambda: StageSettings(5, 1e-3))  # pretraining
     source_train: int | None = None  # cap on Source B's (PneumoniaMNIST) training images
     synthetic_train: int = 2000  # Sources A and C
     synthetic_val: int = 200
@@ -210,7 +206,6 @@ def prepare_sources(s: StudySettings, console: Console) -> dict[str, dict[str, A
     """Load or pretrain (once, cached) the sources the studies use; their specs and metrics."""
     runtime = Runtime.detect("auto")
     source_dir = s.run_root / "sources"
-    stage = StageSettings(s.source_epochs, s.source_lr)
     needed = {name for spec in plan(s.studies) for name in spec.sources} - {"zeros"}
     info: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(source_order(s, needed)):
@@ -230,7 +225,7 @@ def prepare_sources(s: StudySettings, console: Console) -> dict[str, dict[str, A
             init = load_source(info[init_name]["spec"], s.arch, task.in_channels)
         start = time.perf_counter()
         metrics = pretrain_source(
-            s.arch, task, path, stage, runtime, init=init, batch_size=s.batch_size,
+            s.arch, task, path, s.source, runtime, init=init, batch_size=s.batch_size,
             seed=index, show_progress=s.progress,
             init_spec=None if init_name is None else s.source_spec(init_name),
             data_spec={"dataset": dataset, "train": len(task.train)},
@@ -266,14 +261,9 @@ def make_config(
         seed=seed,
         batch_size=s.batch_size,
         device="auto",
-        lp=StageSettings(epochs=s.lp_epochs, lr=s.lp_lr),
-        ft=StageSettings(epochs=s.ft_epochs, lr=s.ft_lr),
-        merge=ProbeSettings(
-            granularity=spec.granularity,
-            freeze_bn=spec.freeze_bn,
-            coef_lr=s.coef_lr,
-            steps=s.probe_steps,
-        ),
+        lp=s.lp,
+        ft=s.ft,
+        merge=dataclasses.replace(s.merge, granularity=spec.granularity, freeze_bn=spec.freeze_bn),
     )
 
 

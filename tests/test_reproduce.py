@@ -57,7 +57,7 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     argv = [
         "--data-root", str(data_root), "--out", str(tmp_path / "runs"),
         "--results", str(results), "--figures", str(figures), *TINY, "--seeds", "0", "1",
-        "--studies", "main", "three", "--lp-epochs", "1", "--ft-epochs", "1", "--probe-steps", "2",
+        "--studies", "main", "three", "--lp-epochs", "1", "--ft-epochs", "1", "--merge-steps", "2",
         "--source-epochs", "1", "--synthetic-train", "16", "--synthetic-val", "8",
         "--lp-lr", "1e-3", "--source", "A=random:3", "--label-budget", "0.5",
     ]  # fmt: skip
@@ -99,7 +99,7 @@ def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> No
         "--budgets", "0.5", "1.0", "--", "--data-root", str(data_root), "--target",
         "pneumoniamnist", "--source", "B=pretrain:breastmnist@A", "--source", "A=random:1",
         "--out", str(tmp_path / "runs"), "--results", str(results), "--figures", str(figures),
-        *TINY, "--seeds", "0", "1", "--lp-epochs", "1", "--ft-epochs", "1", "--probe-steps", "2",
+        *TINY, "--seeds", "0", "1", "--lp-epochs", "1", "--ft-epochs", "1", "--merge-steps", "2",
         "--source-epochs", "1",
     ]  # fmt: skip
     assert label_efficiency.main(argv) == 0

@@ -25,13 +25,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from medmerge_core.data.base import ArraySplit, TaskData
+from medmerge_core.data.synthetic_shapes import (
+    PixelGrid,
+    as_column,
+    bin_angles,
+    border_spikes,
+    border_wobble,
+    centre_offsets,
+    ellipse_radius,
+    filtered_noise,
+    outline_mask,
+    pixel_grid,
+    random_centres,
+    soft_ramp,
+)
 from medmerge_core.errors import InputError
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("generic", "related_a", "related_b", "target")
 
 _SPLITS = ("train", "val", "test")
 _CHUNK = 128  # rows per seeded stream; labels are balanced within each chunk
-_BINS = 512  # angular samples of a border profile (sub-pixel at 64x64)
 _MIN_SIZE, _MAX_SIZE = 16, 512
 _GENERIC_CLASSES = (
     "disk", "triangle", "square", "star", "cross",
@@ -112,158 +125,17 @@ def _spec(name: str) -> _Spec:
     )
 
 
-@dataclass(frozen=True)
-class _Grid:
-    """Per-size lookup tables, so rendering a chunk needs gathers, not trigonometry per pixel.
-
-    Object centres sit on pixel centres, so every pixel's offset from a centre is an integer
-    vector and its radius and angle bin can be sliced out of one table of offsets.
-    """
-
-    size: int
-    x: np.ndarray  # [1, 1, S] pixel-centre coordinates in [-1, 1]
-    y: np.ndarray  # [1, S, 1]
-    radius: np.ndarray  # [2S-1, 2S-1] distance of an offset, in [-1, 1] units
-    angle_bin: np.ndarray  # [2S-1, 2S-1] int32 angle bin (of _BINS) of an offset
-    band: int  # highest spatial frequency (cycles per image) of the two noise fields
-    filters: np.ndarray  # [2, 2F+1, F+1] amplitude spectra: tissue (1/f^1.5) and texture (band)
-    vignette: np.ndarray  # [S, S]
-
-
-def _grid(size: int) -> _Grid:
-    """Spectra are defined in cycles per image, so textures look the same at every size."""
-    axis = ((np.arange(size) + 0.5) / size * 2.0 - 1.0).astype(np.float32)
-    offsets = np.arange(-(size - 1), size)
-    dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
-    angle = np.arctan2(dy, dx)
-    angle_bin = np.floor((angle + np.pi) / (2 * np.pi) * _BINS).astype(np.int32) % _BINS
-    band = min(16, (size - 1) // 2)
-    fy = np.r_[0 : band + 1, -band:0]
-    f = np.hypot(fy[:, None], np.arange(band + 1)[None, :])
-    filters = np.stack([1.0 / (f + 1.5) ** 1.5, np.exp(-((f - 9.0) ** 2) / (2 * 3.5**2))])
-    filters[:, 0, 0] = 0.0  # no DC: the level is set explicitly
-    # Unit variance of irfft2 output: column 0 counts once, the others twice (as +-f pairs).
-    power = (filters[:, :, 0] ** 2).sum(axis=1) + 4 * (filters[:, :, 1:] ** 2).sum(axis=(1, 2))
-    filters *= (size * size / np.sqrt(power))[:, None, None]
-    return _Grid(
-        size=size,
-        x=axis[None, None, :],
-        y=axis[None, :, None],
-        radius=(np.hypot(dy, dx) * (2.0 / size)).astype(np.float32),
-        angle_bin=angle_bin,
-        band=band,
-        filters=filters.astype(np.float32),
-        vignette=(1.0 - 0.18 * (axis[None, :] ** 2 + axis[:, None] ** 2)).astype(np.float32),
-    )
-
-
-def _noise(rng: np.random.Generator, n: int, grid: _Grid) -> tuple[np.ndarray, ...]:
-    """Tissue field, texture field and speckle, each [n,S,S] with zero mean and unit variance.
-
-    Uniform draws are much cheaper than normal ones; the fields are Gaussian anyway (a sum of
-    many random Fourier terms). One draw per call keeps image i independent of n (prefix).
-    """
-    s, band = grid.size, grid.band
-    rows, cols = grid.filters.shape[1:]
-    n_spec = 4 * rows * cols
-    draw = (rng.random((n, n_spec + s * s), dtype=np.float32) - 0.5) * np.float32(np.sqrt(12))
-    coef = draw[:, :n_spec].reshape(n, 2, 2, rows, cols)
-    # Only the lowest band+1 columns are non-zero: transform those along y, then along x.
-    spectrum = np.zeros((n, 2, s, band + 1), np.complex64)
-    block = (coef[:, :, 0] + 1j * coef[:, :, 1]) * grid.filters
-    spectrum[:, :, : band + 1] = block[:, :, : band + 1]
-    spectrum[:, :, s - band :] = block[:, :, band + 1 :]
-    fields = np.fft.irfft(np.fft.ifft(spectrum, axis=-2), n=s, axis=-1)
-    return fields[:, 0], fields[:, 1], draw[:, n_spec:].reshape(n, s, s)
-
-
-def _col(values: np.ndarray) -> np.ndarray:
-    """Per-image scalars [B] as float32 [B,1,1], so image maths never silently goes float64."""
-    return np.asarray(values, dtype=np.float32)[:, None, None]
-
-
-def _centres(rng: np.random.Generator, b: int, size: int) -> np.ndarray:
-    """Integer pixel centres [2, B] (row, col) within the middle ~60% of the image."""
-    return rng.integers(int(0.2 * size), size - int(0.2 * size), (2, b))
-
-
-def _from_centre(table: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
-    """Slice each image's [S,S] window of an offset table: one gather for the whole chunk."""
-    windows = np.lib.stride_tricks.sliding_window_view(table, (size, size))
-    return windows[size - 1 - centres[0], size - 1 - centres[1]]
-
-
-def _offsets(grid: _Grid, centres: np.ndarray, angle: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Pixel coordinates (u, v) in each object's rotated frame, for the few images needing them."""
-    cx = _col((centres[1] + 0.5) * 2.0 / grid.size - 1.0)
-    cy = _col((centres[0] + 0.5) * 2.0 / grid.size - 1.0)
-    dx, dy = grid.x - cx, grid.y - cy
-    ca, sa = _col(np.cos(angle)), _col(np.sin(angle))
-    return dx * ca + dy * sa, dy * ca - dx * sa
-
-
-def _outline_mask(
-    profile: np.ndarray, radius: np.ndarray, soft: np.ndarray, centres: np.ndarray, grid: _Grid
-) -> tuple[np.ndarray, np.ndarray]:
-    """Soft object mask [B,S,S] from each image's border profile, and the pixel radii."""
-    bins = _from_centre(grid.angle_bin, centres, grid.size)
-    r = _from_centre(grid.radius, centres, grid.size)
-    flat = profile.astype(np.float32).ravel()
-    border = flat[bins + (np.arange(len(profile), dtype=np.int32) * _BINS)[:, None, None]]
-    return _ramp(_col(radius) * border - r, _col(soft)), r
-
-
-def _ramp(distance: np.ndarray, soft: np.ndarray) -> np.ndarray:
-    """Soft inside-indicator: 1 inside (distance > 0), 0 outside, linear over about a pixel."""
-    return np.clip(0.5 + distance / (2 * soft), 0.0, 1.0)
-
-
-def _bin_angles() -> np.ndarray:
-    """Centre angle of every profile bin [_BINS], matching _Grid.angle_bin."""
-    return (np.arange(_BINS) + 0.5) * (2 * np.pi / _BINS) - np.pi
-
-
-def _ellipse(aspect: np.ndarray, tilt: np.ndarray) -> np.ndarray:
-    """Radius per bin [B,_BINS] of an ellipse with semi-axes 1 and aspect, major axis at tilt."""
-    theta = 2 * _bin_angles()[None, :]
-    c2 = np.cos(theta) * np.cos(2 * tilt)[:, None] + np.sin(theta) * np.sin(2 * tilt)[:, None]
-    return 1.0 / np.sqrt((1 + c2) / 2 + (1 - c2) / (2 * aspect[:, None] ** 2))
-
-
-def _wobble(rng: np.random.Generator, b: int, orders: range, amplitude: float) -> np.ndarray:
-    """Smooth random border wobble [B,_BINS]: sum of cos(k*theta + phase), as one matmul."""
-    k = np.asarray(orders)[:, None] * _bin_angles()[None, :]
-    a = rng.uniform(0, amplitude, (b, len(orders)))
-    phase = rng.uniform(0, 2 * np.pi, a.shape)
-    return (a * np.cos(phase)) @ np.cos(k) - (a * np.sin(phase)) @ np.sin(k)
-
-
-def _spikes(rng: np.random.Generator, b: int, n_max: int = 12) -> np.ndarray:
-    """Thin radial spikes [B,_BINS]: 6-12 per image, each touching only the bins it covers."""
-    step = 2 * np.pi / _BINS
-    count = rng.integers(6, n_max + 1, b)
-    where = rng.uniform(0, 2 * np.pi, (b, n_max, 1))  # uniform, so the bin origin is irrelevant
-    width = rng.uniform(0.15, 0.3, (b, n_max, 1))
-    length = rng.uniform(0.5, 1.0, (b, n_max, 1)) * (np.arange(n_max) < count[:, None])[..., None]
-    reach = int(np.ceil(0.3 / step)) + 1
-    near = np.floor(where / step).astype(np.int64) + np.arange(-reach, reach + 1)
-    gap = np.abs((near + 0.5) * step - where)
-    value = length * np.clip(1.0 - gap / width, 0.0, None) ** 2
-    index = (np.arange(b)[:, None, None] * _BINS + near % _BINS).ravel()
-    return np.bincount(index, weights=value.ravel(), minlength=b * _BINS).reshape(b, _BINS)
-
-
 def _lesion_profile(
     rng: np.random.Generator, spiculated: np.ndarray, strength: tuple[float, float]
 ) -> np.ndarray:
-    """Border radius per angle [B,_BINS]: an ellipse with mild lobulation; thin spicules and
+    """Border radius per angle [B,BINS]: an ellipse with mild lobulation; thin spicules and
     micro-lobulation when spiculated."""
     b = len(spiculated)
     amp = rng.uniform(*strength, b) * spiculated
-    shape = _ellipse(rng.uniform(0.65, 1.0, b), rng.uniform(0, np.pi, b))
-    lobes = _wobble(rng, b, range(2, 5), 0.06)
-    micro = _wobble(rng, b, range(5, 10), 0.04)
-    return shape * (1.0 + lobes + amp[:, None] * (_spikes(rng, b) + micro))
+    shape = ellipse_radius(rng.uniform(0.65, 1.0, b), rng.uniform(0, np.pi, b))
+    lobes = border_wobble(rng, b, range(2, 5), 0.06)
+    micro = border_wobble(rng, b, range(5, 10), 0.04)
+    return shape * (1.0 + lobes + amp[:, None] * (border_spikes(rng, b) + micro))
 
 
 def _lesion_attributes(
@@ -294,7 +166,7 @@ def _render_lesions(
     rng: np.random.Generator,
     pixel_rng: np.random.Generator,
     n: int,
-    grid: _Grid,
+    grid: PixelGrid,
     style: _Style,
 ) -> np.ndarray:
     """Float images [n,S,S] in ~[0,1]: tissue texture, one lesion, vignette and speckle.
@@ -305,7 +177,7 @@ def _render_lesions(
     b = len(labels)
     spiculated, heterogeneous, hyper, radius = _lesion_attributes(name, labels, rng, style)
     profile = _lesion_profile(rng, spiculated, style.spicule)
-    centres = _centres(rng, b, grid.size)
+    centres = random_centres(rng, b, grid.size)
     soft = rng.uniform(0.6, 1.2, b) * 2.0 / grid.size
     level, tissue_gain = rng.uniform(0.36, 0.52, b), rng.uniform(0.05, 0.10, b)
     contrast = rng.uniform(*style.contrast, b) * np.where(hyper, 1.0, -1.0)
@@ -313,21 +185,23 @@ def _render_lesions(
     het_gain = np.where(heterogeneous, rng.uniform(*style.heterogeneity, b), het_low)
     speckle = rng.uniform(*style.speckle, b)
 
-    tissue_f, texture_f, white = _noise(pixel_rng, n, grid)
-    mask, _ = _outline_mask(profile[:n], radius[:n], soft[:n], centres[:, :n], grid)
-    level_c, gain_c = _col(level[:n]), _col(tissue_gain[:n])
+    tissue_f, texture_f, white = filtered_noise(pixel_rng, n, grid)
+    mask, _ = outline_mask(profile[:n], radius[:n], soft[:n], centres[:, :n], grid)
+    level_c, gain_c = as_column(level[:n]), as_column(tissue_gain[:n])
     tissue = level_c * (1.0 + gain_c * tissue_f)
-    lesion = (level_c * _col(1.0 + contrast[:n])) * (
-        1.0 + _col(het_gain[:n]) * texture_f + 0.3 * gain_c * tissue_f
+    lesion = (level_c * as_column(1.0 + contrast[:n])) * (
+        1.0 + as_column(het_gain[:n]) * texture_f + 0.3 * gain_c * tissue_f
     )
     image = tissue + mask * (lesion - tissue)
-    return image * grid.vignette * (1.0 + _col(speckle[:n]) * white)
+    return image * grid.vignette * (1.0 + as_column(speckle[:n]) * white)
 
 
 def _generic_profiles(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Outline per angle [B,_BINS] for the shape classes; pattern classes use a disk or square."""
-    t = _bin_angles()[None, :] - rng.uniform(0, 2 * np.pi, len(labels))[:, None]
-    profile = _ellipse(rng.uniform(0.75, 1.0, len(labels)), rng.uniform(0, np.pi, len(labels)))
+    """Outline per angle [B,BINS] for the shape classes; pattern classes use a disk or square."""
+    t = bin_angles()[None, :] - rng.uniform(0, 2 * np.pi, len(labels))[:, None]
+    profile = ellipse_radius(
+        rng.uniform(0.75, 1.0, len(labels)), rng.uniform(0, np.pi, len(labels))
+    )
     for k, name in enumerate(_GENERIC_CLASSES):
         pick = labels == k
         tk = t[pick]
@@ -349,12 +223,12 @@ def _render_generic(
     rng: np.random.Generator,
     pixel_rng: np.random.Generator,
     n: int,
-    grid: _Grid,
+    grid: PixelGrid,
 ) -> np.ndarray:
     """Float images [n,S,S]: one shape or patterned object on a gradient / textured background."""
     b = len(labels)
     profile = _generic_profiles(labels, rng)
-    centres = _centres(rng, b, grid.size)
+    centres = random_centres(rng, b, grid.size)
     radius, soft = rng.uniform(0.3, 0.6, b), rng.uniform(0.6, 1.2, b) * 2.0 / grid.size
     level, slope, tilt = rng.uniform(0.15, 0.85, b), rng.uniform(0, 0.35, b), rng.uniform(0, 7, b)
     bg_gain, noise_sd = rng.uniform(0, 0.1, (2, b)), rng.uniform(0, 0.03, b)
@@ -367,23 +241,23 @@ def _render_generic(
         rng.uniform(0, 7, b),
     )
 
-    tissue_f, texture_f, white = _noise(pixel_rng, n, grid)
+    tissue_f, texture_f, white = filtered_noise(pixel_rng, n, grid)
     labels = labels[:n]
-    mask, r = _outline_mask(profile[:n], radius[:n], soft[:n], centres[:, :n], grid)
+    mask, r = outline_mask(profile[:n], radius[:n], soft[:n], centres[:, :n], grid)
     pattern = np.zeros_like(mask)
     for k, name in enumerate(_GENERIC_CLASSES):
         pick = np.flatnonzero(labels == k)
         if name in ("disk", "triangle", "square", "star", "cross") or len(pick) == 0:
             continue
-        rad, sft = _col(radius[pick]), _col(soft[pick])
-        u, v = _offsets(grid, centres[:, pick], angle[pick])
-        wave = np.float32(np.pi) * _col(freq[pick])
+        rad, sft = as_column(radius[pick]), as_column(soft[pick])
+        u, v = centre_offsets(grid, centres[:, pick], angle[pick])
+        wave = np.float32(np.pi) * as_column(freq[pick])
         if name == "ring":
-            mask[pick] *= 1.0 - _ramp(rad * _col(inner[pick]) - r[pick], sft)
+            mask[pick] *= 1.0 - soft_ramp(rad * as_column(inner[pick]) - r[pick], sft)
         elif name == "crescent":
-            d, h = rad * _col(shift[pick]), heading[pick]
-            r2 = np.hypot(u - d * _col(np.cos(h)), v - d * _col(np.sin(h)))
-            mask[pick] *= 1.0 - _ramp(rad * 0.9 - r2, sft)
+            d, h = rad * as_column(shift[pick]), heading[pick]
+            r2 = np.hypot(u - d * as_column(np.cos(h)), v - d * as_column(np.sin(h)))
+            mask[pick] *= 1.0 - soft_ramp(rad * 0.9 - r2, sft)
         elif name == "stripes":
             pattern[pick] = 0.5 + 0.5 * np.tanh(3.0 * np.sin(wave * u))
         elif name == "checkerboard":
@@ -393,14 +267,15 @@ def _render_generic(
 
     tilt, delta = tilt[:n], delta[:n]
     background = (
-        _col(level[:n])
-        + _col(slope[:n]) * (grid.x * _col(np.cos(tilt)) + grid.y * _col(np.sin(tilt)))
-        + _col(bg_gain[0, :n]) * tissue_f
-        + _col(bg_gain[1, :n]) * texture_f
+        as_column(level[:n])
+        + as_column(slope[:n])
+        * (grid.x * as_column(np.cos(tilt)) + grid.y * as_column(np.sin(tilt)))
+        + as_column(bg_gain[0, :n]) * tissue_f
+        + as_column(bg_gain[1, :n]) * texture_f
     )
-    fill = _col(level[:n] + delta) - pattern * _col(delta * fill_mix[:n])
+    fill = as_column(level[:n] + delta) - pattern * as_column(delta * fill_mix[:n])
     image = background + mask * (fill - background)
-    return image + _col(noise_sd[:n]) * white
+    return image + as_column(noise_sd[:n]) * white
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -417,7 +292,7 @@ def _chunk_rngs(
 
 
 def _generate_split(
-    name: str, spec: _Spec, split: int, n: int, grid: _Grid, seed: int
+    name: str, spec: _Spec, split: int, n: int, grid: PixelGrid, seed: int
 ) -> ArraySplit:
     """One split, chunk by chunk; each chunk has its own streams (see the module docstring)."""
     size = grid.size
@@ -463,7 +338,7 @@ def make_task(
     Sizes left as None use the task's defaults (see ``task_defaults``).
     """
     spec = _spec(name)  # an unknown name raises the InputError naming the allowed tasks
-    grid = _grid(_check_int("image_size", image_size, _MIN_SIZE, _MAX_SIZE))
+    grid = pixel_grid(_check_int("image_size", image_size, _MIN_SIZE, _MAX_SIZE))
     seed = _check_int("seed", seed, 0)
     requested = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
     counts = [
