@@ -82,10 +82,13 @@ def pyplot():
 
 
 def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write atomically and close a figure."""
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
+    pyplot().close(fig)
     return path
 
 
@@ -123,10 +126,7 @@ def plot_coefficient_heatmap(
     ax.set_xlabel("conv layer (input → output)")
     ax.set_title(title or f"mean learnt coefficient of '{source_name}' per layer")
     fig.colorbar(image, ax=ax, label=f"mean w ({source_name}); uniform = {uniform:.3g}")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_merge_coefficients(
@@ -171,10 +171,7 @@ def plot_merge_coefficients(
     bottom.set_ylabel("kernels preferring")
     bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     _layer_ticks(bottom, names)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def layer_means_from_npz(path: Path, source_index: int = 0) -> np.ndarray:

@@ -1,1 +1,2 @@
-"""Flower ServerApp and strategy of the MedMerge federation (thin adapters)."""
+"""Flower server side: `server_app` (discover, collect, merge, run), `strategy` (the rounds:
+FedAvg with screening, InMerge, DP and checkpoints) and `messages` (send, receive, name nodes)."""

@@ -79,9 +79,15 @@ def median_range(values: Sequence[float], digits: int = 1) -> str:
     return f"{np.median(values):.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
-def command_line(module: str, argv: Sequence[str]) -> str:
-    """The command that reproduces this run, as it was typed."""
-    return shlex.join(["python", "-m", module, *argv])
+def command_text(module: str, argv: Sequence[str]) -> str:
+    """The command that reproduces a report, as it was typed (without --report-only, which
+    only re-renders)."""
+    return shlex.join(["python", "-m", module, *(a for a in argv if a != "--report-only")])
+
+
+def reproduce_block(module: str, argv: Sequence[str]) -> list[str]:
+    """The markdown lines that end a RESULTS.md section."""
+    return ["Reproduce:", "", "```", command_text(module, argv), "```"]
 
 
 def update_section(path: Path, key: str, body: str) -> None:

@@ -26,7 +26,7 @@ from rich.console import Console
 from medmerge_core.data.splits import check_label_budget, label_budget_index
 from medmerge_core.report import method_label, pyplot, save_figure
 from simulations import reproduce
-from simulations.common import command_line, mean_std, relative, set_threads, update_section
+from simulations.common import mean_std, relative, reproduce_block, set_threads, update_section
 from simulations.reproduce_report import markdown_table
 from simulations.stats import paired_comparison
 from simulations.study import StudySettings, describe_source, run_all
@@ -73,10 +73,7 @@ def plot_curve(curve: Curve, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def results_section(
@@ -128,8 +125,7 @@ def results_section(
         out += ["", f"![label efficiency]({relative(figure, base.results)})"]
     if comparisons:
         out += ["", "Paired by seed (macro-F1; `simulations/stats.py`):", "", *comparisons]
-    out += ["", "Reproduce:", "", "```",
-            command_line("simulations.label_efficiency", argv), "```"]  # fmt: skip
+    out += ["", *reproduce_block("simulations.label_efficiency", argv)]
     return "\n".join(out) + "\n"
 
 

@@ -33,7 +33,7 @@ from medmerge_core.probe import learn_merge
 from medmerge_core.settings import ProbeSettings, StageSettings
 from medmerge_core.train import Runtime
 from simulations.common import (
-    command_line,
+    command_text,
     load_medmnist_file,
     relative,
     set_threads,
@@ -189,9 +189,7 @@ def plot_curves(collected: dict[str, Any], path: Path, default: str, default_ste
             ax.set_title(target)
             ax.legend(fontsize=7)
     fig.suptitle("MedMerge probe by coefficient learning rate (dashed: default budget)")
-    fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def results_section(
@@ -308,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--default", default="none-lr0.01-600", help="setting drawn bold")
     parser.add_argument("--default-steps", type=int, default=300)
     args = parser.parse_args(argv)
-    args.command = command_line("simulations.probe_sweep", argv)
+    args.command = command_text("simulations.probe_sweep", argv)
     set_threads(args.threads)
     console = Console()
     collected = run_sweep(args, console)

@@ -13,10 +13,10 @@ from rich.table import Table
 
 from medmerge_core.report import layer_means_from_npz, method_label, plot_coefficient_heatmap
 from simulations.common import (
-    command_line,
     mean_std,
     median_range,
     relative,
+    reproduce_block,
 )
 from simulations.stats import paired_comparison
 from simulations.study import (
@@ -272,11 +272,7 @@ def results_section(
         "",
         "Deviations from the paper: " + ("; ".join(deviations) if deviations else "none") + ".",
         "",
-        "Reproduce:",
-        "",
-        "```",
-        command_line("simulations.reproduce", [a for a in s.argv if a != "--report-only"]),
-        "```",
+        *reproduce_block("simulations.reproduce", s.argv),
     ]
     header = ["method", "n", "test accuracy", "test macro-F1", "test AUROC", "wall s / run",
               "LP or probe s", "FT s", "probe val F1"]  # fmt: skip

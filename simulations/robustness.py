@@ -36,10 +36,10 @@ from medmerge_core.models import build_model, load_source
 from medmerge_core.settings import InMergeSettings, StageSettings, add_arguments, from_arguments
 from medmerge_core.train import Runtime, evaluate
 from simulations.common import (
-    command_line,
     load_medmnist_file,
     mean_std,
     paired_difference,
+    reproduce_block,
     set_threads,
     subsample_train,
     update_section,
@@ -220,11 +220,7 @@ def results_section(s: RobustnessSettings, collected: Mapping[str, Any]) -> str:
         "where scale free): Gaussian noise sigma 0.08/0.18/0.38, Gaussian blur sigma "
         "2/4/6% of the side, contrast x0.4/0.2/0.05, JPEG quality 25/15/7. Mean ± std over seeds.",
         "",
-        "Reproduce:",
-        "",
-        "```",
-        command_line("simulations.robustness", [a for a in s.argv if a != "--report-only"]),
-        "```",
+        *reproduce_block("simulations.robustness", s.argv),
     ]
     summary = []
     for dataset, runs in collected.items():

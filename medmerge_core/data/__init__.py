@@ -1,1 +1,3 @@
-
+"""Datasets: `registry` reads a data spec (format + options) into a `base.TaskData`; the formats
+(`medmnist`, `synthetic` with its drawing primitives in `synthetic_shapes`, and the papers'
+layouts under `formats/`) share `splits` (split files, label budgets), `images` and `cache`."""
