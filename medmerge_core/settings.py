@@ -18,6 +18,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from medmerge_core.errors import InputError
@@ -196,6 +197,8 @@ def check(value: Any, hint: Any, where: str, default: Any = None,
         return {str(k): check(v, item, f"{where}.{k}") for k, v in value.items()}
     if hint is Any:
         return value
+    if hint is Path and isinstance(value, str) and value:
+        return Path(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
