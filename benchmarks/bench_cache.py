@@ -88,8 +88,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         paths = write_images(folder, args.n)
-        spec = {"format": "image_folder", "root": folder, "cache_dir": Path(tmp) / "cache",
-                "fractions": [1.0, 0.0, 0.0], "workers": args.threads}  # fmt: skip
+        spec = {
+            "format": "image_folder",
+            "root": folder,
+            "cache_dir": Path(tmp) / "cache",
+            "fractions": [1.0, 0.0, 0.0],
+            "workers": args.threads,
+        }
         start = time.perf_counter()
         load_task(spec, image_size=args.size)
         build = time.perf_counter() - start
@@ -105,17 +110,21 @@ def main() -> None:
                 cached.append(timed(lambda: epoch_from_cache(task)))
                 decoded.append(timed(lambda: epoch_decoding(paths, args.size, pool)))
         console.print(report(args, cached, decoded))
-        console.print(f"one-time cache build: {build:.2f} s ({args.n / build:,.0f} img/s); "
-                      f"reopening the warm cache: {reopen * 1000:.0f} ms; "
-                      f"cpu_count={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} "
-                      "(other processes slow both epochs alike)")  # fmt: skip
+        console.print(
+            f"one-time cache build: {build:.2f} s ({args.n / build:,.0f} img/s); "
+            f"reopening the warm cache: {reopen * 1000:.0f} ms; "
+            f"cpu_count={os.cpu_count()}, load average {os.getloadavg()[0]:.1f} "
+            "(other processes slow both epochs alike)"
+        )
 
 
 def report(args, cached: list, decoded: list) -> Table:
     rate = [statistics.median(r for r, _ in runs) for runs in (cached, decoded)]
     cpu = [statistics.median(c for _, c in runs) for runs in (cached, decoded)]
-    table = Table(title=f"{args.n} images ~500x400 -> {args.size}x{args.size}, batch {BATCH}, "
-                  f"{args.threads} threads, median of {args.repeats}")  # fmt: skip
+    table = Table(
+        title=f"{args.n} images ~500x400 -> {args.size}x{args.size}, batch {BATCH}, "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     for column in ("epoch", "images/s", "range", "CPU ms/image", "target", "met"):
         table.add_column(column, justify="left" if column == "epoch" else "right")
     for name, runs, r, c, target, ok in (
@@ -124,8 +133,14 @@ def report(args, cached: list, decoded: list) -> Table:
     ):
         spread = f"{min(x for x, _ in runs):,.0f}-{max(x for x, _ in runs):,.0f}"
         table.add_row(name, f"{r:,.0f}", spread, f"{c:.2f}", target, _yes(ok))
-    table.add_row("ratio", f"{rate[0] / rate[1]:.1f}x", "", f"{cpu[1] / cpu[0]:.1f}x",
-                  ">= 10x", _yes(rate[0] / rate[1] >= 10))  # fmt: skip
+    table.add_row(
+        "ratio",
+        f"{rate[0] / rate[1]:.1f}x",
+        "",
+        f"{cpu[1] / cpu[0]:.1f}x",
+        ">= 10x",
+        _yes(rate[0] / rate[1] >= 10),
+    )
     return table
 
 

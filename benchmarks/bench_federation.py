@@ -89,14 +89,20 @@ def one_process(run_config: dict) -> tuple[float, dict[str, float]]:
         total = sum(n for _, n, _ in updates)
         state = {
             k: sum(u[k].double() * n / total for u, n, _ in updates).to(v.dtype)
-            if v.is_floating_point() else v
+            if v.is_floating_point()
+            else v
             for k, v in state.items()
-        }  # fmt: skip
+        }
         for s in sites:
             s.evaluate(state, info, None)
     end = time.perf_counter()
-    phases = {"start-up": 0.0, "collect": collected - began, "merge": merged - collected,
-              "fine-tune": end - merged, "shut-down": 0.0}  # fmt: skip
+    phases = {
+        "start-up": 0.0,
+        "collect": collected - began,
+        "merge": merged - collected,
+        "fine-tune": end - merged,
+        "shut-down": 0.0,
+    }
     return end - began, phases
 
 
@@ -107,8 +113,12 @@ def federated(run_config: dict) -> tuple[float, dict, dict[str, float]]:
 
 
 # The ServerApp's log line that ends each phase (server/server_app.py), in order.
-PHASE_ENDS = {"start-up": "nodes: ", "collect": "collect: ", "merge": "merge: ",
-              "fine-tune": "final model: "}  # fmt: skip
+PHASE_ENDS = {
+    "start-up": "nodes: ",
+    "collect": "collect: ",
+    "merge": "merge: ",
+    "fine-tune": "final model: ",
+}
 PHASES = (*PHASE_ENDS, "shut-down")
 
 
@@ -151,11 +161,22 @@ def simulated(run_config: dict, home: Path, cpus: int) -> tuple[float, dict, dic
         "insecure = true\n"
     )
     link = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--port", str(port),
-         "--fleet-api-address", f"127.0.0.1:{_free_port()}",
-         "--control-api-address", f"127.0.0.1:{_free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--port",
+            str(port),
+            "--fleet-api-address",
+            f"127.0.0.1:{_free_port()}",
+            "--control-api-address",
+            f"127.0.0.1:{_free_port()}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     flwr = [str(BIN / "flwr")]
     try:
         for _ in range(120):  # the SuperLink is a long-lived service: not timed
@@ -165,17 +186,33 @@ def simulated(run_config: dict, home: Path, cpus: int) -> tuple[float, dict, dic
         overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
         began = time.perf_counter()
         out = subprocess.run(
-            [*flwr, "run", str(ROOT), "bench", "--format", "json", "-c", overrides,
-             "--federation-config", f"num-supernodes=6 client-resources-num-cpus={cpus}"],
-            env=env, capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            [
+                *flwr,
+                "run",
+                str(ROOT),
+                "bench",
+                "--format",
+                "json",
+                "-c",
+                overrides,
+                "--federation-config",
+                f"num-supernodes=6 client-resources-num-cpus={cpus}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         if "run-id" not in json.loads(out):
             raise RuntimeError(f"flwr run did not start the simulation: {out}")
         run_id = str(json.loads(out)["run-id"])
         stream = subprocess.Popen(
             [*flwr, "log", run_id, "bench", "--stream"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         lines = [(time.perf_counter() - began, line) for line in stream.stdout or ()]
         stream.wait()
         seconds = time.perf_counter() - began
@@ -236,8 +273,10 @@ def overhead(
     print(f"one process: median {statistics.median(base):.1f} s over {repeats} repeat(s)")
     for kind, times in seconds.items():
         ratios = [t / b for t, b in zip(times, base, strict=True)]
-        print(f"{kind}: median {statistics.median(times):.1f} s, ratio to one process "
-              f"{statistics.median(ratios):.2f}x (target <= 1.3x)")  # fmt: skip
+        print(
+            f"{kind}: median {statistics.median(times):.1f} s, ratio to one process "
+            f"{statistics.median(ratios):.2f}x (target <= 1.3x)"
+        )
     if sim_cpus:
         _phase_table(phases)
 
@@ -263,9 +302,12 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--simulation", action="store_true", help="with --overhead: flwr run")
     parser.add_argument(
-        "--sim-cpus", type=int, nargs="+", default=[1],
+        "--sim-cpus",
+        type=int,
+        nargs="+",
+        default=[1],
         help="CPUs per ClientApp; several values run side by side (README: 1)",
-    )  # fmt: skip
+    )
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2)
@@ -274,9 +316,13 @@ def main() -> None:
     args = parser.parse_args()
     everything = not (args.bytes or args.overhead or args.fp16)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_federation_"))
-    small = {"output-dir": str(out), "rounds": args.rounds, "synthetic-n-train": args.n_train,
-             "synthetic-n-val": args.n_train * 2 // 5,
-             "synthetic-n-test": args.n_train * 3 // 5}  # fmt: skip
+    small = {
+        "output-dir": str(out),
+        "rounds": args.rounds,
+        "synthetic-n-train": args.n_train,
+        "synthetic-n-val": args.n_train * 2 // 5,
+        "synthetic-n-test": args.n_train * 3 // 5,
+    }
     if args.bytes or everything:
         bytes_per_round()
     last: dict[bool, dict] = {}  # fp16 -> the last round's record
@@ -287,9 +333,11 @@ def main() -> None:
             if fp16 not in last:  # the fp32 run is the overhead run when that was measured
                 last[fp16] = federated({**small, "run-name": f"fp16-{fp16}", "fp16": fp16})[1]
             rec = last[fp16]
-            print(f"fp16={fp16!s:5}  MB/round {rec['mbytes']:.1f}  test acc "
-                  f"{rec['eval_accuracy']:.4f}  macro-F1 {rec['eval_macro_f1']:.4f}  "
-                  f"AUROC {rec['eval_auroc']:.4f}")  # fmt: skip
+            print(
+                f"fp16={fp16!s:5}  MB/round {rec['mbytes']:.1f}  test acc "
+                f"{rec['eval_accuracy']:.4f}  macro-F1 {rec['eval_macro_f1']:.4f}  "
+                f"AUROC {rec['eval_auroc']:.4f}"
+            )
 
 
 if __name__ == "__main__":

@@ -113,10 +113,17 @@ def default_budget_movement(out: Path, runtime: Runtime) -> dict[str, float]:
     task = make_task("target", image_size=settings.image_size, seed=0)
     torch.manual_seed(0)
     learned = learn_merge(
-        build_model(settings.arch, task.num_classes, 1), sources, ["generic", "related"],
-        BatchLoader(task.train, 32, shuffle=True), BatchLoader(task.val, 256), ProbeSettings(),
-        settings.lp_lr, 0.01, runtime, show_progress=False,
-    )  # fmt: skip
+        build_model(settings.arch, task.num_classes, 1),
+        sources,
+        ["generic", "related"],
+        BatchLoader(task.train, 32, shuffle=True),
+        BatchLoader(task.val, 256),
+        ProbeSettings(),
+        settings.lp_lr,
+        0.01,
+        runtime,
+        show_progress=False,
+    )
     moved = np.concatenate([np.abs(c[0] - 0.5).ravel() for c in learned.coefficients.values()])
     return {
         "q50": float(np.median(moved)),

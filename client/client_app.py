@@ -43,9 +43,12 @@ def info(msg: Message, context: Context) -> Message:
 def backbone(msg: Message, context: Context) -> Message:
     node = _node(context, "institution")
     state, meta = node.backbone()
-    content = RecordDict({
-        "arrays": ArrayRecord(compress(state, node.fp16)), "info": ConfigRecord(meta),
-    })  # fmt: skip
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(compress(state, node.fp16)),
+            "info": ConfigRecord(meta),
+        }
+    )
     return Message(content, reply_to=msg)
 
 
@@ -56,12 +59,14 @@ def merge(msg: Message, context: Context) -> Message:
     node = _node(context, "coordinator")
     state, model, learned, metrics = node.merge(sources, names)
     coefficients = {k: torch.from_numpy(v) for k, v in learned.coefficients.items()}
-    content = RecordDict({
-        "arrays": ArrayRecord(compress(state, node.fp16)),
-        "coefficients": ArrayRecord(coefficients),  # model weights, not data
-        "info": ConfigRecord(model.as_config()),
-        "metrics": MetricRecord(metrics),
-    })  # fmt: skip
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(compress(state, node.fp16)),
+            "coefficients": ArrayRecord(coefficients),  # model weights, not data
+            "info": ConfigRecord(model.as_config()),
+            "metrics": MetricRecord(metrics),
+        }
+    )
     return Message(content, reply_to=msg)
 
 
@@ -87,10 +92,12 @@ def train(msg: Message, context: Context) -> Message:
         received.to_torch_state_dict(), model, server_round, local_norm
     )
     reply = {k: state[k] for k in received}  # same keys, same order as sent
-    content = RecordDict({
-        "arrays": ArrayRecord(compress(reply, node.fp16)),
-        "metrics": MetricRecord({**metrics, "num-examples": examples}),
-    })  # fmt: skip
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(compress(reply, node.fp16)),
+            "metrics": MetricRecord({**metrics, "num-examples": examples}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 

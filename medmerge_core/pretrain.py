@@ -100,16 +100,25 @@ def pretrain_source(
         state.update({k: init[k] for k in keys})
         model.load_state_dict(state)
     settings = pretrain_settings(
-        arch, task, stage, init=init, init_keys=keys, init_spec=init_spec,
-        data_spec=data_spec, batch_size=batch_size, seed=seed,
-    )  # fmt: skip
+        arch,
+        task,
+        stage,
+        init=init,
+        init_keys=keys,
+        init_spec=init_spec,
+        data_spec=data_spec,
+        batch_size=batch_size,
+        seed=seed,
+    )
     model = runtime.model(model)
     test = BatchLoader(task.test, 256)
     if out.exists():
         saved = load_torch_file(
-            out, "unreadable pretrained source", "delete it to pretrain again",
+            out,
+            "unreadable pretrained source",
+            "delete it to pretrain again",
             map_location=runtime.device,
-        )  # fmt: skip
+        )
         recorded = saved.get("settings") if isinstance(saved, dict) else None
         if recorded is None and not reuse_unrecorded:
             raise InputError(

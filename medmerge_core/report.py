@@ -142,9 +142,12 @@ def plot_merge_coefficients(
     flat = [np.asarray(coefficients[k]).reshape(d, -1) for k in layers]
     rng = np.random.default_rng(0)
     fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(max(9.0, len(layers) * 0.16), 7.5), sharex=True,
+        2,
+        1,
+        figsize=(max(9.0, len(layers) * 0.16), 7.5),
+        sharex=True,
         gridspec_kw={"height_ratios": [3, 1]},
-    )  # fmt: skip
+    )
     deviations = [f[0] - 1.0 / d for f in flat]
     for i, dev in enumerate(deviations):
         shown = dev if dev.size <= 2000 else rng.choice(dev, 2000, replace=False)
@@ -160,10 +163,12 @@ def plot_merge_coefficients(
     preferred = [preferred_source(f) for f in flat]
     stacked = np.zeros(len(layers))
     for index, source in enumerate([*source_names, "tie"]):
-        share = np.array([
-            np.mean(ties) if source == "tie" else np.mean((winner == index) & ~ties)
-            for winner, ties in preferred
-        ])  # fmt: skip
+        share = np.array(
+            [
+                np.mean(ties) if source == "tie" else np.mean((winner == index) & ~ties)
+                for winner, ties in preferred
+            ]
+        )
         color = "lightgray" if source == "tie" else None
         bottom.bar(range(len(layers)), share, bottom=stacked, label=source, width=0.8, color=color)
         stacked += share

@@ -226,9 +226,11 @@ def fit(
     start = 0
     if checkpoint is not None and checkpoint.exists():
         saved = load_torch_file(
-            checkpoint, "unreadable training checkpoint", "delete it to train this stage again",
+            checkpoint,
+            "unreadable training checkpoint",
+            "delete it to train this stage again",
             map_location=runtime.device,
-        )  # fmt: skip
+        )
         model.load_state_dict(saved["model"])
         result = FitResult(
             saved["best_epoch"], saved["best_val"], saved["history"], saved.get("seconds", 0.0)

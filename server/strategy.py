@@ -92,8 +92,9 @@ class MedMergeFedAvg(FedAvg):
             if self.cfg.dp == "server"
             else DifferentialPrivacyClientSideFixedClipping
         )
-        return wrapper(self, self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm,
-                       len(self.sites))  # fmt: skip
+        return wrapper(
+            self, self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm, len(self.sites)
+        )
 
     def start(
         self,
@@ -119,8 +120,9 @@ class MedMergeFedAvg(FedAvg):
         result = Result()
         for server_round in range(start + 1, num_rounds + 1):
             began = time.perf_counter()
-            messages = strategy.configure_train(server_round, self._shared(state),
-                                                self._config(train_config), grid)  # fmt: skip
+            messages = strategy.configure_train(
+                server_round, self._shared(state), self._config(train_config), grid
+            )
             arrays, train = strategy.aggregate_train(
                 server_round, exchange(grid, messages, timeout)
             )
@@ -128,17 +130,22 @@ class MedMergeFedAvg(FedAvg):
                 log.warning("round %d: no aggregate; the global model is unchanged", server_round)
             else:
                 state = {**state, **restore_dtypes(arrays.to_torch_state_dict(), self.meta)}
-            messages = strategy.configure_evaluate(server_round, self._shared(state),
-                                                   self._config(evaluate_config), grid)  # fmt: skip
+            messages = strategy.configure_evaluate(
+                server_round, self._shared(state), self._config(evaluate_config), grid
+            )
             evaluation = strategy.aggregate_evaluate(
                 server_round, exchange(grid, messages, timeout)
             )
             sent = sum(v for k, v in self._round_log.items() if k.startswith("bytes_"))
             record = {
-                "phase": "round", "round": server_round, **self._round_log,
-                **_metrics(train, ""), **_metrics(evaluation, "eval_"),
-                "mbytes": sent / 2**20, "seconds": time.perf_counter() - began,
-            }  # fmt: skip
+                "phase": "round",
+                "round": server_round,
+                **self._round_log,
+                **_metrics(train, ""),
+                **_metrics(evaluation, "eval_"),
+                "mbytes": sent / 2**20,
+                "seconds": time.perf_counter() - began,
+            }
             self.history.append(record)
             self.run.save_round(server_round, state, self.state_dict(), self.history)
             self.run.log(record)

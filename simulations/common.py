@@ -43,8 +43,15 @@ def subsample_train(task: TaskData, limit: int | None, seed: int = 0) -> TaskDat
     if limit is None or limit >= len(task.train):
         return task
     index = np.sort(np.random.default_rng(seed).permutation(len(task.train))[:limit])
-    return TaskData(task.name, task.train.subset(index), task.val, task.test, task.class_names,
-                    task.multilabel, dict(task.notes, train_subset=limit))  # fmt: skip
+    return TaskData(
+        task.name,
+        task.train.subset(index),
+        task.val,
+        task.test,
+        task.class_names,
+        task.multilabel,
+        dict(task.notes, train_subset=limit),
+    )
 
 
 def set_threads(threads: int) -> None:

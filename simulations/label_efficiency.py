@@ -103,10 +103,10 @@ def results_section(
                 [by_seed[k]["medmerge"]["test"]["macro_f1"] for k in seeds],
                 [by_seed[k][method]["test"]["macro_f1"] for k in seeds],
             )
-            comparisons.append(f"- budget {budget:g}, MedMerge − {method_label(method)}: "
-                               + result.format())  # fmt: skip
-    sources = "; ".join(f"{n} = {describe_source(v)}" for n, v in base.sources
-                        if n in ("A", "B"))  # fmt: skip
+            comparisons.append(
+                f"- budget {budget:g}, MedMerge − {method_label(method)}: " + result.format()
+            )
+    sources = "; ".join(f"{n} = {describe_source(v)}" for n, v in base.sources if n in ("A", "B"))
     out = [
         f"## Label efficiency on {base.target} ({base.arch}, {base.image_size}x{base.image_size})",
         "",

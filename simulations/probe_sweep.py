@@ -53,8 +53,9 @@ def target_setup(
     stage = StageSettings(3, 1e-3)
     if target == "synthetic":
         arch = "resnet18"
-        generic, related = pretrain_demo_sources(source_dir, DemoSettings(), runtime,
-                                                 show_progress=False)  # fmt: skip
+        generic, related = pretrain_demo_sources(
+            source_dir, DemoSettings(), runtime, show_progress=False
+        )
         a = load_source(str(generic), arch, 1)
         task = make_task("target", image_size=28, seed=0)
         text = "the demo's setting: ResNet-18 28x28, A generic, B related_a from A"
@@ -63,8 +64,16 @@ def target_setup(
         arch = "cifar_resnet20"
         a = load_source("cifar10:resnet20", arch, 1)
         pneumonia = load_medmnist_file(data_root, "pneumoniamnist")
-        pretrain_source(arch, pneumonia, source_dir / "B.pt", stage, runtime, init=a,
-                        batch_size=64, show_progress=False)  # fmt: skip
+        pretrain_source(
+            arch,
+            pneumonia,
+            source_dir / "B.pt",
+            stage,
+            runtime,
+            init=a,
+            batch_size=64,
+            show_progress=False,
+        )
         task = load_medmnist_file(data_root, "breastmnist")
         text = "CIFAR ResNet-20 28x28; A: CIFAR-10 weights, B: PneumoniaMNIST from A"
         b = load_source(str(source_dir / "B.pt"), arch, 1)
@@ -72,24 +81,38 @@ def target_setup(
 
 
 def probe_run(
-    arch: str, task: TaskData, sources: list[dict[str, torch.Tensor]], settings: ProbeSettings,
-    seed: int, runtime: Runtime,
-) -> dict[str, Any]:  # fmt: skip
+    arch: str,
+    task: TaskData,
+    sources: list[dict[str, torch.Tensor]],
+    settings: ProbeSettings,
+    seed: int,
+    runtime: Runtime,
+) -> dict[str, Any]:
     """One probe; its per-epoch validation curve (with the step count) and final movement."""
     torch.manual_seed(seed)
     train = BatchLoader(task.train, BATCH_SIZE, shuffle=True, seed=seed)
     learned = learn_merge(
-        build_model(arch, task.num_classes, task.in_channels), sources, ["A", "B"], train,
-        BatchLoader(task.val, 256), settings, HEAD_LR, HEAD_WEIGHT_DECAY, runtime,
+        build_model(arch, task.num_classes, task.in_channels),
+        sources,
+        ["A", "B"],
+        train,
+        BatchLoader(task.val, 256),
+        settings,
+        HEAD_LR,
+        HEAD_WEIGHT_DECAY,
+        runtime,
         show_progress=False,
-    )  # fmt: skip
+    )
     assert learned.fit is not None
     per_epoch = len(train)
     curve = [
-        {"step": min((h["epoch"] + 1) * per_epoch, settings.steps or 0),
-         "val_loss": h["val_loss"], "val_macro_f1": h["val_macro_f1"]}
+        {
+            "step": min((h["epoch"] + 1) * per_epoch, settings.steps or 0),
+            "val_loss": h["val_loss"],
+            "val_macro_f1": h["val_macro_f1"],
+        }
         for h in learned.fit.history
-    ]  # fmt: skip
+    ]
     movement = np.concatenate([np.abs(c[0] - 0.5).ravel() for c in learned.coefficients.values()])
     return {
         "curve": curve,
@@ -151,13 +174,17 @@ def summarise(
             runs = [data["runs"][f"{setting}-seed{s}"] for s in seeds]
             for budget in budgets:
                 points = [at_budget(r["curve"], budget) for r in runs]
-                rows.append({
-                    "target": target, "setting": setting, "budget": budget,
-                    "val_macro_f1": float(np.mean([p["val_macro_f1"] for p in points])),
-                    "val_loss": float(np.mean([p["val_loss"] for p in points])),
-                    "end_loss": float(np.mean([p["end_loss"] for p in points])),
-                    "movement_q50": float(np.mean([r["movement_q50"] for r in runs])),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "target": target,
+                        "setting": setting,
+                        "budget": budget,
+                        "val_macro_f1": float(np.mean([p["val_macro_f1"] for p in points])),
+                        "val_loss": float(np.mean([p["val_loss"] for p in points])),
+                        "end_loss": float(np.mean([p["end_loss"] for p in points])),
+                        "movement_q50": float(np.mean([r["movement_q50"] for r in runs])),
+                    }
+                )
     return rows
 
 
@@ -315,9 +342,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for column in ("target", "setting", "budget", "val F1", "val loss", "end loss", "moved"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["target"], r["setting"], str(r["budget"]), f"{r['val_macro_f1']:.3f}",
-                      f"{r['val_loss']:.4f}", f"{r['end_loss']:.4f}",
-                      f"{r['movement_q50']:.3f}")  # fmt: skip
+        table.add_row(
+            r["target"],
+            r["setting"],
+            str(r["budget"]),
+            f"{r['val_macro_f1']:.3f}",
+            f"{r['val_loss']:.4f}",
+            f"{r['end_loss']:.4f}",
+            f"{r['movement_q50']:.3f}",
+        )
     console.print(table)
     plot_curves(collected, args.figure, args.default, args.default_steps)
     figure = relative(args.figure, args.results)

@@ -83,20 +83,29 @@ def parse_args(argv: Sequence[str] | None = None) -> StudySettings:
     add_arguments(p, StudySettings, skip=("sources", "label_budget", "studies", "argv"), help=HELP)
     p.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES))
     p.add_argument(
-        "--source", action="append", type=_source_arg, default=[], metavar="NAME=SPEC",
+        "--source",
+        action="append",
+        type=_source_arg,
+        default=[],
+        metavar="NAME=SPEC",
         help="A, B or C: a weights spec or pretrain:DATASET[@INIT] (default: "
-        + ", ".join(f"{n}={v}" for n, v in DEFAULT_SOURCES) + ")",
-    )  # fmt: skip
+        + ", ".join(f"{n}={v}" for n, v in DEFAULT_SOURCES)
+        + ")",
+    )
     p.add_argument(
-        "--label-budget", type=_budget_arg,
+        "--label-budget",
+        type=_budget_arg,
         help="fraction (0, 1] or count of the target's training labels, per seed",
-    )  # fmt: skip
+    )
     a = p.parse_args(argv)
     return from_arguments(
-        StudySettings, a, studies=tuple(a.studies), label_budget=a.label_budget,
+        StudySettings,
+        a,
+        studies=tuple(a.studies),
+        label_budget=a.label_budget,
         sources=tuple({**dict(DEFAULT_SOURCES), **dict(a.source)}.items()),
         argv=tuple(argv or ()),
-    )  # fmt: skip
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

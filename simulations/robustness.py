@@ -172,8 +172,10 @@ def run_all(
                 console.print(f"[bold]{dataset}[/] {variant} seed {seed}")
                 results = run_experiment(config, task=task, show_progress=s.progress)
                 metrics = evaluate_conditions(run_dir, s, task, tests)
-                metrics["_train"] = {"seconds": results["ft:init"]["seconds"],
-                                     "train_images": len(task.train)}  # fmt: skip
+                metrics["_train"] = {
+                    "seconds": results["ft:init"]["seconds"],
+                    "train_images": len(task.train),
+                }
                 collected.setdefault(dataset, {}).setdefault(variant, []).append(metrics)
                 if variant == "inmerge" and "end" not in activity:
                     activity["end"] = inmerge_activity(s, task, _fine_tuned(run_dir)["state_dict"])
@@ -278,8 +280,12 @@ def print_summary(collected: Mapping[str, Any], console: Console) -> None:
     for dataset, runs in collected.items():
         for variant in VARIANTS:
             seeds = runs[variant]
-            table.add_row(dataset, variant, mean_std(_values(seeds, "clean", "auroc")),
-                          mean_std([_corrupted_mean(r, "auroc") for r in seeds]))  # fmt: skip
+            table.add_row(
+                dataset,
+                variant,
+                mean_std(_values(seeds, "clean", "auroc")),
+                mean_std([_corrupted_mean(r, "auroc") for r in seeds]),
+            )
     console.print(table)
 
 

@@ -74,21 +74,35 @@ def plan(studies: Sequence[str]) -> list[RunSpec]:
         specs.append(RunSpec("main", "A + B", ("A", "B"), pipelines))
     if "ablations" in studies:
         specs += [
-            RunSpec("bn_frozen", "BN frozen in probe", ("A", "B"), ("medmerge",), freeze_bn=True,
-                    ablation=True),
-            RunSpec("layer", "layer granularity", ("A", "B"), ("medmerge",), "layer",
-                    ablation=True),
-            RunSpec("parameter", "parameter granularity", ("A", "B"), ("medmerge",), "parameter",
-                    ablation=True),
+            RunSpec(
+                "bn_frozen",
+                "BN frozen in probe",
+                ("A", "B"),
+                ("medmerge",),
+                freeze_bn=True,
+                ablation=True,
+            ),
+            RunSpec(
+                "layer", "layer granularity", ("A", "B"), ("medmerge",), "layer", ablation=True
+            ),
+            RunSpec(
+                "parameter",
+                "parameter granularity",
+                ("A", "B"),
+                ("medmerge",),
+                "parameter",
+                ablation=True,
+            ),
             RunSpec("zeros_a", "A + zeros", ("A", "zeros"), ("medmerge",), ablation=True),
             RunSpec("zeros_b", "B + zeros", ("B", "zeros"), ("medmerge",), ablation=True),
-        ]  # fmt: skip
+        ]
     if "three" in studies:
         specs += [
             RunSpec("source_c", "C alone", ("C",), ("ft", "lp_ft"), ablation=True),
-            RunSpec("three", "A + B + C", ("A", "B", "C"), ("average_ft", "medmerge"),
-                    ablation=True),
-        ]  # fmt: skip
+            RunSpec(
+                "three", "A + B + C", ("A", "B", "C"), ("average_ft", "medmerge"), ablation=True
+            ),
+        ]
     return specs
 
 
@@ -195,8 +209,7 @@ def source_order(s: StudySettings, needed: set[str]) -> list[str]:
 
 def pretrain_task(s: StudySettings, dataset: str) -> TaskData:
     if dataset.startswith(SYNTHETIC):
-        sizes = {"n_train": s.synthetic_train, "n_val": s.synthetic_val,
-                 "n_test": s.synthetic_val}  # fmt: skip
+        sizes = {"n_train": s.synthetic_train, "n_val": s.synthetic_val, "n_test": s.synthetic_val}
         return make_task(dataset.removeprefix(SYNTHETIC), image_size=s.image_size, seed=0, **sizes)
     task = load_medmnist_file(s.data_root, dataset).resized(s.image_size)
     return subsample_train(task, s.source_train)
@@ -225,11 +238,18 @@ def prepare_sources(s: StudySettings, console: Console) -> dict[str, dict[str, A
             init = load_source(info[init_name]["spec"], s.arch, task.in_channels)
         start = time.perf_counter()
         metrics = pretrain_source(
-            s.arch, task, path, s.source, runtime, init=init, batch_size=s.batch_size,
-            seed=index, show_progress=s.progress,
+            s.arch,
+            task,
+            path,
+            s.source,
+            runtime,
+            init=init,
+            batch_size=s.batch_size,
+            seed=index,
+            show_progress=s.progress,
             init_spec=None if init_name is None else s.source_spec(init_name),
             data_spec={"dataset": dataset, "train": len(task.train)},
-        )  # fmt: skip
+        )
         info[name] = {
             "spec": str(path.resolve()),
             "text": text,

@@ -150,12 +150,26 @@ def commands(config_file, tmp_path, monkeypatch):
     argv = {
         "run": ["run", str(config_file), "--set", "source_b=zeros"],
         "pretrain": [
-            "pretrain", "--arch", "resnet18", "--data", "format=synthetic",
-            "--data", "task=generic", "--data", "n_train=8", "--data", "n_val=4",
-            "--data", "n_test=4", "--image-size", "16", "--out", str(tmp_path / "m.pt"),
+            "pretrain",
+            "--arch",
+            "resnet18",
+            "--data",
+            "format=synthetic",
+            "--data",
+            "task=generic",
+            "--data",
+            "n_train=8",
+            "--data",
+            "n_val=4",
+            "--data",
+            "n_test=4",
+            "--image-size",
+            "16",
+            "--out",
+            str(tmp_path / "m.pt"),
         ],
         "demo": ["demo", "--out", str(tmp_path / "demo"), "--quick", "--no-progress"],
-    }  # fmt: skip
+    }
     return argv, make
 
 
@@ -204,10 +218,28 @@ def test_atomic_writes_are_readable_like_plain_files(tmp_path, umask, mode) -> N
 # 5. pretrain --out onto an existing file -------------------------------------------------
 
 PRETRAIN = [
-    "pretrain", "--arch", "resnet18", "--data", "format=synthetic", "--data", "task=generic",
-    "--data", "n_train=16", "--data", "n_val=8", "--data", "n_test=8",
-    "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-]  # fmt: skip
+    "pretrain",
+    "--arch",
+    "resnet18",
+    "--data",
+    "format=synthetic",
+    "--data",
+    "task=generic",
+    "--data",
+    "n_train=16",
+    "--data",
+    "n_val=8",
+    "--data",
+    "n_test=8",
+    "--image-size",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+]
 
 
 def test_pretrain_reuses_same_settings_and_refuses_different_ones(tmp_path, capsys) -> None:

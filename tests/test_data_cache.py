@@ -100,8 +100,12 @@ def test_build_publishes_only_complete_files(tmp_path: Path, monkeypatch) -> Non
         real_replace(src, dst)
 
     monkeypatch.setattr(cache.os, "replace", spy)
-    spec = {"format": "image_folder", "root": root, "cache_dir": cache_dir,
-            "fractions": [1.0, 0.0, 0.0]}  # fmt: skip
+    spec = {
+        "format": "image_folder",
+        "root": root,
+        "cache_dir": cache_dir,
+        "fractions": [1.0, 0.0, 0.0],
+    }
     with pytest.raises(OSError, match="disk full"):
         load_task(spec, image_size=SIZE)
     assert published == [(published[0][0], 6 * SIZE * SIZE * 3)]  # complete before publishing
@@ -124,9 +128,10 @@ def test_skip_bad_images_counts_lists_and_caches(tmp_path: Path) -> None:
     with open(run / "skipped_images.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(r["file"] for r in rows) == [
-        "train_images/001639a390f0.png", "train_images/002c21358ce6.png",
+        "train_images/001639a390f0.png",
+        "train_images/002c21358ce6.png",
         "train_images/005b95c28852.png",
-    ]  # fmt: skip
+    ]
     assert {r["file"]: r["reason"] for r in rows}["train_images/005b95c28852.png"] == (
         "file not found"
     )
@@ -141,8 +146,9 @@ def test_skip_bad_images_counts_lists_and_caches(tmp_path: Path) -> None:
 
 def test_skip_bad_images_writes_empty_list_when_nothing_is_bad(tmp_path: Path) -> None:
     root = aptos_tree(tmp_path / "aptos")
-    task = load_task(spec_for(root, None, skip_bad_images=True), image_size=8,
-                     run_dir=tmp_path / "run")  # fmt: skip
+    task = load_task(
+        spec_for(root, None, skip_bad_images=True), image_size=8, run_dir=tmp_path / "run"
+    )
     assert task.notes["skipped_images"] == 0
     assert (tmp_path / "run" / "skipped_images.csv").read_text().strip() == "file,reason"
 

@@ -188,9 +188,15 @@ def rsna_tree(root: Path) -> Path:
     )
     write_csv(
         root / "stage_2_detailed_class_info.csv",
-        ["patientId,class", f"{p[0]},No Lung Opacity / Not Normal", f"{p[1]},Normal",
-         f"{p[2]},Normal", f"{p[3]},Lung Opacity", f"{p[3]},Lung Opacity"],
-    )  # fmt: skip
+        [
+            "patientId,class",
+            f"{p[0]},No Lung Opacity / Not Normal",
+            f"{p[1]},Normal",
+            f"{p[2]},Normal",
+            f"{p[3]},Lung Opacity",
+            f"{p[3]},Lung Opacity",
+        ],
+    )
     for i, patient in enumerate(p):
         write_dicom(root / "stage_2_train_images" / f"{patient}.dcm", patient, 16 if i else 8)
     return root
@@ -230,8 +236,13 @@ def folder_tree(root: Path, per_class: int = 3, mode: str = "RGB") -> Path:
 
 
 def csv_tree(root: Path) -> Path:
-    rows = [("a.png", "cat", "p1"), ("b.png", "dog", "p1"), ("sub/c.png", "dog", "p2"),
-            ("d.png", "cat", "p3"), ("e.png", "bird", "p4")]  # fmt: skip
+    rows = [
+        ("a.png", "cat", "p1"),
+        ("b.png", "dog", "p1"),
+        ("sub/c.png", "dog", "p2"),
+        ("d.png", "cat", "p3"),
+        ("e.png", "bird", "p4"),
+    ]
     lines = ["file,kind,patient"] + [",".join(r) for r in rows]
     for rel, _, _ in rows:
         write_image(root / "imgs" / rel)

@@ -85,9 +85,12 @@ def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> No
 
 @pytest.mark.parametrize(
     ("stage", "message"),
-    [({"epochs": -1}, "lp.epochs: must be >= 0"), ({"lr": 0}, "lp.lr: must be > 0"),
-     ({"weight_decay": -0.1}, "lp.weight_decay: must be >= 0")],
-)  # fmt: skip
+    [
+        ({"epochs": -1}, "lp.epochs: must be >= 0"),
+        ({"lr": 0}, "lp.lr: must be > 0"),
+        ({"weight_decay": -0.1}, "lp.weight_decay: must be >= 0"),
+    ],
+)
 def test_bad_stage_settings_fail_with_the_config(tmp_path, stage, message) -> None:
     """Before: a negative lp.epochs failed only after both FT pipelines had trained."""
     with pytest.raises(InputError, match=message):

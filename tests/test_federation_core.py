@@ -88,8 +88,10 @@ def test_dtypes_come_from_the_model_not_the_aggregate() -> None:
     keys = transport_keys(meta, norm, fedbn=False)
     assert "bn1.num_batches_tracked" not in keys and "bn1.weight" in keys
     assert not set(transport_keys(meta, norm, fedbn=True)) & set(norm)
-    aggregate = {"bn1.num_batches_tracked": torch.tensor(2.6, dtype=torch.float64),
-                 "conv1.weight": torch.zeros(64, 1, 7, 7, dtype=torch.float16)}  # fmt: skip
+    aggregate = {
+        "bn1.num_batches_tracked": torch.tensor(2.6, dtype=torch.float64),
+        "conv1.weight": torch.zeros(64, 1, 7, 7, dtype=torch.float16),
+    }
     fixed = restore_dtypes(aggregate, meta)
     assert fixed["bn1.num_batches_tracked"].dtype == torch.int64
     assert int(fixed["bn1.num_batches_tracked"]) == 3

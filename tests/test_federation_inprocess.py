@@ -32,10 +32,18 @@ ARCH = "shufflenet_v2_x0_5"  # 1.4M parameters: the smallest torchvision CNN wit
 
 def run_config(tmp_path, **overrides) -> dict:
     base = {
-        "output-dir": str(tmp_path), "arch": ARCH, "image-size": 16, "synthetic-n-train": 32,
-        "synthetic-n-val": 16, "synthetic-n-test": 16, "rounds": 2,
-        "merge-epochs": 1, "min-sites": 2, "inmerge-tau": -1.0, "batch-size": 16,
-    }  # fmt: skip
+        "output-dir": str(tmp_path),
+        "arch": ARCH,
+        "image-size": 16,
+        "synthetic-n-train": 32,
+        "synthetic-n-val": 16,
+        "synthetic-n-test": 16,
+        "rounds": 2,
+        "merge-epochs": 1,
+        "min-sites": 2,
+        "inmerge-tau": -1.0,
+        "batch-size": 16,
+    }
     return {**base, **overrides}
 
 
@@ -93,8 +101,15 @@ def test_full_run_messages_carry_only_weights_configs_and_metrics(completed) -> 
         for record in content.metric_records.values():
             assert all(isinstance(v, int | float) for v in record.values())
     run_dir = out / "federation"
-    for name in ("final.pt", "checkpoint.pt", "merged.pt", "metrics.jsonl", "coefficients.npz",
-                 "coefficient_summary.json", "coefficients.png"):  # fmt: skip
+    for name in (
+        "final.pt",
+        "checkpoint.pt",
+        "merged.pt",
+        "metrics.jsonl",
+        "coefficients.npz",
+        "coefficient_summary.json",
+        "coefficients.png",
+    ):
         assert (run_dir / name).exists(), name
 
 
@@ -211,8 +226,10 @@ def test_fedbn_site_layers_survive_a_server_restart(tmp_path) -> None:
         return run_federation(InProcessGrid(client_app, nodes(), rc, fail=fail), rc)
 
     def comparable(history: list[dict]) -> list[str]:  # JSON: NaN == NaN; timings left out
-        return [json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True)
-                for r in history]  # fmt: skip
+        return [
+            json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True)
+            for r in history
+        ]
 
     reference = comparable(run(tmp_path / "whole"))
     with contextlib.suppress(ServerKilled):
@@ -221,8 +238,10 @@ def test_fedbn_site_layers_survive_a_server_restart(tmp_path) -> None:
     shutil.rmtree(tmp_path / "lost/federation/sites")  # as if the sites had lost their disks
     assert comparable(run(tmp_path / "parts")) == reference
     assert comparable(run(tmp_path / "lost")) != reference  # the files carried the layers
-    finals = [torch.load(tmp_path / d / "federation/final.pt", weights_only=True)["state_dict"]
-              for d in ("whole", "parts")]  # fmt: skip
+    finals = [
+        torch.load(tmp_path / d / "federation/final.pt", weights_only=True)["state_dict"]
+        for d in ("whole", "parts")
+    ]
     assert state_digest(finals[0]) == state_digest(finals[1])
 
 

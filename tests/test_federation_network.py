@@ -76,8 +76,14 @@ class Consortium:
 
     def _start(self, name: str, cmd: list[str]) -> None:
         out = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True, cwd=self.tmp)  # fmt: skip
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.tmp,
+        )
 
     def __enter__(self) -> Consortium:
         deploy, env, tmp = ROOT / "deploy", self.env, self.tmp
@@ -86,25 +92,49 @@ class Consortium:
         sh(str(deploy / "make_certs.sh"), str(certs), env=env)
         sh(str(deploy / "make_node_keys.sh"), str(keys), *names, env=env)
         for name, pairs in self.nodes.items():
-            sh(str(deploy / "write_node_config.sh"), str(configs / f"{name}.toml"),
-               f"name={name}", *pairs, env=env)  # fmt: skip
+            sh(
+                str(deploy / "write_node_config.sh"),
+                str(configs / f"{name}.toml"),
+                f"name={name}",
+                *pairs,
+                env=env,
+            )
         port = free_port()
-        self._start("superlink", [
-            str(deploy / "start_superlink.sh"), str(certs), "--port", str(port),
-            "--fleet-api-address", f"127.0.0.1:{free_port()}",
-            "--control-api-address", f"127.0.0.1:{free_port()}",
-        ])  # fmt: skip
+        self._start(
+            "superlink",
+            [
+                str(deploy / "start_superlink.sh"),
+                str(certs),
+                "--port",
+                str(port),
+                "--fleet-api-address",
+                f"127.0.0.1:{free_port()}",
+                "--control-api-address",
+                f"127.0.0.1:{free_port()}",
+            ],
+        )
         try:
             wait_healthy(port, certs / "ca.crt", time.monotonic() + 60)
-            sh(str(deploy / "write_connection.sh"), "hospitals", f"127.0.0.1:{port}",
-               str(certs / "ca.crt"), env=env)  # fmt: skip
+            sh(
+                str(deploy / "write_connection.sh"),
+                "hospitals",
+                f"127.0.0.1:{port}",
+                str(certs / "ca.crt"),
+                env=env,
+            )
             sh(str(deploy / "register_nodes.sh"), "hospitals", str(keys), *names, env=env)
             for name in names:
-                self._start(name, [
-                    str(deploy / "start_supernode.sh"), str(configs / f"{name}.toml"),
-                    f"127.0.0.1:{port}", str(certs / "ca.crt"), str(keys / name),
-                    str(free_port()),
-                ])  # fmt: skip
+                self._start(
+                    name,
+                    [
+                        str(deploy / "start_supernode.sh"),
+                        str(configs / f"{name}.toml"),
+                        f"127.0.0.1:{port}",
+                        str(certs / "ca.crt"),
+                        str(keys / name),
+                        str(free_port()),
+                    ],
+                )
         except BaseException:
             self.__exit__()
             raise
@@ -142,10 +172,16 @@ class Consortium:
         """Waits for the run to end; its status from `flwr ls`, not an exit code."""
         # Returns when the run ends; on a slow machine the status check reports the rest.
         with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run([str(BIN / "flwr"), "log", str(run_id), "hospitals", "--stream"],
-                           env=self.env, capture_output=True, timeout=900, check=False)  # fmt: skip
-        listing = json.loads(self.flwr("ls", "hospitals", "--run-id", str(run_id),
-                                       "--format", "json"))  # fmt: skip
+            subprocess.run(
+                [str(BIN / "flwr"), "log", str(run_id), "hospitals", "--stream"],
+                env=self.env,
+                capture_output=True,
+                timeout=900,
+                check=False,
+            )
+        listing = json.loads(
+            self.flwr("ls", "hospitals", "--run-id", str(run_id), "--format", "json")
+        )
         return [r["status"] for r in listing["runs"]]
 
     def tail(self) -> str:
@@ -156,11 +192,19 @@ class Consortium:
 
 def tiny_run(tmp_path: Path, **extra: object) -> str:
     settings = {
-        "output-dir": f'"{tmp_path / "runs"}"', "arch": '"shufflenet_v2_x0_5"', "image-size": 16,
-        "synthetic-n-train": 16, "synthetic-n-val": 8, "synthetic-n-test": 8, "rounds": 1,
-        "min-sites": 1, "merge-epochs": 1, "batch-size": 8, "timeout": 600.0,
+        "output-dir": f'"{tmp_path / "runs"}"',
+        "arch": '"shufflenet_v2_x0_5"',
+        "image-size": 16,
+        "synthetic-n-train": 16,
+        "synthetic-n-val": 8,
+        "synthetic-n-test": 8,
+        "rounds": 1,
+        "min-sites": 1,
+        "merge-epochs": 1,
+        "batch-size": 8,
+        "timeout": 600.0,
         **extra,
-    }  # fmt: skip
+    }
     return " ".join(f"{k}={v}" for k, v in settings.items())
 
 
@@ -199,8 +243,9 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path) -
         consortium.kill("site-2")
         status = consortium.final_status(run_id)
         assert status == ["finished:completed"], (status, consortium.tail())
-    rounds = [r for r in read_jsonl(tmp_path / "runs/federation/metrics.jsonl")
-              if r["phase"] == "round"]  # fmt: skip
+    rounds = [
+        r for r in read_jsonl(tmp_path / "runs/federation/metrics.jsonl") if r["phase"] == "round"
+    ]
     assert [(r["round"], r["sites"]) for r in rounds] == [(1, 1), (2, 1)]
     (rejected,) = rounds[0]["rejected"]
     assert "site-2" in rejected

@@ -97,8 +97,13 @@ def test_aptos_grades_and_rgb(tmp_path: Path) -> None:
     task = load_task({"format": "aptos", "root": aptos_tree(tmp_path)}, image_size=SIZE)
     assert task.num_classes == 5 and not task.multilabel
     labels = labels_by_id(task)
-    assert labels == {"000c1434d8d7": 0, "001639a390f0": 1, "0024cdab0c1e": 2,
-                      "002c21358ce6": 3, "005b95c28852": 4}  # fmt: skip
+    assert labels == {
+        "000c1434d8d7": 0,
+        "001639a390f0": 1,
+        "0024cdab0c1e": 2,
+        "002c21358ce6": 3,
+        "005b95c28852": 4,
+    }
     assert task.in_channels == 3 and task.train.labels.dtype == np.int64
 
 
@@ -185,8 +190,9 @@ def test_nih_header_quirk_official_lists_and_labels(tmp_path: Path) -> None:
 
 
 def test_image_folder_random_and_fixed_splits(tmp_path: Path) -> None:
-    flat = load_task({"format": "image_folder", "root": folder_tree(tmp_path / "a")},
-                     image_size=SIZE)  # fmt: skip
+    flat = load_task(
+        {"format": "image_folder", "root": folder_tree(tmp_path / "a")}, image_size=SIZE
+    )
     assert flat.class_names == ("benign", "malignant") and len(all_ids(flat)) == 6
     fixed_root = tmp_path / "b"
     for split, n in (("train", 3), ("test", 2)):
@@ -198,8 +204,14 @@ def test_image_folder_random_and_fixed_splits(tmp_path: Path) -> None:
 
 def test_generic_csv_configurable_columns_split_and_groups(tmp_path: Path) -> None:
     root = csv_tree(tmp_path)
-    spec = {"format": "csv", "csv": root / "labels.csv", "image_root": root / "imgs",
-            "path_column": "file", "label_column": "kind", "group_column": "patient"}  # fmt: skip
+    spec = {
+        "format": "csv",
+        "csv": root / "labels.csv",
+        "image_root": root / "imgs",
+        "path_column": "file",
+        "label_column": "kind",
+        "group_column": "patient",
+    }
     task = load_task(spec, image_size=SIZE)
     assert task.class_names == ("bird", "cat", "dog")
     assert sorted(all_ids(task)) == ["a.png", "b.png", "d.png", "e.png", "sub/c.png"]
@@ -213,8 +225,12 @@ def test_generic_csv_split_column_and_multilabel(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
     for name in "abc":
         write_image(tmp_path / f"{name}.png")
-    spec = {"format": "csv", "csv": tmp_path / "data.csv", "split_column": "split",
-            "label_columns": ["fever", "cough"]}  # fmt: skip
+    spec = {
+        "format": "csv",
+        "csv": tmp_path / "data.csv",
+        "split_column": "split",
+        "label_columns": ["fever", "cough"],
+    }
     task = load_task(spec, image_size=SIZE)
     assert task.multilabel and task.class_names == ("fever", "cough")
     assert list(task.val.ids) == ["b.png"] and math.isnan(task.val.labels[0, 1])
@@ -233,12 +249,20 @@ def test_synthetic_and_medmnist_dispatch(monkeypatch: pytest.MonkeyPatch, tmp_pa
         calls.append(("medmnist", source, kw))
         return fake
 
-    monkeypatch.setitem(sys.modules, "medmerge_core.data.synthetic",
-                        types.SimpleNamespace(make_task=make_task))  # fmt: skip
-    monkeypatch.setitem(sys.modules, "medmerge_core.data.medmnist",
-                        types.SimpleNamespace(load_medmnist=load_medmnist))  # fmt: skip
-    task = load_task({"format": "synthetic", "task": "target", "n_train": 8}, image_size=16,
-                     seed=3, run_dir=tmp_path / "run")  # fmt: skip
+    monkeypatch.setitem(
+        sys.modules, "medmerge_core.data.synthetic", types.SimpleNamespace(make_task=make_task)
+    )
+    monkeypatch.setitem(
+        sys.modules,
+        "medmerge_core.data.medmnist",
+        types.SimpleNamespace(load_medmnist=load_medmnist),
+    )
+    task = load_task(
+        {"format": "synthetic", "task": "target", "n_train": 8},
+        image_size=16,
+        seed=3,
+        run_dir=tmp_path / "run",
+    )
     assert task is fake and (tmp_path / "run" / "split.csv").is_file()
     assert calls[0] == (
         "synthetic",
@@ -251,7 +275,18 @@ def test_synthetic_and_medmnist_dispatch(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_format_options_cover_every_format() -> None:
-    assert set(FORMATS) == {"synthetic", "medmnist", "ham10000", "isic2019", "aptos", "eyepacs",
-                            "chexpert", "rsna", "nih", "image_folder", "csv"}  # fmt: skip
+    assert set(FORMATS) == {
+        "synthetic",
+        "medmnist",
+        "ham10000",
+        "isic2019",
+        "aptos",
+        "eyepacs",
+        "chexpert",
+        "rsna",
+        "nih",
+        "image_folder",
+        "csv",
+    }
     assert "policy" in FORMAT_OPTIONS["chexpert"] and "root" in FORMAT_OPTIONS["rsna"]
     assert FORMAT_OPTIONS["chexpert"]["policy"].choices == ("U-Ones", "U-Zeros", "U-Ignore")

@@ -111,9 +111,11 @@ def test_synthetic_train_shrunk_val_test_untouched(tmp_path: Path) -> None:
     with open(tmp_path / "split.csv", newline="") as handle:
         rows = Counter(r["split"] for r in csv.DictReader(handle))
     assert rows == {
-        "train": len(task.train), "unused": len(full.train) - len(task.train),
-        "val": len(full.val), "test": len(full.test),
-    }  # fmt: skip
+        "train": len(task.train),
+        "unused": len(full.train) - len(task.train),
+        "val": len(full.val),
+        "test": len(full.test),
+    }
     other = load_task({**SYNTHETIC, "label_budget": 0.2, "seed": 4}, image_size=SIZE, seed=9)
     assert list(other.train.ids) == list(task.train.ids)  # the spec's seed wins
     other = load_task({**SYNTHETIC, "label_budget": 0.2, "seed": 5}, image_size=SIZE)

@@ -32,9 +32,11 @@ def sources(n: int = 2, arch: str = "resnet18") -> list[dict[str, torch.Tensor]]
 def probe(constraint: str = "none", n: int = 2) -> MergedModel:
     torch.manual_seed(0)
     return MergedModel(
-        build_model("resnet18", 2, 1), sources(n), [f"s{i}" for i in range(n)],
+        build_model("resnet18", 2, 1),
+        sources(n),
+        [f"s{i}" for i in range(n)],
         constraint=constraint,  # type: ignore[arg-type]
-    )  # fmt: skip
+    )
 
 
 def run_probe(tiny_task, settings: ProbeSettings, lr: float = 1e-3, **kwargs):
@@ -57,9 +59,7 @@ def run_probe(tiny_task, settings: ProbeSettings, lr: float = 1e-3, **kwargs):
 # --- every device path runs on CPU ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("amp", "channels_last"), [(False, True), (True, False), (True, True)]
-)  # fmt: skip
+@pytest.mark.parametrize(("amp", "channels_last"), [(False, True), (True, False), (True, True)])
 def test_probe_equals_bake_on_the_gpu_code_paths(tiny_task, amp, channels_last) -> None:
     runtime = Runtime.detect("cpu", amp=amp, channels_last=channels_last)
     merged = runtime.model(probe())  # 5-D coefficients: Module.to(channels_last) would fail
@@ -105,14 +105,21 @@ def test_every_pipeline_runs_with_channels_last_and_bf16_autocast(tiny_task, tmp
     for seed in (1, 2):
         torch.manual_seed(seed)
         save_checkpoint(tmp_path / f"src{seed}.pt", build_model("resnet18", 4, 1), "resnet18")
-    config = config_from_dict({
-        "name": "gpu-paths", "output_dir": str(tmp_path / "runs"),
-        "data": {"format": "synthetic", "task": "target"},
-        "sources": {"a": str(tmp_path / "src1.pt"), "b": str(tmp_path / "src2.pt")},
-        "model": {"arch": "resnet18", "image_size": 32},
-        "lp": {"epochs": 1, "lr": 1e-3}, "ft": {"epochs": 1, "lr": 1e-4},
-        "merge": {"steps": 2}, "device": "cpu", "amp": True, "channels_last": True,
-    })  # fmt: skip
+    config = config_from_dict(
+        {
+            "name": "gpu-paths",
+            "output_dir": str(tmp_path / "runs"),
+            "data": {"format": "synthetic", "task": "target"},
+            "sources": {"a": str(tmp_path / "src1.pt"), "b": str(tmp_path / "src2.pt")},
+            "model": {"arch": "resnet18", "image_size": 32},
+            "lp": {"epochs": 1, "lr": 1e-3},
+            "ft": {"epochs": 1, "lr": 1e-4},
+            "merge": {"steps": 2},
+            "device": "cpu",
+            "amp": True,
+            "channels_last": True,
+        }
+    )
     results = run_experiment(config, task=tiny_task, show_progress=False)
     assert list(results) == ["ft:a", "ft:b", "lp_ft:a", "lp_ft:b", "average_ft", "medmerge"]
     assert all(np.isfinite(r["test"]["accuracy"]) for r in results.values())
@@ -185,8 +192,9 @@ def test_bad_probe_settings_are_one_line_errors(settings, message) -> None:
 def test_federation_probe_keys_reach_the_probe_settings() -> None:
     from medmerge_core.federation.config import FederationConfig
 
-    cfg = FederationConfig.from_run_config({"merge-steps": 7, "merge-coef-lr": 0.05,
-                                            "merge-constraint": "clamp"})  # fmt: skip
+    cfg = FederationConfig.from_run_config(
+        {"merge-steps": 7, "merge-coef-lr": 0.05, "merge-constraint": "clamp"}
+    )
     assert cfg.merge == ProbeSettings(steps=7, coef_lr=0.05, constraint="clamp")
     by_epochs = FederationConfig.from_run_config({"merge-steps": 300, "merge-epochs": 2})
     assert by_epochs.merge == ProbeSettings(epochs=2)  # the pyproject's steps, epochs > 0 win
@@ -200,10 +208,14 @@ def test_the_old_merge_lr_key_points_to_its_replacement() -> None:
     from medmerge_core.config import config_from_dict
 
     with pytest.raises(InputError, match=r"merge.lr: .*merge.coef_lr.*lp.lr"):
-        config_from_dict({
-            "name": "x", "data": {"format": "synthetic"},
-            "sources": {"a": "zeros", "b": "zeros"}, "merge": {"lr": 0.1},
-        })  # fmt: skip
+        config_from_dict(
+            {
+                "name": "x",
+                "data": {"format": "synthetic"},
+                "sources": {"a": "zeros", "b": "zeros"},
+                "merge": {"lr": 0.1},
+            }
+        )
 
 
 def test_the_server_screens_the_coordinator_coefficients() -> None:

@@ -55,12 +55,40 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     """Main comparison and three sources (the ablations run the same MedMerge pipeline)."""
     results, figures = tmp_path / "RESULTS.md", tmp_path / "results"
     argv = [
-        "--data-root", str(data_root), "--out", str(tmp_path / "runs"),
-        "--results", str(results), "--figures", str(figures), *TINY, "--seeds", "0", "1",
-        "--studies", "main", "three", "--lp-epochs", "1", "--ft-epochs", "1", "--merge-steps", "2",
-        "--source-epochs", "1", "--synthetic-train", "16", "--synthetic-val", "8",
-        "--lp-lr", "1e-3", "--source", "A=random:3", "--label-budget", "0.5",
-    ]  # fmt: skip
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+        "--figures",
+        str(figures),
+        *TINY,
+        "--seeds",
+        "0",
+        "1",
+        "--studies",
+        "main",
+        "three",
+        "--lp-epochs",
+        "1",
+        "--ft-epochs",
+        "1",
+        "--merge-steps",
+        "2",
+        "--source-epochs",
+        "1",
+        "--synthetic-train",
+        "16",
+        "--synthetic-val",
+        "8",
+        "--lp-lr",
+        "1e-3",
+        "--source",
+        "A=random:3",
+        "--label-budget",
+        "0.5",
+    ]
     assert reproduce.main(argv) == 0
     text = results.read_text()
     assert "<!-- reproduce-breastmnist-resnet18-16-labels0.5:start -->" in text
@@ -96,12 +124,37 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
 def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     results, figures = tmp_path / "RESULTS.md", tmp_path / "results"
     argv = [
-        "--budgets", "0.5", "1.0", "--", "--data-root", str(data_root), "--target",
-        "pneumoniamnist", "--source", "B=pretrain:breastmnist@A", "--source", "A=random:1",
-        "--out", str(tmp_path / "runs"), "--results", str(results), "--figures", str(figures),
-        *TINY, "--seeds", "0", "1", "--lp-epochs", "1", "--ft-epochs", "1", "--merge-steps", "2",
-        "--source-epochs", "1",
-    ]  # fmt: skip
+        "--budgets",
+        "0.5",
+        "1.0",
+        "--",
+        "--data-root",
+        str(data_root),
+        "--target",
+        "pneumoniamnist",
+        "--source",
+        "B=pretrain:breastmnist@A",
+        "--source",
+        "A=random:1",
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+        "--figures",
+        str(figures),
+        *TINY,
+        "--seeds",
+        "0",
+        "1",
+        "--lp-epochs",
+        "1",
+        "--ft-epochs",
+        "1",
+        "--merge-steps",
+        "2",
+        "--source-epochs",
+        "1",
+    ]
     assert label_efficiency.main(argv) == 0
     text = results.read_text()
     assert "## Label efficiency on pneumoniamnist" in text
@@ -139,10 +192,26 @@ def test_robustness_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     update_section(results, "other", "kept")  # another driver's section must survive
     argv = [
-        "--data-root", str(data_root), "--out", str(tmp_path / "runs"),
-        "--results", str(results), *TINY, "--seeds", "0", "--epochs", "1",
-        "--datasets", "breastmnist", "--max-train", "16", "--skip-layers", "0", "--tau", "-1",
-    ]  # fmt: skip
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+        *TINY,
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--datasets",
+        "breastmnist",
+        "--max-train",
+        "16",
+        "--skip-layers",
+        "0",
+        "--tau",
+        "-1",
+    ]
     assert robustness.main(argv) == 0
     text = results.read_text()
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text

@@ -35,9 +35,14 @@ class Driver:
 
 def test_a_partial_block_keeps_the_fields_documented_default() -> None:
     config = config_from_dict(
-        {"name": "x", "data": {"format": "synthetic", "task": "target"},
-         "sources": {"a": "random:1"}, "pipelines": ["ft"], "ft": {"epochs": 3}}
-    )  # fmt: skip
+        {
+            "name": "x",
+            "data": {"format": "synthetic", "task": "target"},
+            "sources": {"a": "random:1"},
+            "pipelines": ["ft"],
+            "ft": {"epochs": 3},
+        }
+    )
     assert config.ft == StageSettings(epochs=3, lr=1e-5)  # ExperimentConfig's FT lr, not 1e-4
     with pytest.raises(InputError, match=r"^ft\.lr: must be > 0"):
         build(type(config), {**config.to_dict(), "ft": {"lr": 0.0}})

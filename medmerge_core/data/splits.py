@@ -46,8 +46,9 @@ def grouped_split(groups: Sequence[str], fractions: Sequence[float], seed: int) 
     fractions = check_fractions(fractions)
     if not groups:
         return []
-    names, inverse, counts = np.unique(np.asarray(groups, dtype=str), return_inverse=True,
-                                       return_counts=True)  # fmt: skip
+    names, inverse, counts = np.unique(
+        np.asarray(groups, dtype=str), return_inverse=True, return_counts=True
+    )
     order = np.random.default_rng(seed).permutation(len(names))
     target = np.asarray(fractions) * len(groups)
     filled = np.zeros(3)
@@ -77,16 +78,20 @@ def assign_splits(
         (free, fractions),
         (pooled, (1.0 - val_fraction, val_fraction, 0.0)),
     ):
-        for i, split in zip(rows, grouped_split([groups[i] for i in rows], fracs, seed),
-                            strict=True):  # fmt: skip
+        for i, split in zip(
+            rows, grouped_split([groups[i] for i in rows], fracs, seed), strict=True
+        ):
             out[i] = split
     return out
 
 
 def write_split_csv(
-    path: Path, ids: Sequence[str], groups: Sequence[str], splits: Sequence[str],
+    path: Path,
+    ids: Sequence[str],
+    groups: Sequence[str],
+    splits: Sequence[str],
     labels: Sequence[str],
-) -> None:  # fmt: skip
+) -> None:
     """Write id,group,split,label atomically (temp file, then os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -47,9 +47,17 @@ _SPLITS = ("train", "val", "test")
 _CHUNK = 128  # rows per seeded stream; labels are balanced within each chunk
 _MIN_SIZE, _MAX_SIZE = 16, 512
 _GENERIC_CLASSES = (
-    "disk", "triangle", "square", "star", "cross",
-    "ring", "crescent", "stripes", "checkerboard", "dots",
-)  # fmt: skip
+    "disk",
+    "triangle",
+    "square",
+    "star",
+    "cross",
+    "ring",
+    "crescent",
+    "stripes",
+    "checkerboard",
+    "dots",
+)
 
 
 @dataclass(frozen=True)

@@ -108,9 +108,15 @@ class Node:
                 "(where the backbone pretrained on its data is saved)"
             )
         metrics = pretrain_source(
-            self.arch, self.task, Path(ckpt).expanduser(), self.pretrain, self.runtime,
-            batch_size=self.batch_size, seed=self.seed, show_progress=False,
-        )  # fmt: skip
+            self.arch,
+            self.task,
+            Path(ckpt).expanduser(),
+            self.pretrain,
+            self.runtime,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            show_progress=False,
+        )
         log.info("institution %s pretrained: %s", self.name, metrics)
         state = load_source(ckpt, self.arch, self.task.in_channels)
         return _cpu(state), {"source": self.name}
@@ -125,8 +131,10 @@ class Node:
         task = self.task
         torch.manual_seed(self.seed)
         model = build_model(self.arch, task.num_classes, task.in_channels)
-        fitted = [fit_backbone(state, self.arch, task.in_channels, f"source '{name}'")
-                  for state, name in zip(sources, names, strict=True)]  # fmt: skip
+        fitted = [
+            fit_backbone(state, self.arch, task.in_channels, f"source '{name}'")
+            for state, name in zip(sources, names, strict=True)
+        ]
         learned = learn_merge(
             model,
             fitted,
@@ -141,8 +149,9 @@ class Node:
             name="merge probe",
             show_progress=False,
         )
-        test = evaluate(learned.model, BatchLoader(task.test, EVAL_BATCH_SIZE), self.runtime,
-                        task.multilabel)  # fmt: skip
+        test = evaluate(
+            learned.model, BatchLoader(task.test, EVAL_BATCH_SIZE), self.runtime, task.multilabel
+        )
         metrics = {f"test_{k}": float(v) for k, v in test.items()}
         if learned.fit is not None:
             metrics.update({f"val_{k}": float(v) for k, v in learned.fit.best_val.items()})
@@ -218,6 +227,7 @@ class Node:
     ) -> tuple[int, dict[str, float]]:
         """Test metrics of the global model (with this site's norm layers under FedBN)."""
         model = self._model(state, info, local_norm)
-        test = evaluate(model, BatchLoader(self.task.test, EVAL_BATCH_SIZE), self.runtime,
-                        self.task.multilabel)  # fmt: skip
+        test = evaluate(
+            model, BatchLoader(self.task.test, EVAL_BATCH_SIZE), self.runtime, self.task.multilabel
+        )
         return len(self.task.test), {k: float(v) for k, v in test.items()}

@@ -77,16 +77,24 @@ class FederationRun:
         return saved["state_dict"], ModelInfo(**saved["info"])
 
     def save_merged(
-        self, state: StateDict, info: ModelInfo, coefficients: Mapping[str, np.ndarray],
-        source_names: Sequence[str], metrics: Mapping[str, float],
-    ) -> None:  # fmt: skip
+        self,
+        state: StateDict,
+        info: ModelInfo,
+        coefficients: Mapping[str, np.ndarray],
+        source_names: Sequence[str],
+        metrics: Mapping[str, float],
+    ) -> None:
         """merged.pt and the coordinator's probe report (the experiment's own files)."""
         write_merge_report(self.dir, coefficients, source_names)
         atomic_torch_save(
-            {"state_dict": state, "info": dataclasses.asdict(info), "arch": info.arch,
-             "metrics": dict(metrics)},
+            {
+                "state_dict": state,
+                "info": dataclasses.asdict(info),
+                "arch": info.arch,
+                "metrics": dict(metrics),
+            },
             self.dir / "merged.pt",
-        )  # fmt: skip
+        )
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """{'round', 'state_dict', 'strategy', 'history'} of the last completed round."""
@@ -105,10 +113,14 @@ class FederationRun:
         history: Sequence[Mapping[str, Any]],
     ) -> None:
         atomic_torch_save(
-            {"round": server_round, "state_dict": dict(state), "strategy": dict(strategy_state),
-             "history": [dict(h) for h in history]},
+            {
+                "round": server_round,
+                "state_dict": dict(state),
+                "strategy": dict(strategy_state),
+                "history": [dict(h) for h in history],
+            },
             self.dir / "checkpoint.pt",
-        )  # fmt: skip
+        )
 
     def save_final(self, state: Mapping[str, torch.Tensor], info: ModelInfo) -> None:
         atomic_torch_save(
@@ -124,12 +136,17 @@ def round_table(history: Sequence[Mapping[str, Any]]) -> Table:
     """Per-round metrics as a rich table (the console view of metrics.jsonl)."""
     table = Table(title="Federated fine-tuning")
     columns = [
-        ("round", "round", "{}"), ("sites", "sites", "{}"), ("rejected", "rejected", "{}"),
-        ("train loss", "train_loss", "{:.4f}"), ("test acc", "eval_accuracy", "{:.4f}"),
-        ("test macro-F1", "eval_macro_f1", "{:.4f}"), ("test AUROC", "eval_auroc", "{:.4f}"),
-        ("InMerge kernels", "inmerge_kernels", "{}"), ("MB sent", "mbytes", "{:.1f}"),
+        ("round", "round", "{}"),
+        ("sites", "sites", "{}"),
+        ("rejected", "rejected", "{}"),
+        ("train loss", "train_loss", "{:.4f}"),
+        ("test acc", "eval_accuracy", "{:.4f}"),
+        ("test macro-F1", "eval_macro_f1", "{:.4f}"),
+        ("test AUROC", "eval_auroc", "{:.4f}"),
+        ("InMerge kernels", "inmerge_kernels", "{}"),
+        ("MB sent", "mbytes", "{:.1f}"),
         ("seconds", "seconds", "{:.1f}"),
-    ]  # fmt: skip
+    ]
     for title, _, _ in columns:
         table.add_column(title, justify="right")
     for row in history:

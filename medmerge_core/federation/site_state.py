@@ -47,9 +47,10 @@ class FedBNStore:
         if not usable:
             return None
         return load_torch_file(
-            self._path(usable[-1]), "unreadable FedBN layers",
+            self._path(usable[-1]),
+            "unreadable FedBN layers",
             "delete it to restart this site from the merged model's",
-        )  # fmt: skip
+        )
 
     def save(self, server_round: int, state: StateDict) -> None:
         atomic_torch_save(dict(state), self._path(server_round))

@@ -28,10 +28,21 @@ from medmerge_core.data.formats.common import (
 from medmerge_core.errors import InputError
 
 OBSERVATIONS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-    "Pleural Other", "Fracture", "Support Devices",
-)  # fmt: skip
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
 PATHOLOGIES = OBSERVATIONS[1:]
 POLICIES = ("U-Ones", "U-Zeros", "U-Ignore")
 UNCERTAIN = {"U-Ones": 1.0, "U-Zeros": 0.0, "U-Ignore": float("nan")}

@@ -24,10 +24,21 @@ from medmerge_core.data.formats.common import (
 from medmerge_core.errors import InputError
 
 FINDINGS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
     "Hernia",
-)  # fmt: skip
+)
 NO_FINDING = "No Finding"
 ENTRIES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 LISTS = (("train_val_list.txt", "trainval"), ("test_list.txt", "test"))
