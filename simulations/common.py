@@ -76,6 +76,12 @@ def paired_difference(first: Sequence[float], second: Sequence[float]) -> str:
     return f"{mean_std(diff)} (paired by seed; {sum(d > 0 for d in diff)}/{len(diff)} seeds higher)"
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def median_range(values: Sequence[float], digits: int = 1) -> str:
     """'median (min-max)': for wall times, which a shared machine's load skews one way."""
     if not values:

@@ -26,8 +26,14 @@ from rich.console import Console
 from medmerge_core.data.splits import check_label_budget, label_budget_index
 from medmerge_core.report import method_label, pyplot, save_figure
 from simulations import reproduce
-from simulations.common import mean_std, relative, reproduce_block, set_threads, update_section
-from simulations.reproduce_report import markdown_table
+from simulations.common import (
+    markdown_table,
+    mean_std,
+    relative,
+    reproduce_block,
+    set_threads,
+    update_section,
+)
 from simulations.stats import paired_comparison
 from simulations.study import StudySettings, describe_source, run_all
 

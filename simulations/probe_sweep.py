@@ -35,6 +35,7 @@ from medmerge_core.train import Runtime
 from simulations.common import (
     command_text,
     load_medmnist_file,
+    markdown_table,
     relative,
     set_threads,
     update_section,
@@ -237,15 +238,15 @@ def results_section(
     for target, data in collected.items():
         lines += [f"**{target}** ({data['text']}; {len(data['runs'])} probes)", ""]
         header = ["setting", *(f"{b} steps" for b in args.budgets), "median move"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        table = []
         for setting in _settings(data):
             mine = [r for r in rows if r["target"] == target and r["setting"] == setting]
             cells = [
                 f"{r['val_macro_f1']:.3f} / {r['val_loss']:.3f} ({r['end_loss']:.3f})" for r in mine
             ]
             cells.append(f"{mine[-1]['movement_q50']:.3f}")
-            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-        lines.append("")
+            table.append([setting, *cells])
+        lines += [markdown_table(header, table), ""]
     lines += [*choose(rows, collected, args), "", f"![validation curves]({figure})", ""]
     return "\n".join(lines)
 

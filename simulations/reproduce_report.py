@@ -13,6 +13,7 @@ from rich.table import Table
 
 from medmerge_core.report import layer_means_from_npz, method_label, plot_coefficient_heatmap
 from simulations.common import (
+    markdown_table,
     mean_std,
     median_range,
     relative,
@@ -73,12 +74,6 @@ def method_rows(runs: Sequence[Mapping[str, Any]], prefix: str = "") -> list[lis
             mean_std(probe_f1) if probe_f1 else "",
         ])  # fmt: skip
     return rows
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _layer_means(run_dir: Path, index: int) -> np.ndarray | None:

@@ -37,6 +37,7 @@ from medmerge_core.settings import InMergeSettings, StageSettings, add_arguments
 from medmerge_core.train import Runtime, evaluate
 from simulations.common import (
     load_medmnist_file,
+    markdown_table,
     mean_std,
     paired_difference,
     reproduce_block,
@@ -242,15 +243,22 @@ def results_section(s: RobustnessSettings, collected: Mapping[str, Any]) -> str:
                     )
                     cells.append(mean_std(values))
             label = f"**{key}**" if key == "mean corrupted" else key
-            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+            rows.append([label, *cells])
         wall = [r["_train"]["seconds"] for r in base], [r["_train"]["seconds"] for r in inm]
         out += [
             "",
             f"### {dataset} ({len(base)} seeds)",
             "",
-            "| test set | accuracy baseline | accuracy InMerge | AUROC baseline | AUROC InMerge |",
-            "|---|---|---|---|---|",
-            *rows,
+            markdown_table(
+                [
+                    "test set",
+                    "accuracy baseline",
+                    "accuracy InMerge",
+                    "AUROC baseline",
+                    "AUROC InMerge",
+                ],
+                rows,
+            ),
             "",
             f"Fine-tuning wall time per run: baseline {mean_std(wall[0], 1)} s, InMerge "
             f"{mean_std(wall[1], 1)} s (per seed: "
