@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -36,10 +35,7 @@ from torch.func import functional_call
 
 from medmerge_core.errors import InputError
 from medmerge_core.models import NORM_TYPES, StateDict, head_name, mergeable_keys
-from medmerge_core.settings import CONSTRAINTS, GRANULARITIES
-
-Granularity = Literal["kernel", "layer", "parameter"]
-Constraint = Literal["none", "clamp", "softmax"]
+from medmerge_core.settings import CONSTRAINTS, GRANULARITIES, Constraint, Granularity
 
 
 def coefficient_shape(weight_shape: torch.Size, granularity: Granularity) -> tuple[int, ...]:

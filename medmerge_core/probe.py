@@ -59,9 +59,9 @@ def learn_merge(
         model,
         sources,
         names,
-        granularity=settings.granularity,  # type: ignore[arg-type]
+        granularity=settings.granularity,
         freeze_bn=settings.freeze_bn,
-        constraint=settings.constraint,  # type: ignore[arg-type]
+        constraint=settings.constraint,
     )
     result = None
     if settings.trains:  # an untrained merge is baked where the sources are

@@ -19,12 +19,14 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from medmerge_core.errors import InputError
 
-GRANULARITIES: tuple[str, ...] = ("kernel", "layer", "parameter")
-CONSTRAINTS: tuple[str, ...] = ("none", "clamp", "softmax")
+Granularity = Literal["kernel", "layer", "parameter"]
+Constraint = Literal["none", "clamp", "softmax"]
+GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
+CONSTRAINTS: tuple[str, ...] = typing.get_args(Constraint)
 # Chosen on validation data (RESULTS.md, "Probe settings sweep"): with Adam the coefficients
 # move at most about coef_lr per step, so the budget and the rate together set how far the
 # merge can go.
@@ -70,9 +72,9 @@ class ProbeSettings:
     and weight decay; the coefficients with `coef_lr` and no weight decay.
     """
 
-    granularity: str = "kernel"
+    granularity: Granularity = "kernel"
     freeze_bn: bool = False
-    constraint: str = "none"
+    constraint: Constraint = "none"
     coef_lr: float = DEFAULT_COEF_LR
     steps: int = DEFAULT_STEPS
     epochs: int = 0
@@ -196,6 +198,8 @@ def check(value: Any, hint: Any, where: str, default: Any = None,
         _, item = typing.get_args(hint)
         return {str(k): check(v, item, f"{where}.{k}") for k, v in value.items()}
     if hint is Any:
+        return value
+    if origin is Literal:  # the class's own check names the allowed values
         return value
     if hint is Path and isinstance(value, str) and value:
         return Path(value)
