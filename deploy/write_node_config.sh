@@ -4,19 +4,24 @@
 #        [shard=i/k] [device=cuda] [in-channels=3] [state-dir=PATH]
 #   roles: institution (checkpoint and/or data to pretrain on), coordinator (data), site (data).
 #   data: synthetic:TASK, an absolute MedMNIST .npz path, or a .yaml file with a data mapping.
+#   state-dir: where a site keeps its own FedBN layers (default ~/.medmerge/site-state).
+# Every pair is checked before anything is written; the file appears whole or not at all.
 set -euo pipefail
 out=${1:?usage: write_node_config.sh OUT_FILE key=value...}; shift
+lines="# MedMerge node config: private to this hospital, never sent to the server"
+has_role=0
+for pair in "$@"; do
+  key=${pair%%=*}; value=${pair#*=}
+  case $key in
+    role|name|data|checkpoint|shard|device|state-dir) lines+=$'\n'"$key=\"$value\"" ;;
+    in-channels) lines+=$'\n'"$key=$value" ;;
+    *) echo "$out: unknown node config key '$key' (role, name, data, checkpoint, shard, device, in-channels, state-dir)" >&2; exit 2 ;;
+  esac
+  [[ $key == role ]] && has_role=1
+done
+(( has_role )) || { echo "$out: role=... is required" >&2; exit 2; }
 mkdir -p "$(dirname "$out")"
-{
-  echo "# MedMerge node config: private to this hospital, never sent to the server"
-  for pair in "$@"; do
-    key=${pair%%=*}; value=${pair#*=}
-    case $key in
-      role|name|data|checkpoint|shard|device) printf '%s="%s"\n' "$key" "$value" ;;
-      in-channels) printf '%s=%s\n' "$key" "$value" ;;
-      *) echo "unknown node config key '$key'" >&2; exit 2 ;;
-    esac
-  done
-} > "$out"
-grep -q '^role=' "$out" || { echo "$out: role=... is required" >&2; exit 2; }
+tmp=$(mktemp "$out.XXXXXX")
+printf '%s\n' "$lines" > "$tmp"
+mv "$tmp" "$out"
 echo "wrote $out"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +105,32 @@ def test_dtypes_come_from_the_model_not_the_aggregate() -> None:
     )
 
 
+def test_write_node_config_checks_every_key_before_writing(tmp_path) -> None:
+    script = Path(__file__).resolve().parents[1] / "deploy" / "write_node_config.sh"
+    out = tmp_path / "node" / "site.toml"
+    run = subprocess.run(
+        [
+            "bash",
+            str(script),
+            str(out),
+            "role=site",
+            "name=s1",
+            "state-dir=/srv/medmerge",
+            "in-channels=1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert 'state-dir="/srv/medmerge"' in out.read_text() and "in-channels=1" in out.read_text()
+    bad = tmp_path / "bad" / "site.toml"
+    run = subprocess.run(
+        ["bash", str(script), str(bad), "role=site", "colour=red"], capture_output=True, text=True
+    )
+    assert run.returncode == 2 and "unknown node config key 'colour'" in run.stderr
+    assert not bad.parent.exists()  # nothing written
+
+
 def test_a_run_folder_refuses_a_different_config(tmp_path) -> None:
     FederationRun(FederationConfig(output_dir=str(tmp_path), rounds=2))
     FederationRun(FederationConfig(output_dir=str(tmp_path), rounds=5))  # more rounds: resume
@@ -111,8 +140,10 @@ def test_a_run_folder_refuses_a_different_config(tmp_path) -> None:
 
 def test_a_site_keeps_its_fedbn_layers_per_round_on_its_own_disk(tmp_path) -> None:
     cfg = FederationConfig(output_dir=str(tmp_path / "runs"), run_name="trial")
-    default = node_settings({"role": "site", "name": "s1"}, cfg)
-    assert site_state_dir(default, cfg) == tmp_path / "runs/trial/sites/s1"
+    deployed = node_settings({"role": "site", "name": "s1"}, cfg)  # the hospital's own disk
+    assert site_state_dir(deployed, cfg) == Path("~/.medmerge/site-state/trial/s1").expanduser()
+    simulated = node_settings({"partition-id": 3, "num-partitions": 6}, cfg)  # one shared disk
+    assert site_state_dir(simulated, cfg) == tmp_path / "runs/trial/sites/site-1"
     chosen = node_settings({"role": "site", "name": "s1", "state-dir": str(tmp_path / "s")}, cfg)
     store = FedBNStore(site_state_dir(chosen, cfg))
     assert store.dir == tmp_path / "s/trial" and store.latest(5) is None

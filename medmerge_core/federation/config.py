@@ -118,7 +118,8 @@ class NodeSettings:
     checkpoint: str | None = None
     device: str = "auto"
     in_channels: int = 3
-    state_dir: str | None = None  # a site's FedBN layers (default: inside the run folder)
+    state_dir: str | None = None  # a site's FedBN layers (site_state.site_state_dir)
+    simulated: bool = False  # from a partition id: every node shares one disk
 
 
 def node_settings(node_config: Mapping[str, Any], cfg: FederationConfig) -> NodeSettings:
@@ -163,11 +164,14 @@ def node_settings(node_config: Mapping[str, Any], cfg: FederationConfig) -> Node
             data=cfg.sim_institution_data[index],
             checkpoint=str(cfg.run_dir / f"institution-{index}.pt"),
             device=cfg.device,
+            simulated=True,
         )
     holders = [i for i, r in enumerate(cfg.sim_roles) if r != "institution"]
     index = holders.index(pid)
     name = "coordinator" if role == "coordinator" else f"site-{index}"
-    return NodeSettings(role, name, cfg.sim_target_data, (index, len(holders)), None, cfg.device)
+    return NodeSettings(
+        role, name, cfg.sim_target_data, (index, len(holders)), None, cfg.device, simulated=True
+    )
 
 
 def _opt_str(value: Any) -> str | None:

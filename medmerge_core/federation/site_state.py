@@ -17,11 +17,17 @@ from medmerge_core.models import StateDict
 _FILE = re.compile(r"fedbn-round(\d+)\.pt")
 
 
+DEPLOYED_STATE_DIR = "~/.medmerge/site-state"  # a hospital's own disk, not the server's path
+
+
 def site_state_dir(settings: NodeSettings, cfg: FederationConfig) -> Path:
-    """`state-dir` from the node config (per run name), else inside the run folder."""
+    """`state-dir` from the node config, else ~/.medmerge/site-state on the node's own disk
+    (in simulation, every node shares the run folder); one subfolder per run name and site."""
     if settings.state_dir is not None:
         return Path(settings.state_dir).expanduser() / cfg.run_name
-    return cfg.run_dir / "sites" / settings.name
+    if settings.simulated:
+        return cfg.run_dir / "sites" / settings.name
+    return Path(DEPLOYED_STATE_DIR).expanduser() / cfg.run_name / settings.name
 
 
 class FedBNStore:
