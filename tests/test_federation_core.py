@@ -146,7 +146,7 @@ def test_a_site_keeps_its_fedbn_layers_per_round_on_its_own_disk(tmp_path) -> No
     assert site_state_dir(simulated, cfg) == tmp_path / "runs/trial/sites/site-1"
     chosen = node_settings({"role": "site", "name": "s1", "state-dir": str(tmp_path / "s")}, cfg)
     store = FedBNStore(site_state_dir(chosen, cfg))
-    assert store.dir == tmp_path / "s/trial" and store.latest(5) is None
+    assert store.dir == tmp_path / "s/trial/s1" and store.latest(5) is None
     for server_round in (1, 2, 3):
         store.save(server_round, {"bn.weight": torch.full((2,), float(server_round))})
     assert store.rounds() == [2, 3]  # the newest two: a resumed round 3 needs round 2's

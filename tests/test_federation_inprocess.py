@@ -47,14 +47,22 @@ def run_config(tmp_path, **overrides) -> dict:
     return {**base, **overrides}
 
 
-def nodes(sites: int = 3) -> list[dict]:
+def nodes(sites: int = 3, state_dir: Path | None = None) -> list[dict]:
+    """Deployment-style node configs; `state_dir`: where the sites keep their FedBN layers."""
     shards = sites + 1
+    keep = {} if state_dir is None else {"state-dir": str(state_dir)}
     return [
         {"role": "institution", "checkpoint": "random:1", "name": "hospital-a"},
         {"role": "institution", "checkpoint": "random:2", "name": "hospital-b"},
         {"role": "coordinator", "data": "synthetic:target", "shard": f"0/{shards}"},
         *[
-            {"role": "site", "data": "synthetic:target", "shard": f"{i}/{shards}", "name": f"s{i}"}
+            {
+                "role": "site",
+                "data": "synthetic:target",
+                "shard": f"{i}/{shards}",
+                "name": f"s{i}",
+                **keep,
+            }
             for i in range(1, shards)
         ],
     ]
@@ -202,7 +210,7 @@ def test_fedbn_keeps_norm_layers_at_the_sites_and_fp16_halves_the_bytes(
     tmp_path, completed
 ) -> None:
     rc = run_config(tmp_path, rounds=1, fedbn=True, fp16=True, **{"run-name": "bn"})
-    grid = InProcessGrid(client_app, nodes(), rc)
+    grid = InProcessGrid(client_app, nodes(state_dir=tmp_path / "site-state"), rc)
     (record,) = run_federation(grid, rc)
     _, _, norm = model_reference(ModelInfo(ARCH, 3, 1))
     replies = [m for m in grid.received if m.metadata.message_type == "train"]
@@ -211,7 +219,7 @@ def test_fedbn_keeps_norm_layers_at_the_sites_and_fp16_halves_the_bytes(
         assert not set(norm) & set(sent.keys())
         assert {a.dtype for a in sent.values()} == {"float16"}
     for site in ("s1", "s2", "s3"):  # each site keeps its own norm layers on its own disk
-        saved = torch.load(tmp_path / f"bn/sites/{site}/fedbn-round1.pt", weights_only=True)
+        saved = torch.load(tmp_path / f"site-state/bn/{site}/fedbn-round1.pt", weights_only=True)
         assert set(saved) == set(norm)
     full = completed[2][0]  # round 1 of the same run with fp32 weights and no FedBN
     assert record["bytes_train_up"] < 0.55 * full["bytes_train_up"]
@@ -223,7 +231,8 @@ def test_fedbn_site_layers_survive_a_server_restart(tmp_path) -> None:
 
     def run(out: Path, fail=None) -> list[dict]:  # a fresh grid: fresh Contexts, as a new run
         rc = run_config(out, fedbn=True)
-        return run_federation(InProcessGrid(client_app, nodes(), rc, fail=fail), rc)
+        grid = InProcessGrid(client_app, nodes(state_dir=out / "site-state"), rc, fail=fail)
+        return run_federation(grid, rc)
 
     def comparable(history: list[dict]) -> list[str]:  # JSON: NaN == NaN; timings left out
         return [
@@ -235,7 +244,7 @@ def test_fedbn_site_layers_survive_a_server_restart(tmp_path) -> None:
     with contextlib.suppress(ServerKilled):
         run(tmp_path / "parts", fail=kill_server_in_round_2)
     shutil.copytree(tmp_path / "parts", tmp_path / "lost")
-    shutil.rmtree(tmp_path / "lost/federation/sites")  # as if the sites had lost their disks
+    shutil.rmtree(tmp_path / "lost/site-state")  # as if the sites had lost their disks
     assert comparable(run(tmp_path / "parts")) == reference
     assert comparable(run(tmp_path / "lost")) != reference  # the files carried the layers
     finals = [

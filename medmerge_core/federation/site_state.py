@@ -23,11 +23,10 @@ DEPLOYED_STATE_DIR = "~/.medmerge/site-state"  # a hospital's own disk, not the 
 def site_state_dir(settings: NodeSettings, cfg: FederationConfig) -> Path:
     """`state-dir` from the node config, else ~/.medmerge/site-state on the node's own disk
     (in simulation, every node shares the run folder); one subfolder per run name and site."""
-    if settings.state_dir is not None:
-        return Path(settings.state_dir).expanduser() / cfg.run_name
-    if settings.simulated:
+    if settings.simulated and settings.state_dir is None:
         return cfg.run_dir / "sites" / settings.name
-    return Path(DEPLOYED_STATE_DIR).expanduser() / cfg.run_name / settings.name
+    root = settings.state_dir if settings.state_dir is not None else DEPLOYED_STATE_DIR
+    return Path(root).expanduser() / cfg.run_name / settings.name
 
 
 class FedBNStore:
