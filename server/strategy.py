@@ -171,10 +171,9 @@ class MedMergeFedAvg(FedAvg):
         connected = set(grid.get_node_ids())
         nodes = [n for n in self.sites if n in connected]
         if kind == MessageType.TRAIN and len(nodes) < self.min_train_nodes:
-            raise RuntimeError(
-                f"round {server_round}: {len(nodes)} site(s) connected, min-sites is "
-                f"{self.min_train_nodes}"
-            )
+            self._skip(server_round, f"{len(nodes)} site(s) connected, min-sites is "
+                                     f"{self.min_train_nodes}")  # fmt: skip
+            return []
         config["server-round"] = server_round
         payload = ArrayRecord(compress(arrays.to_torch_state_dict(), self.cfg.fp16))
         content = RecordDict({"arrays": payload, "config": config, **self._extra})
@@ -194,6 +193,11 @@ class MedMergeFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE)
+
+    def _skip(self, server_round: int, reason: str) -> None:
+        """Too few sites: the round leaves the global model unchanged, and the run goes on."""
+        log.warning("round %d skipped: %s", server_round, reason)
+        self._round_log["skipped"] = reason
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -226,10 +230,9 @@ class MedMergeFedAvg(FedAvg):
             log.warning("round %d: rejected reply from %s: %s", server_round, name, reason)
         self._round_log.update(sites=len(accepted), rejected=sorted(rejected))
         if len(accepted) < self.min_train_nodes:
-            raise RuntimeError(
-                f"round {server_round}: {len(accepted)} usable site replies, min-sites is "
-                f"{self.min_train_nodes} (rejected: {rejected})"
-            )
+            self._skip(server_round, f"{len(accepted)} usable site replies, min-sites is "
+                                     f"{self.min_train_nodes}")  # fmt: skip
+            return None, None
         clean = []
         for name in accepted:
             msg = by_name[name]
