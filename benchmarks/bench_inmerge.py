@@ -119,7 +119,7 @@ def bench_train_step(
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    config = InMergeSettings(p=args.p, tau=args.tau)
+    config = InMergeSettings(rule="absolute", p=args.p, tau=args.tau)
     gen = torch.Generator().manual_seed(args.seed)
     merged_model = _build(name, device, args.seed)
     plain = _make_step(_build(name, device, args.seed), x, y, None, torch.Generator())
@@ -155,7 +155,7 @@ def bench_apply_vs_forward(
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    config = InMergeSettings(p=args.p, tau=args.tau)
+    config = InMergeSettings(rule="absolute", p=args.p, tau=args.tau)
     gen = torch.Generator().manual_seed(args.seed)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)

@@ -1,9 +1,16 @@
 """InMerge: in-model merging of similar convolution kernels (Wang et al. 2025).
 
 During fine-tuning, each kernel (output channel) of a deep conv layer is, with probability ``p``,
-paired with one random other kernel of the same layer; if the two are similar (cosine > ``tau``)
-the kernel is pulled towards its partner: ``K_i <- alpha * K_i + (1 - alpha) * K_j``. This reduces
-kernel redundancy and acts as a regulariser; inference cost is unchanged.
+paired with one random other kernel of the same layer; if the two are similar the kernel is pulled
+towards its partner: ``K_i <- alpha * K_i + (1 - alpha) * K_j``. This reduces kernel redundancy
+and acts as a regulariser; inference cost is unchanged.
+
+Similar means (``rule``): "absolute", the paper's cosine > ``tau``; or "quantile" (the default),
+a cosine above the ``q``-quantile of the layer's own pairwise cosines, taken over every kernel and
+the partner drawn for it. Deep kernels of a freshly initialised or briefly trained CNN have
+cosines of about N(0, 1/fan_in), within +-0.1, so the absolute rule at tau = 0.3 merges almost
+nothing there; the quantile rule merges about (1 - q) of the drawn kernels of every layer,
+whatever its scale, and costs one more batched cosine per layer.
 
 Differences from the public code, on purpose:
 
@@ -128,15 +135,17 @@ def _merge_layer(
         return weight, 0, torch.zeros((), dtype=torch.int64)
 
     device = weight.device
+    flat = weight.detach().reshape(c_out, -1)
     both = torch.cat([idx, partner[idx]]).to(device)
     # One gather of the pre-merge rows: reads never see this layer's updates (simultaneous).
-    rows = weight.detach().index_select(0, both).reshape(2 * drawn, -1).float()
+    rows = flat.index_select(0, both).float()
+    if config.rule == "quantile":
+        # The layer's own similarity scale: every kernel against its drawn partner.
+        cos_all = _cosine(flat.float(), flat.index_select(0, partner.to(device)).float())
+        merge = cos_all.index_select(0, both[:drawn]) > torch.quantile(cos_all, config.q)
+    else:
+        merge = _cosine(rows[:drawn], rows[drawn:]) > config.tau
     k_i, k_j = rows[:drawn], rows[drawn:]
-    norms = torch.linalg.vector_norm(rows, dim=1)
-    # vecdot is elementwise + sum: true fp32 on GPU too (a matmul could run in TF32 there, moving
-    # cosines enough to flip merge decisions), and faster than a batched matmul of 1-row blocks.
-    cos = torch.linalg.vecdot(k_i, k_j) / (norms[:drawn] * norms[drawn:]).clamp_min(_EPS)
-    merge = cos > config.tau
     dst_idx = both[:drawn]
     if _compact_on_host(weight.device):
         # The mask is host memory: keep only the merged rows and skip the rest of the work.
@@ -157,6 +166,13 @@ def _merge_layer(
     else:
         out = weight.detach().index_copy(0, dst_idx, new_rows)
     return out, drawn, merge.sum()
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise cosine in fp32. vecdot is elementwise + sum: true fp32 on GPU too (a matmul
+    could run in TF32 there, moving cosines enough to flip merge decisions)."""
+    norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
+    return torch.linalg.vecdot(a, b) / norms.clamp_min(_EPS)
 
 
 def merge_kernels(

@@ -27,6 +27,8 @@ Granularity = Literal["kernel", "layer", "parameter"]
 Constraint = Literal["none", "clamp", "softmax"]
 GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
 CONSTRAINTS: tuple[str, ...] = typing.get_args(Constraint)
+InMergeRule = Literal["quantile", "absolute"]
+INMERGE_RULES: tuple[str, ...] = typing.get_args(InMergeRule)
 # Chosen on validation data (RESULTS.md, "Probe settings sweep"): with Adam the coefficients
 # move at most about coef_lr per step, so the budget and the rate together set how far the
 # merge can go.
@@ -110,15 +112,21 @@ class ProbeSettings:
 
 @dataclass(frozen=True)
 class InMergeSettings:
-    """InMerge hyper-parameters (defaults from the paper).
+    """InMerge hyper-parameters (p, alpha and the absolute rule's tau from the paper).
 
-    p: probability that a kernel draws a partner. tau: cosine threshold (strictly greater merges).
-    alpha: weight kept by the kernel itself. skip_layers: number of leading conv layers never
-    merged (L_s). start_epoch: first training epoch in which the training loop applies InMerge;
-    the merge functions themselves ignore it.
+    p: probability that a kernel draws a partner. rule: when a drawn pair is similar enough:
+    "quantile" (default) when its cosine is above the q-quantile of the layer's own pairwise
+    cosines (every kernel with its drawn partner), so a layer merges about (1 - q) of its drawn
+    kernels whatever its scale; "absolute" (the paper) when the cosine is above tau. Freshly
+    initialised or briefly trained deep kernels have cosines within about +-0.1, so the paper's
+    tau = 0.3 rarely merges anything there. alpha: weight kept by the kernel itself.
+    skip_layers: number of leading conv layers never merged (L_s). start_epoch: first training
+    epoch in which the training loop applies InMerge; the merge functions ignore it.
     """
 
     p: float = 0.3
+    rule: InMergeRule = "quantile"
+    q: float = 0.9
     tau: float = 0.3
     alpha: float = 0.8
     skip_layers: int = 10
@@ -126,7 +134,10 @@ class InMergeSettings:
 
     def __post_init__(self) -> None:
         # Normalised to plain float/int so numpy scalars from YAML or sweeps behave the same.
-        for name, low, high in (("p", 0.0, 1.0), ("tau", -1.0, 1.0), ("alpha", 0.0, 1.0)):
+        if self.rule not in INMERGE_RULES:
+            raise InputError(f"rule: unknown '{self.rule}'; expected one of {INMERGE_RULES}")
+        for name, low, high in (("p", 0.0, 1.0), ("q", 0.0, 1.0), ("tau", -1.0, 1.0),
+                                ("alpha", 0.0, 1.0)):  # fmt: skip
             value = getattr(self, name)
             ok = (
                 isinstance(value, numbers.Real)
@@ -344,6 +355,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[
             item = typing.get_args(_non_none(hint))[0]
             parser.add_argument(option, dest=dest, type=item, nargs="+", required=required,
                                 default=value, help=text)  # fmt: skip
+        elif typing.get_origin(_non_none(hint)) is Literal:
+            parser.add_argument(option, dest=dest, choices=typing.get_args(_non_none(hint)),
+                                required=required, default=value, help=text)  # fmt: skip
         else:
             parser.add_argument(option, dest=dest, type=_non_none(hint), required=required,
                                 default=value, help=text)  # fmt: skip

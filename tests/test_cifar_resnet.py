@@ -163,7 +163,7 @@ def test_inmerge_changes_deep_kernels_only() -> None:
     torch.manual_seed(0)
     model = build_model("cifar_resnet20", 2, 1).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = InMergeSettings(p=1.0, tau=-1.0)  # skip_layers=10 by default
+    config = InMergeSettings(rule="absolute", p=1.0, tau=-1.0)  # skip_layers=10 by default
     stats = inmerge_(model, config, torch.Generator().manual_seed(0))
     convs = [w for w, _ in mergeable_keys(model)]
     assert stats.layers == len(convs) - config.skip_layers == 9

@@ -41,7 +41,6 @@ def run_config(tmp_path, **overrides) -> dict:
         "rounds": 2,
         "merge-epochs": 1,
         "min-sites": 2,
-        "inmerge-tau": -1.0,
         "batch-size": 16,
     }
     return {**base, **overrides}

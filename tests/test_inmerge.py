@@ -21,7 +21,12 @@ from medmerge_core.inmerge import InMergeStats, inmerge_, inmerge_state_dict, me
 from medmerge_core.models import conv_weight_keys
 from medmerge_core.settings import InMergeSettings, build
 
-ALL = {"p": 1.0, "tau": -1.0, "skip_layers": 0}  # Every kernel draws a partner and merges.
+ALL = {
+    "p": 1.0,
+    "rule": "absolute",
+    "tau": -1.0,
+    "skip_layers": 0,
+}  # Every kernel draws a partner and merges.
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +84,7 @@ def test_hand_built_layer_exact_result() -> None:
     # K0 . K3 = -1, K1 ~ K0 and K1 ~ K2 at cos 0.707, K0 _|_ K2. alpha=0.75 keeps values exact.
     conv = _conv_with([[1, 0], [1, 1], [0, 1], [-1, 0]])
     before = conv.weight.detach().clone().reshape(4, 2)
-    config = InMergeSettings(p=0.5, tau=0.3, alpha=0.75, skip_layers=0)
+    config = InMergeSettings(rule="absolute", p=0.5, tau=0.3, alpha=0.75, skip_layers=0)
     seed = 31
     u, partner = _draws(seed, 4)
     drawn = (u < 0.5).tolist()
@@ -126,7 +131,9 @@ def test_p1_tau_minus1_merges_every_kernel_with_its_drawn_partner() -> None:
 def test_p0_merges_nothing() -> None:
     model = _conv_stack(0)
     before = _conv_weights(model)
-    stats = inmerge_(model, InMergeSettings(p=0.0, tau=-1.0, skip_layers=0), _gen(0))
+    stats = inmerge_(
+        model, InMergeSettings(rule="absolute", p=0.0, tau=-1.0, skip_layers=0), _gen(0)
+    )
     assert stats == InMergeStats(layers=4, kernels_drawn=0, kernels_merged=0)
     assert not any(_changed_layers(before, model))
 
@@ -135,12 +142,12 @@ def test_dissimilar_kernels_are_untouched() -> None:
     conv = nn.Conv2d(6, 6, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(torch.eye(6).reshape(6, 6, 1, 1))  # Mutually orthogonal: cos = 0.
-    stats = inmerge_(conv, InMergeSettings(p=1.0, tau=0.0, skip_layers=0), _gen(0))
+    stats = inmerge_(conv, InMergeSettings(rule="absolute", p=1.0, tau=0.0, skip_layers=0), _gen(0))
     assert stats == InMergeStats(layers=1, kernels_drawn=6, kernels_merged=0)
     assert torch.equal(conv.weight.detach().reshape(6, 6), torch.eye(6))
     # Opposed kernels (cos = -0.89) are below tau = 0.3 too; tau = -1 merges them.
     anti = _conv_with([[1, 0], [-1, 0.5]])
-    kept = inmerge_(anti, InMergeSettings(p=1.0, tau=0.3, skip_layers=0), _gen(0))
+    kept = inmerge_(anti, InMergeSettings(rule="absolute", p=1.0, tau=0.3, skip_layers=0), _gen(0))
     assert kept.kernels_merged == 0
     assert inmerge_(anti, InMergeSettings(**ALL), _gen(0)).kernels_merged == 2
 
@@ -165,7 +172,7 @@ def test_single_output_channel_and_bias_untouched() -> None:
 def test_half_precision_matches_fp32_computation(dtype: torch.dtype) -> None:
     low = _conv_stack(0).to(dtype)
     ref = copy.deepcopy(low).float()  # Same values, upcast: the fp32 path InMerge must follow.
-    config = InMergeSettings(p=0.5, tau=0.0, skip_layers=0)
+    config = InMergeSettings(rule="absolute", p=0.5, tau=0.0, skip_layers=0)
     s_low = inmerge_(low, config, _gen(3))
     s_ref = inmerge_(ref, config, _gen(3))
     assert s_low == s_ref and s_low.kernels_merged > 0
@@ -182,7 +189,7 @@ def test_fp16_cosine_does_not_overflow() -> None:
     conv = nn.Conv2d(64, 8, 3, bias=False).half()
     with torch.no_grad():
         conv.weight.copy_(weight)
-    stats = inmerge_(conv, InMergeSettings(p=1.0, tau=0.5, skip_layers=0), _gen(0))
+    stats = inmerge_(conv, InMergeSettings(rule="absolute", p=1.0, tau=0.5, skip_layers=0), _gen(0))
     assert stats.kernels_merged == 8
     assert torch.isfinite(conv.weight).all()
 
@@ -197,7 +204,7 @@ def test_masked_update_path_matches_compacted_path(
 
     compact = _conv_stack(0).to(dtype)
     masked = copy.deepcopy(compact)
-    config = InMergeSettings(p=0.5, tau=0.0, skip_layers=1)
+    config = InMergeSettings(rule="absolute", p=0.5, tau=0.0, skip_layers=1)
     s_compact = inmerge_(compact, config, _gen(4))
     monkeypatch.setattr(inmerge_module, "_compact_on_host", lambda device: False)
     s_masked = inmerge_(masked, config, _gen(4))
@@ -214,7 +221,7 @@ def test_masked_update_path_matches_compacted_path(
 def test_channels_last_gives_same_result() -> None:
     plain = _conv_stack(0)
     cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
-    config = InMergeSettings(p=0.5, tau=0.0, skip_layers=1)
+    config = InMergeSettings(rule="absolute", p=0.5, tau=0.0, skip_layers=1)
     assert inmerge_(plain, config, _gen(1)) == inmerge_(cl, config, _gen(1))
     for a, b in zip(_conv_weights(plain), _conv_weights(cl), strict=True):
         assert torch.equal(a, b)
@@ -226,7 +233,9 @@ def test_channels_last_gives_same_result() -> None:
 def test_shallow_layers_bit_for_bit_untouched() -> None:
     model = _conv_stack(0)
     before = _conv_weights(model)
-    stats = inmerge_(model, InMergeSettings(p=1.0, tau=-1.0, skip_layers=2), _gen(0))
+    stats = inmerge_(
+        model, InMergeSettings(rule="absolute", p=1.0, tau=-1.0, skip_layers=2), _gen(0)
+    )
     assert _changed_layers(before, model) == [False, False, True, True]
     assert stats == InMergeStats(layers=2, kernels_drawn=48, kernels_merged=48)
 
@@ -244,7 +253,7 @@ def test_eval_mode_never_touches_weights() -> None:
 
 
 def test_same_seed_same_result_different_seed_differs() -> None:
-    config = InMergeSettings(p=0.5, tau=-1.0, skip_layers=0)
+    config = InMergeSettings(rule="absolute", p=0.5, tau=-1.0, skip_layers=0)
     a, b, c = _conv_stack(0), _conv_stack(0), _conv_stack(0)
     inmerge_(a, config, _gen(7))
     inmerge_(b, config, _gen(7))
@@ -264,7 +273,7 @@ def test_state_dict_version_pure_and_equal_to_in_place() -> None:
     keys = conv_weight_keys(model)
     state = model.state_dict()  # Aliases the parameters: in-place edits would show here.
     snapshot = {k: v.clone() for k, v in state.items()}
-    config = InMergeSettings(p=0.3, tau=0.0, skip_layers=4)
+    config = InMergeSettings(rule="absolute", p=0.3, tau=0.0, skip_layers=4)
 
     merged = inmerge_state_dict(state, keys, config, _gen(11))
 
@@ -341,7 +350,9 @@ def test_torchvision_models(name: str) -> None:
     eligible = sum(w.shape[0] for w in before[10:])
 
     # p=1, tau=-1: every kernel of every layer from the 11th on merges; the first 10 never do.
-    stats = inmerge_(model, InMergeSettings(p=1.0, tau=-1.0, skip_layers=10), _gen(0))
+    stats = inmerge_(
+        model, InMergeSettings(rule="absolute", p=1.0, tau=-1.0, skip_layers=10), _gen(0)
+    )
     changed = _changed_layers(before, model)
     assert sum(changed) == CONV_COUNTS[name] - 10
     assert changed[:10] == [False] * 10 and changed[-1]
@@ -352,7 +363,9 @@ def test_torchvision_models(name: str) -> None:
     # almost nothing. tau = 0 keeps the gate meaningful (it rejects about half of the drawn
     # pairs) while deep layers change: ~p/2 = 15% of eligible kernels should merge.
     _restore(model, before)
-    stats = inmerge_(model, InMergeSettings(p=0.3, tau=0.0, alpha=0.8, skip_layers=10), _gen(0))
+    stats = inmerge_(
+        model, InMergeSettings(rule="absolute", p=0.3, tau=0.0, alpha=0.8, skip_layers=10), _gen(0)
+    )
     after = _conv_weights(model)
     changed = _changed_layers(before, model)
     assert changed[:10] == [False] * 10
@@ -402,3 +415,43 @@ def test_config_defaults() -> None:
     from_numpy = InMergeSettings(p=np.float32(0.5), skip_layers=np.int64(3))  # e.g. from a sweep
     assert (from_numpy.p, from_numpy.skip_layers) == (0.5, 3)
     assert type(from_numpy.p) is float and type(from_numpy.skip_layers) is int
+
+
+# --- the quantile rule (the default) ---------------------------------------------------------
+
+
+def test_quantile_rule_merges_the_drawn_pairs_above_the_layers_own_quantile() -> None:
+    """Every kernel is paired with its drawn partner; the drawn kernels whose cosine is above
+    the q-quantile of those C cosines merge, and only they."""
+    weight = torch.randn(64, 8, 3, 3, generator=torch.Generator().manual_seed(1))
+    config = InMergeSettings(p=1.0, q=0.75, alpha=0.5, skip_layers=0)
+    out, drawn, merged = merge_kernels(weight, config, _gen(3))
+    g = _gen(3)  # the documented draws
+    torch.rand(64, generator=g)
+    r = torch.randint(0, 63, (64,), generator=g)
+    partner = r + (r >= torch.arange(64)).to(r.dtype)
+    flat = weight.reshape(64, -1)
+    cos = torch.nn.functional.cosine_similarity(flat, flat[partner], dim=1)
+    expected = cos > torch.quantile(cos, 0.75)
+    changed = (out != weight).flatten(1).any(1)
+    assert drawn == 64 and merged == int(expected.sum()) == int(changed.sum())
+    assert torch.equal(changed, expected)
+    mean = 0.5 * (weight[expected] + weight[partner[expected]])
+    assert torch.allclose(out[expected], mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_default_settings_merge_kernels_in_every_application_at_random_init(name: str) -> None:
+    """The paper's tau = 0.3 merges almost nothing at init (cosines ~ N(0, 1/fan_in)); the
+    default quantile rule merges about (1 - q) * p of the eligible kernels every time."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=3).train()
+    fresh = copy.deepcopy(model)
+    config = InMergeSettings()  # the defaults: no threshold chosen by hand
+    counts = [inmerge_(model, config, _gen(seed)) for seed in range(3)]
+    for stats in counts:
+        assert stats.kernels_merged > 0
+        expected = (1 - config.q) * stats.kernels_drawn
+        assert 0.5 * expected < stats.kernels_merged < 1.5 * expected
+    paper = InMergeSettings(rule="absolute", tau=0.3)
+    assert inmerge_(fresh, paper, _gen(0)).kernels_merged < counts[0].kernels_merged / 10

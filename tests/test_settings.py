@@ -68,15 +68,35 @@ def test_command_line_options_come_from_the_dataclass() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser, Driver, prefixes={"inmerge": ""})
     args = parser.parse_args(
-        ["--data-root", "x", "--seeds", "5", "6", "--ft-lr", "0.1", "--tau", "-1", "--no-progress"]
+        [
+            "--data-root",
+            "x",
+            "--seeds",
+            "5",
+            "6",
+            "--ft-lr",
+            "0.1",
+            "--rule",
+            "absolute",
+            "--tau",
+            "-1",
+            "--no-progress",
+        ]
     )
     driver = from_arguments(Driver, args)
     assert driver == Driver(
-        Path("x"), (5, 6), None, StageSettings(20, 0.1), InMergeSettings(tau=-1.0), False
+        Path("x"),
+        (5, 6),
+        None,
+        StageSettings(20, 0.1),
+        InMergeSettings(rule="absolute", tau=-1.0),
+        False,
     )
     assert from_arguments(Driver, parser.parse_args(["--data-root", "x"])) == Driver(Path("x"))
     with pytest.raises(SystemExit):
         parser.parse_args([])  # data_root has no default: required
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data-root", "x", "--rule", "cosine"])  # a Literal: its choices
 
 
 def test_probe_budget_epochs_win_over_the_default_steps() -> None:
