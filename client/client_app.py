@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from medmerge_core.federation.audit import append_audit, config_digest
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.transport import ModelInfo, compress
 from medmerge_core.models import StateDict
@@ -22,6 +23,25 @@ CLIPPING_NORM_KEY = "clipping_norm"  # what DifferentialPrivacyClientSideFixedCl
 
 def _node(context: Context, role: str | None = None) -> Node:
     return Node.from_configs(context.node_config, context.run_config, role)
+
+
+def _summary(content: RecordDict) -> dict:
+    """What a message carries, without its values: array keys, shapes, dtypes, bytes, metric
+    names and a hash of each config."""
+    return {
+        "arrays": {name: {key: [list(array.shape), str(array.dtype)] for key, array in rec.items()}
+                   for name, rec in content.array_records.items()},
+        "bytes": sum(rec.count_bytes() for rec in content.array_records.values()),
+        "metrics": {name: sorted(rec) for name, rec in content.metric_records.items()},
+        "configs": {name: config_digest(dict(rec)) for name, rec in content.config_records.items()},
+    }  # fmt: skip
+
+
+def _reply(node: Node, msg: Message, content: RecordDict) -> Message:
+    """The reply, after one line in this node's audit log: what came in, what goes out."""
+    append_audit(node.audit_path, msg.metadata.message_type, msg.metadata.run_id,
+                 _summary(msg.content), _summary(content))  # fmt: skip
+    return Message(content, reply_to=msg)
 
 
 def _clip_when_asked(msg: Message, context: Context, call_next):
@@ -36,7 +56,7 @@ def _clip_when_asked(msg: Message, context: Context, call_next):
 def info(msg: Message, context: Context) -> Message:
     node = _node(context)
     record = ConfigRecord({"role": node.settings.role, "name": node.name})
-    return Message(RecordDict({"info": record}), reply_to=msg)
+    return _reply(node, msg, RecordDict({"info": record}))
 
 
 @app.query("backbone")
@@ -49,7 +69,7 @@ def backbone(msg: Message, context: Context) -> Message:
             "info": ConfigRecord(meta),
         }
     )
-    return Message(content, reply_to=msg)
+    return _reply(node, msg, content)
 
 
 @app.train("merge")
@@ -67,7 +87,7 @@ def merge(msg: Message, context: Context) -> Message:
             "metrics": MetricRecord(metrics),
         }
     )
-    return Message(content, reply_to=msg)
+    return _reply(node, msg, content)
 
 
 def _received(msg: Message) -> tuple[ArrayRecord, ModelInfo, int, StateDict | None]:
@@ -98,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
             "metrics": MetricRecord({**metrics, "num-examples": examples}),
         }
     )
-    return Message(content, reply_to=msg)
+    return _reply(node, msg, content)
 
 
 @app.evaluate()
@@ -108,4 +128,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     local_norm = node.local_norm(server_round, initial)
     examples, metrics = node.evaluate(received.to_torch_state_dict(), model, local_norm)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": examples})})
-    return Message(content, reply_to=msg)
+    return _reply(node, msg, content)

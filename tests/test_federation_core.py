@@ -122,7 +122,9 @@ def test_write_node_config_checks_every_key_before_writing(tmp_path) -> None:
         text=True,
     )
     assert run.returncode == 0, run.stderr
-    assert 'state-dir="/srv/medmerge"' in out.read_text() and "in-channels=1" in out.read_text()
+    written = out.read_text()
+    assert 'state-dir="/srv/medmerge"' in written and 'audit-dir="/srv/audit"' in written
+    assert "in-channels=1" in written
     bad = tmp_path / "bad" / "site.toml"
     run = subprocess.run(
         ["bash", str(script), str(bad), "role=site", "colour=red"], capture_output=True, text=True

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from client.client_app import app as client_app
 from medmerge_core.federation.run import state_digest
 from medmerge_core.federation.transport import ModelInfo, model_reference
+from medmerge_core.io import read_jsonl
 from medmerge_core.models import backbone_keys, build_model
 from server.server_app import run_federation
 from simulations.inprocess import InProcessGrid
@@ -46,21 +47,22 @@ def run_config(tmp_path, **overrides) -> dict:
     return {**base, **overrides}
 
 
-def nodes(sites: int = 3, state_dir: Path | None = None) -> list[dict]:
-    """Deployment-style node configs; `state_dir`: where the sites keep their FedBN layers."""
+def nodes(root: Path, sites: int = 3) -> list[dict]:
+    """Deployment-style node configs; each node's own disk (FedBN layers, audit log) is under
+    `root`, as a hospital's would be under its home folder."""
     shards = sites + 1
-    keep = {} if state_dir is None else {"state-dir": str(state_dir)}
+    disk = {"state-dir": str(root / "site-state"), "audit-dir": str(root / "audit")}
     return [
-        {"role": "institution", "checkpoint": "random:1", "name": "hospital-a"},
-        {"role": "institution", "checkpoint": "random:2", "name": "hospital-b"},
-        {"role": "coordinator", "data": "synthetic:target", "shard": f"0/{shards}"},
+        {"role": "institution", "checkpoint": "random:1", "name": "hospital-a", **disk},
+        {"role": "institution", "checkpoint": "random:2", "name": "hospital-b", **disk},
+        {"role": "coordinator", "data": "synthetic:target", "shard": f"0/{shards}", **disk},
         *[
             {
                 "role": "site",
                 "data": "synthetic:target",
                 "shard": f"{i}/{shards}",
                 "name": f"s{i}",
-                **keep,
+                **disk,
             }
             for i in range(1, shards)
         ],
@@ -72,7 +74,7 @@ def completed(tmp_path_factory) -> tuple[Path, InProcessGrid, list[dict[str, Any
     """One uninterrupted 2-round run: (output dir, its grid with every message, history)."""
     out = tmp_path_factory.mktemp("completed")
     rc = run_config(out)
-    grid = InProcessGrid(client_app, nodes(), rc)
+    grid = InProcessGrid(client_app, nodes(out), rc)
     return out, grid, run_federation(grid, rc)
 
 
@@ -107,6 +109,16 @@ def test_full_run_messages_carry_only_weights_configs_and_metrics(completed) -> 
                 ), "a config carries a long list or raw bytes"
         for record in content.metric_records.values():
             assert all(isinstance(v, int | float) for v in record.values())
+    # Each node's own audit log lists every message it handled, and only model arrays.
+    logs = {p.stem: read_jsonl(p) for p in (out / "audit" / "federation").glob("*.jsonl")}
+    assert set(logs) == {"hospital-a", "hospital-b", "coordinator", "s1", "s2", "s3"}
+    assert sum(len(lines) for lines in logs.values()) == len(grid.received)
+    assert [line["message_type"] for line in logs["s1"]] == ["query.info"] + [
+        "train", "evaluate"] * 2  # fmt: skip
+    for line in (line for lines in logs.values() for line in lines):
+        for side in ("received", "sent"):
+            for arrays in line[side]["arrays"].values():
+                assert set(arrays) <= set(full), "an audited array is not a model tensor"
     run_dir = out / "federation"
     for name in (
         "final.pt",
@@ -148,7 +160,9 @@ def test_bad_replies_and_a_site_failing_mid_round_are_rejected_and_the_run_goes_
     rc = run_config(tmp_path)
     faults = {4: "nan", 5: "huge", 6: "missing"}  # sites s1..s3 send bad weights
     crash = lambda node, msg: node == 7 and msg.metadata.message_type == "train"  # noqa: E731
-    grid = InProcessGrid(_corrupting(faults), nodes(sites=6), rc, fail=crash)  # s4 crashes
+    grid = InProcessGrid(
+        _corrupting(faults), nodes(tmp_path, sites=6), rc, fail=crash
+    )  # s4 crashes
     history = run_federation(grid, rc)
     bad = ["node 4 (s1)", "node 5 (s2)", "node 6 (s3)", "node 7 (s4)"]
     assert [(h["round"], h["sites"], h["rejected"]) for h in history] == [(1, 2, bad), (2, 2, bad)]
@@ -164,7 +178,7 @@ def test_bad_replies_and_a_site_failing_mid_round_are_rejected_and_the_run_goes_
 def test_too_few_sites_skips_the_round_and_the_run_goes_on(tmp_path) -> None:
     rc = run_config(tmp_path, **{"min-sites": 3})
     crash = lambda node, msg: node == 5 and msg.metadata.message_type == "train"  # noqa: E731
-    history = run_federation(InProcessGrid(client_app, nodes(), rc, fail=crash), rc)
+    history = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc, fail=crash), rc)
     assert [h["skipped"] for h in history] == ["2 usable site replies, min-sites is 3"] * 2
     run = tmp_path / "federation"
     merged, final = (torch.load(run / f, weights_only=True)["state_dict"]
@@ -185,11 +199,13 @@ def kill_server_in_round_2(node: int, msg: Message) -> bool:
 def test_restarted_server_resumes_without_losing_a_round(tmp_path, completed) -> None:
     rc = run_config(tmp_path, rounds=2)  # the completed run's config but for output-dir
     with contextlib.suppress(ServerKilled):
-        run_federation(InProcessGrid(client_app, nodes(), rc, fail=kill_server_in_round_2), rc)
+        run_federation(
+            InProcessGrid(client_app, nodes(tmp_path), rc, fail=kill_server_in_round_2), rc
+        )
     done = torch.load(tmp_path / "federation/checkpoint.pt", weights_only=True)
     assert done["round"] == 1
     assert not (tmp_path / "federation/final.pt").exists()
-    grid = InProcessGrid(client_app, nodes(), rc)
+    grid = InProcessGrid(client_app, nodes(tmp_path), rc)
     history = run_federation(grid, rc)
     assert [h["round"] for h in history] == [1, 2]
     types = [m.metadata.message_type for m in grid.sent]
@@ -212,7 +228,7 @@ def test_fedbn_keeps_norm_layers_at_the_sites_and_fp16_halves_the_bytes(
     tmp_path, completed
 ) -> None:
     rc = run_config(tmp_path, rounds=1, fedbn=True, fp16=True, **{"run-name": "bn"})
-    grid = InProcessGrid(client_app, nodes(state_dir=tmp_path / "site-state"), rc)
+    grid = InProcessGrid(client_app, nodes(tmp_path), rc)
     (record,) = run_federation(grid, rc)
     _, _, norm = model_reference(ModelInfo(ARCH, 3, 1))
     replies = [m for m in grid.received if m.metadata.message_type == "train"]
@@ -233,7 +249,7 @@ def test_fedbn_site_layers_survive_a_server_restart(tmp_path) -> None:
 
     def run(out: Path, fail=None) -> list[dict]:  # a fresh grid: fresh Contexts, as a new run
         rc = run_config(out, fedbn=True)
-        grid = InProcessGrid(client_app, nodes(state_dir=out / "site-state"), rc, fail=fail)
+        grid = InProcessGrid(client_app, nodes(out), rc, fail=fail)
         return run_federation(grid, rc)
 
     def comparable(history: list[dict]) -> list[str]:  # JSON: NaN == NaN; timings left out
@@ -258,7 +274,7 @@ def test_fedbn_site_layers_survive_a_server_restart(tmp_path) -> None:
 
 def test_dp_server_side_clipping_runs(tmp_path) -> None:
     rc = run_config(tmp_path, rounds=1, dp="server", **{"dp-clipping-norm": 0.01})
-    (record,) = run_federation(InProcessGrid(client_app, nodes(), rc), rc)
+    (record,) = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc), rc)
     assert record["sites"] == 3
 
 

@@ -119,14 +119,15 @@ class NodeSettings:
     device: str = "auto"
     in_channels: int = 3
     state_dir: str | None = None  # a site's FedBN layers (site_state.site_state_dir)
+    audit_dir: str | None = None  # the node's audit log (audit.audit_file)
     simulated: bool = False  # from a partition id: every node shares one disk
 
 
 def node_settings(node_config: Mapping[str, Any], cfg: FederationConfig) -> NodeSettings:
     """Deployment: keys `role`, `name`, `data`, `shard` ('i/k'), `checkpoint`, `device`,
-    `in-channels`, `state-dir`. Simulation: `partition-id` picks a role from `sim-roles`; the
-    target data is split between the coordinator and the sites, each institution gets its own
-    dataset."""
+    `in-channels`, `state-dir`, `audit-dir`. Simulation: `partition-id` picks a role from
+    `sim-roles`; the target data is split between the coordinator and the sites, each
+    institution gets its own dataset."""
     if "role" in node_config:
         role = str(node_config["role"])
         if role not in ROLES:
@@ -143,6 +144,7 @@ def node_settings(node_config: Mapping[str, Any], cfg: FederationConfig) -> Node
             device=str(node_config.get("device", cfg.device)),
             in_channels=int(node_config.get("in-channels", 3)),
             state_dir=_opt_str(node_config.get("state-dir")),
+            audit_dir=_opt_str(node_config.get("audit-dir")),
         )
     if "partition-id" not in node_config:
         raise InputError("node config: needs 'role' (deployment) or 'partition-id' (simulation)")

@@ -19,6 +19,7 @@ from torch import nn
 
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
+from medmerge_core.federation.audit import audit_file
 from medmerge_core.federation.config import FederationConfig, NodeSettings, node_settings
 from medmerge_core.federation.data import load_node_data, parse_data_spec
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
@@ -52,6 +53,7 @@ class Node:
     ft: StageSettings
     fedbn_dir: Path | None  # where a site keeps its own norm layers under FedBN
     fp16: bool  # replies travel as fp16
+    audit_path: Path  # one line per handled message (federation.audit)
 
     @classmethod
     def from_configs(
@@ -74,6 +76,7 @@ class Node:
             ft=cfg.ft,
             fedbn_dir=site_state_dir(settings, cfg) if cfg.fedbn else None,
             fp16=cfg.fp16,
+            audit_path=audit_file(settings, cfg),
         )
 
     @property
