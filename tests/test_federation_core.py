@@ -116,6 +116,7 @@ def test_write_node_config_checks_every_key_before_writing(tmp_path) -> None:
             "role=site",
             "name=s1",
             "state-dir=/srv/medmerge",
+            "audit-dir=/srv/audit",
             "in-channels=1",
         ],
         capture_output=True,
