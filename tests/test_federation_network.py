@@ -96,6 +96,7 @@ class Consortium:
                 str(deploy / "write_node_config.sh"),
                 str(configs / f"{name}.toml"),
                 f"name={name}",
+                f"audit-dir={tmp / 'audit'}",  # the node's own disk, not the tester's home
                 *pairs,
                 env=env,
             )
@@ -225,6 +226,9 @@ def test_tls_authenticated_federation_completes(tmp_path) -> None:
         status = consortium.final_status(run_id)
         assert status == ["finished:completed"], (status, consortium.tail())
     assert (tmp_path / "runs" / "federation" / "final.pt").exists()
+    logs = {p.stem: read_jsonl(p) for p in (tmp_path / "audit" / "federation").glob("*.jsonl")}
+    assert set(logs) == set(nodes) and all(logs.values())  # each SuperNode logged on its disk
+    assert all(line["message_type"] for lines in logs.values() for line in lines)
 
 
 def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path) -> None:
