@@ -10,6 +10,7 @@ resume checkpoint, then the finished stage).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -216,11 +217,11 @@ def file_stem(method: str) -> str:
     return method.replace(":", "_")
 
 
-def prepare_run_dir(config: ExperimentConfig) -> Path:
-    """Create the run folder, or check that an existing one was made by the same config."""
+def check_run_dir(config: ExperimentConfig) -> Path:
+    """The run folder, if an existing one was made by the same config (reads only)."""
     run_dir = Path(config.output_dir) / config.name
-    resolved = dump_config(config)
     saved = run_dir / "config.yaml"
+    resolved = dump_config(config)
     if saved.exists() and saved.read_text(encoding="utf-8") != resolved:
         before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         now = yaml.safe_load(resolved)
@@ -237,8 +238,14 @@ def prepare_run_dir(config: ExperimentConfig) -> Path:
             f"{old_state[0]}: this run folder was made by an earlier version, whose stage files "
             "this one cannot resume; change `name` or delete the folder"
         )
+    return run_dir
+
+
+def prepare_run_dir(config: ExperimentConfig) -> Path:
+    """Create the run folder, or check that an existing one was made by the same config."""
+    run_dir = check_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, resolved)
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
     return run_dir
 
 
@@ -262,19 +269,24 @@ def run_experiment(
     config: ExperimentConfig, *, task: TaskData | None = None, show_progress: bool = True
 ) -> dict[str, Any]:
     """Run every planned method (skipping ones already finished) and return results.json."""
-    run_dir = prepare_run_dir(config)
+    # Everything that can be wrong (config, device, data, architecture, sources) is found
+    # before the run folder is touched, so a typo never leaves a folder behind.
+    check_run_dir(config)
     seed_everything(config.seed)
     runtime = Runtime.detect(config.device, config.amp, config.channels_last)
-    if task is None:
-        from medmerge_core.data.registry import load_task
+    with tempfile.TemporaryDirectory() as staging:  # the data's split files, until all is well
+        if task is None:
+            from medmerge_core.data.registry import load_task
 
-        task = load_task(
-            config.data, image_size=config.model.image_size, seed=config.seed, run_dir=run_dir
-        )
-    sources = {
-        name: load_source(spec, config.model.arch, task.in_channels)
-        for name, spec in config.sources.items()
-    }
+            task = load_task(config.data, image_size=config.model.image_size, seed=config.seed,
+                             run_dir=Path(staging))  # fmt: skip
+        sources = {
+            name: load_source(spec, config.model.arch, task.in_channels)
+            for name, spec in config.sources.items()
+        }
+        run_dir = prepare_run_dir(config)
+        for staged in sorted(Path(staging).iterdir()):
+            atomic_write_text(run_dir / staged.name, staged.read_text(encoding="utf-8"))
     ctx = RunContext(config, task, sources, runtime, run_dir, show_progress)
     results = load_results(run_dir)
     for method, pipeline, source in planned_methods(config.pipelines, list(config.sources)):

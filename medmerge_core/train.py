@@ -45,7 +45,14 @@ class Runtime:
         """CUDA (with bf16/fp16 AMP and channels_last) when present, else fp32 on CPU."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise InputError(
+                f"device: unknown '{device}'; expected auto, cpu, cuda or cuda:N"
+            ) from None
+        if dev.type not in ("cpu", "cuda"):
+            raise InputError(f"device: '{device}' is not supported; expected auto, cpu or cuda")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device: '{device}' requested but CUDA is not available")
         on_gpu = dev.type == "cuda"

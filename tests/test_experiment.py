@@ -84,6 +84,31 @@ def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> No
 
 
 @pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"sources": {"a": "missing.pt", "b": "random:1"}}, "source checkpoint not found"),
+        ({"model": {"arch": "resnet1800", "image_size": 32}}, "resnet1800"),
+        ({"data": {"format": "medmnist", "path": "nowhere.npz"}}, "nowhere.npz"),
+        ({"device": "tpu"}, "^device: unknown 'tpu'"),
+    ],
+)
+def test_a_bad_input_leaves_no_run_folder_behind(tmp_path, override, message) -> None:
+    config = make_config(tmp_path, **override)
+    with pytest.raises(InputError, match=message):
+        experiment.run_experiment(config, show_progress=False)
+    assert not (tmp_path / "runs").exists()  # a corrected rerun is not refused
+
+
+def test_the_data_split_files_reach_the_run_folder(tmp_path) -> None:
+    config = make_config(tmp_path, pipelines=["ft"], ft={"epochs": 0, "lr": 1e-4},
+                         data={"format": "synthetic", "task": "target", "n_train": 16,
+                               "n_val": 8, "n_test": 8, "label_budget": 8})  # fmt: skip
+    experiment.run_experiment(config, show_progress=False)
+    split = (tmp_path / "runs" / "tiny" / "split.csv").read_text()
+    assert split.count(",unused") == 8 and (tmp_path / "runs/tiny/config.yaml").exists()
+
+
+@pytest.mark.parametrize(
     ("stage", "message"),
     [
         ({"epochs": -1}, "lp.epochs: must be >= 0"),
