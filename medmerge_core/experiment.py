@@ -26,7 +26,13 @@ from medmerge_core.config import ExperimentConfig, differences, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
 from medmerge_core.inmerge import inmerge_
-from medmerge_core.io import atomic_savez, atomic_write_json, atomic_write_text, load_torch_file
+from medmerge_core.io import (
+    append_jsonl,
+    atomic_savez,
+    atomic_write_json,
+    atomic_write_text,
+    load_torch_file,
+)
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
 from medmerge_core.probe import UNIFORM, learn_merge
 from medmerge_core.settings import ProbeSettings, StageSettings
@@ -242,11 +248,45 @@ def check_run_dir(config: ExperimentConfig) -> Path:
 
 
 def prepare_run_dir(config: ExperimentConfig) -> Path:
-    """Create the run folder, or check that an existing one was made by the same config."""
+    """Create the run folder, or check that an existing one was made by the same config; each
+    start appends the software it runs on to environment.jsonl."""
     run_dir = check_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
+    append_jsonl(run_dir / "environment.jsonl", environment())
     return run_dir
+
+
+def environment() -> dict[str, Any]:
+    """Versions of what produced a result: Python, the key packages, the platform, the commit."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    versions = {}
+    for package in ("medmerge-federation", "torch", "torchvision", "flwr", "numpy", "scipy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None  # an installed package, not a checkout
+    return {
+        "time": time.time(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_commit": commit,
+    }
 
 
 def _readable(path: Path) -> bool:

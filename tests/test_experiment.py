@@ -12,6 +12,7 @@ import medmerge_core.experiment as experiment
 from medmerge_core.cli import main
 from medmerge_core.config import config_from_dict
 from medmerge_core.errors import InputError
+from medmerge_core.io import read_jsonl
 from medmerge_core.models import build_model, save_checkpoint
 
 
@@ -106,6 +107,8 @@ def test_the_data_split_files_reach_the_run_folder(tmp_path) -> None:
     experiment.run_experiment(config, show_progress=False)
     split = (tmp_path / "runs" / "tiny" / "split.csv").read_text()
     assert split.count(",unused") == 8 and (tmp_path / "runs/tiny/config.yaml").exists()
+    (env,) = read_jsonl(tmp_path / "runs/tiny/environment.jsonl")  # what produced the results
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] and env["python"]
 
 
 @pytest.mark.parametrize(
