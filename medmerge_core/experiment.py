@@ -33,6 +33,7 @@ from medmerge_core.io import (
     atomic_write_text,
     load_torch_file,
 )
+from medmerge_core.metrics import clinical_report
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
 from medmerge_core.probe import UNIFORM, learn_merge
 from medmerge_core.settings import ProbeSettings, StageSettings
@@ -337,11 +338,12 @@ def run_experiment(
         model, stages = PIPELINE_FUNCTIONS[pipeline](ctx, method, source)
         logits, labels = predict(model, ctx.loaders()[2], runtime)
         test = scored(logits, labels, task.multilabel)
+        probs = probabilities(logits, task.multilabel)
         file_name = file_stem(method)
         atomic_savez(
             run_dir / "predictions" / f"{file_name}.npz",
             {
-                "probabilities": probabilities(logits, task.multilabel).astype(np.float32),
+                "probabilities": probs.astype(np.float32),
                 "labels": labels,
                 "ids": task.test.ids if task.test.ids is not None else np.arange(len(labels)),
             },
@@ -362,5 +364,7 @@ def run_experiment(
             "stages": stages,
             "seconds": time.perf_counter() - start,
         }
+        if not task.multilabel:
+            results[method]["clinical"] = clinical_report(probs, labels, task.class_names)
         atomic_write_json(run_dir / "results.json", results)
     return results

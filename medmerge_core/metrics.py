@@ -1,4 +1,5 @@
-"""Accuracy, macro-F1 and AUROC for multi-class and multi-label tasks.
+"""Accuracy, macro-F1 and AUROC for multi-class and multi-label tasks, and the clinical report
+(confusion matrix, per-class sensitivity / specificity / PPV / NPV, bootstrap CIs).
 
 scikit-learn's implementations are used because they are the reference the field reports
 against (edge cases such as absent classes and ties in AUROC are handled the standard way).
@@ -6,7 +7,11 @@ against (edge cases such as absent classes and ties in AUROC are handled the sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 
@@ -77,3 +82,94 @@ def classification_metrics(
     out["macro_f1"] = float(np.mean(per_label_f1))
     out["auroc"] = float(np.mean(defined)) if defined else float("nan")
     return out
+
+
+def clinical_report(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What a clinical reader asks of a single-label classifier's test set.
+
+    The confusion matrix (rows: true class, columns: predicted, prediction = argmax), per class
+    the sensitivity (recall), specificity, PPV and NPV with its support (one-vs-rest), and 95%
+    percentile bootstrap confidence intervals (test images resampled with replacement, `n_boot`
+    times, seeded) of accuracy, macro-F1 and AUROC. A rate whose denominator is 0 is None.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    k = probs.shape[1]
+    preds = probs.argmax(1)
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (labels, preds), 1)
+    total = matrix.sum()
+    per_class = {}
+    for c, name in enumerate(class_names):
+        tp = matrix[c, c]
+        fn = matrix[c].sum() - tp
+        fp = matrix[:, c].sum() - tp
+        tn = total - tp - fn - fp
+        per_class[str(name)] = {
+            "support": int(tp + fn),
+            "sensitivity": _rate(tp, tp + fn),
+            "specificity": _rate(tn, tn + fp),
+            "ppv": _rate(tp, tp + fp),
+            "npv": _rate(tn, tn + fn),
+        }
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[np.ndarray]] = {"accuracy": [], "macro_f1": [], "auroc": []}
+    for start in range(0, n_boot, 250):  # vectorised over resamples, in bounded chunks
+        picks = rng.integers(0, len(labels), (min(250, n_boot - start), len(labels)))
+        for key, values in _resampled_metrics(probs[picks], labels[picks]).items():
+            draws[key].append(values)
+    ci95 = {}
+    for key, chunks in draws.items():
+        values = np.concatenate(chunks)
+        finite = values[~np.isnan(values)]
+        ci95[key] = [float(v) for v in np.percentile(finite, [2.5, 97.5])] if len(finite) else None
+    return {
+        "classes": [str(c) for c in class_names],
+        "confusion_matrix": matrix.tolist(),
+        "per_class": per_class,
+        "ci95": ci95,
+        "bootstrap": {"resamples": n_boot, "seed": seed},
+    }
+
+
+def _resampled_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1 and one-vs-rest macro AUROC of each resample: probs [B, n, k],
+    labels [B, n]. Same definitions as `classification_metrics` (absent classes give F1 0;
+    AUROC is NaN for a resample with one class, and averages the classes present)."""
+    b, n, k = probs.shape
+    preds = probs.argmax(2)
+    accuracy = (preds == labels).mean(1)
+    cells = (np.arange(b)[:, None] * k * k + labels * k + preds).ravel()
+    confusion = np.bincount(cells, minlength=b * k * k).reshape(b, k, k)
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    denominator = confusion.sum(2) + confusion.sum(1)  # (tp + fn) + (tp + fp)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros((b, k)), where=denominator > 0)
+    classes = [1] if k == 2 else range(k)
+    aurocs = []
+    for c in classes:
+        positive = labels == c
+        ranks = rankdata(probs[:, :, c], axis=1)  # average ranks for ties, as sklearn
+        n_pos = positive.sum(1)
+        n_neg = n - n_pos
+        u = (ranks * positive).sum(1) - n_pos * (n_pos + 1) / 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            aurocs.append(np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan))
+    stacked = np.stack(aurocs, 1)
+    defined = ~np.isnan(stacked)
+    with np.errstate(invalid="ignore"):
+        auroc = np.where(
+            defined.sum(1) >= (1 if k == 2 else 2),
+            np.nansum(stacked, 1) / np.maximum(defined.sum(1), 1),
+            np.nan,
+        )
+    return {"accuracy": accuracy, "macro_f1": f1.mean(1), "auroc": auroc}
+
+
+def _rate(numerator: int, denominator: int) -> float | None:
+    return float(numerator / denominator) if denominator else None
