@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Result, Strategy
 
 from medmerge_core.federation.config import FederationConfig
 from medmerge_core.federation.run import FederationRun, round_table, table_text
@@ -42,6 +42,16 @@ def _metrics(record: MetricRecord | None, prefix: str) -> dict[str, float]:
     return {prefix + k: float(v) for k, v in record.items() if k != "num-examples"}  # type: ignore[arg-type]
 
 
+def _aggregator(cfg: FederationConfig) -> FedAvg:
+    """Flower's own aggregation rule for the screened replies: FedAvg's example-weighted mean,
+    FedMedian's coordinate-wise median or FedTrimmedAvg's trimmed mean."""
+    if cfg.aggregation == "median":
+        return FedMedian(min_train_nodes=1)
+    if cfg.aggregation == "trimmed-mean":
+        return FedTrimmedAvg(min_train_nodes=1, beta=cfg.trim_fraction)
+    return FedAvg(min_train_nodes=1)
+
+
 class MedMergeFedAvg(FedAvg):
     """FedAvg over site nodes with reply screening, fp16 transport and InMerge on the aggregate.
 
@@ -61,6 +71,7 @@ class MedMergeFedAvg(FedAvg):
         self.meta, self.conv_keys, self.norm_keys = model_reference(info)
         self.keys = transport_keys(self.meta, self.norm_keys, cfg.fedbn)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._aggregator = _aggregator(cfg)
         self.history: list[dict[str, Any]] = []
         self._current: StateDict = {}
         self._extra: dict[str, ArrayRecord] = {}
@@ -223,7 +234,7 @@ class MedMergeFedAvg(FedAvg):
             by_name[name] = msg
             states[name] = next(iter(content.array_records.values())).to_torch_state_dict()
         accepted, bad = screen_replies(
-            states, self._current, self.cfg.outlier_factor, allow_fp16=self.cfg.fp16
+            states, self._current, self.cfg.outlier_factor, self.cfg.fp16, self.cfg.min_cosine
         )
         rejected.update(bad)
         for name, reason in rejected.items():
@@ -243,7 +254,7 @@ class MedMergeFedAvg(FedAvg):
             )
             content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
             clean.append(Message(content=content, metadata=msg.metadata))  # reply left intact
-        arrays, metrics = super().aggregate_train(server_round, clean)
+        arrays, metrics = self._aggregator.aggregate_train(server_round, clean)
         if arrays is None:
             return None, metrics
         state = restore_dtypes(arrays.to_torch_state_dict(), self.meta)

@@ -85,6 +85,18 @@ def test_screening_names_each_bad_reply() -> None:
     assert screen_replies({"a": fp16}, base, 10, allow_fp16=True)[0] == ["a"]
 
 
+def test_screening_rejects_an_update_pointing_away_from_the_others() -> None:
+    base = {"w": torch.zeros(6)}
+    direction = torch.tensor([1.0, 2.0, 0.5, -1.0, 0.0, 1.5])
+    replies = {f"site{i}": {"w": direction * (1 + 0.1 * i)} for i in range(3)}
+    replies["flipped"] = {"w": -direction}  # same size, opposite direction
+    replies["noisy"] = {"w": direction + torch.tensor([0.3, -0.2, 0.1, 0.0, 0.2, -0.1])}
+    accepted, rejected = screen_replies(replies, base, outlier_factor=10, min_cosine=0.0)
+    assert accepted == ["site0", "site1", "site2", "noisy"]
+    assert rejected["flipped"].startswith("update direction: cosine -1.00 to the median")
+    assert screen_replies(replies, base, outlier_factor=10)[0] == list(replies)  # norm only
+
+
 def test_dtypes_come_from_the_model_not_the_aggregate() -> None:
     meta, conv, norm = model_reference(ModelInfo("resnet18", 3, 1))
     assert conv[0] == "conv1.weight" and "bn1.running_mean" in norm

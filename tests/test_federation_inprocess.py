@@ -272,6 +272,15 @@ def test_fedbn_site_layers_survive_a_server_restart(tmp_path) -> None:
     assert state_digest(finals[0]) == state_digest(finals[1])
 
 
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_flowers_robust_aggregation_runs_with_inmerge_on_top(tmp_path, aggregation) -> None:
+    rc = run_config(tmp_path, rounds=1, aggregation=aggregation)
+    (record,) = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc), rc)
+    assert record["sites"] == 3 and record["inmerge_kernels"] > 0
+    final = torch.load(tmp_path / "federation/final.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
 def test_dp_server_side_clipping_runs(tmp_path) -> None:
     rc = run_config(tmp_path, rounds=1, dp="server", **{"dp-clipping-norm": 0.01})
     (record,) = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc), rc)

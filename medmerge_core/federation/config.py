@@ -18,6 +18,7 @@ from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 
 ROLES: tuple[str, ...] = ("institution", "coordinator", "site")
 DP_MODES: tuple[str, ...] = ("none", "server", "client")
+AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
 # Settings that may change between a run and its resumption without invalidating it.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({"rounds", "timeout", "device", "output_dir"})
 # Run-config keys that were renamed: a one-line pointer instead of "unknown key".
@@ -65,6 +66,9 @@ class FederationConfig:
     inmerge: InMergeSettings | None = field(default_factory=InMergeSettings)
     min_sites: int = 2
     outlier_factor: float = 10.0
+    min_cosine: float = 0.0  # reject an update pointing away from the others' median update
+    aggregation: str = "mean"  # mean (FedAvg), median (FedMedian), trimmed-mean (FedTrimmedAvg)
+    trim_fraction: float = 0.2  # trimmed-mean: the share cut at each end
     fp16: bool = False
     dp: str = "none"
     dp_clipping_norm: float = 1.0
@@ -86,6 +90,12 @@ class FederationConfig:
             raise InputError("min-sites and batch-size: must be >= 1")
         if self.outlier_factor <= 1:
             raise InputError("outlier-factor: must be > 1")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise InputError(f"min-cosine: must be in [-1, 1], got {self.min_cosine}")
+        if self.aggregation not in AGGREGATIONS:
+            raise InputError(f"aggregation: unknown '{self.aggregation}'; expected {AGGREGATIONS}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise InputError(f"trim-fraction: must be in [0, 0.5), got {self.trim_fraction}")
         if not self.merge_lr > 0 or self.merge_weight_decay < 0:
             raise InputError("merge-lr: must be > 0 (and merge-weight-decay >= 0)")
 

@@ -92,12 +92,16 @@ def screen_replies(
     reference: Mapping[str, torch.Tensor],
     outlier_factor: float,
     allow_fp16: bool = False,
+    min_cosine: float | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """(accepted node names, {rejected node: reason}).
 
-    A reply is rejected for bad keys / shapes / dtypes / NaN / Inf, or when its update norm
+    A reply is rejected for bad keys / shapes / dtypes / NaN / Inf; when its update norm
     (against `reference`, the weights the node was sent) exceeds `outlier_factor` times the
-    median norm of the *other* well-formed replies. With one reply the outlier test is skipped.
+    median norm of the *other* well-formed replies; or, with `min_cosine` and at least two
+    others left, when its update's cosine to the coordinate-wise median update of the others
+    (those passing the checks above) is below `min_cosine` (a sign-flipped or unrelated
+    update). With one reply both comparisons are skipped.
     """
     rejected: dict[str, str] = {}
     norms: dict[str, float] = {}
@@ -117,8 +121,43 @@ def screen_replies(
                 f"update norm {norm:.3g} is {norm / median:.1f}x the median of the others "
                 f"({median:.3g}; limit {outlier_factor:g}x)"
             )
+    sized = [n for n in norms if n not in rejected]  # direction among the plausible ones
+    if min_cosine is not None and len(sized) >= 3:
+        for node, cosine in _cosines_to_median(replies, sized, reference).items():
+            if cosine < min_cosine:
+                rejected[node] = (
+                    f"update direction: cosine {cosine:.2f} to the median update of the others "
+                    f"(limit {min_cosine:g})"
+                )
     accepted = [n for n in replies if n not in rejected]
     return accepted, rejected
+
+
+def _cosines_to_median(
+    replies: Mapping[str, Mapping[str, torch.Tensor]],
+    nodes: list[str],
+    reference: Mapping[str, torch.Tensor],
+) -> dict[str, float]:
+    """Each node's update against the coordinate-wise median update of the other nodes."""
+    dot = dict.fromkeys(nodes, 0.0)
+    own = dict.fromkeys(nodes, 0.0)
+    theirs = dict.fromkeys(nodes, 0.0)
+    for key, base in reference.items():
+        if not base.is_floating_point():
+            continue
+        updates = torch.stack([replies[n][key].float() - base.float() for n in nodes])
+        for i, node in enumerate(nodes):
+            others = torch.cat([updates[:i], updates[i + 1 :]]).sort(dim=0).values
+            middle = len(others) // 2  # the median; the mean of the two middle values if even
+            median = (
+                others[middle] if len(others) % 2 else 0.5 * (others[middle - 1] + others[middle])
+            )
+            dot[node] += float((updates[i].double() * median.double()).sum())
+            own[node] += float(updates[i].double().square().sum())
+            theirs[node] += float(median.double().square().sum())
+    return {
+        n: dot[n] / math.sqrt(own[n] * theirs[n]) if own[n] * theirs[n] > 0 else 1.0 for n in nodes
+    }
 
 
 def accept_merged(
