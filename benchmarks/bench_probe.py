@@ -119,7 +119,7 @@ def default_budget_movement(out: Path, runtime: Runtime) -> dict[str, float]:
         BatchLoader(task.train, 32, shuffle=True),
         BatchLoader(task.val, 256),
         ProbeSettings(),
-        settings.lp_lr,
+        settings.lp.lr,
         0.01,
         runtime,
         show_progress=False,
@@ -129,7 +129,7 @@ def default_budget_movement(out: Path, runtime: Runtime) -> dict[str, float]:
         "q50": float(np.median(moved)),
         "q90": float(np.quantile(moved, 0.9)),
         "max": float(moved.max()),
-        "old_cap": settings.lp_lr * settings.lp_epochs * len(BatchLoader(task.train, 32)),
+        "old_cap": settings.lp.lr * settings.lp.epochs * len(BatchLoader(task.train, 32)),
     }
 
 

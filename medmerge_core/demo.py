@@ -7,7 +7,7 @@ and LP-FT from each, uniform averaging + FT, and MedMerge run on the small synth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,11 @@ class DemoSettings:
     arch: str = "resnet18"
     image_size: int = 28
     source_train: int = 800
-    source_epochs: int = 3
-    source_lr: float = 1e-3
+    source: StageSettings = field(default_factory=lambda: StageSettings(3, 1e-3))  # pretraining
     target_train: int | None = None  # the synthetic target's default (a few hundred)
-    lp_epochs: int = 5
-    lp_lr: float = 1e-3
-    ft_epochs: int = 5
-    ft_lr: float = 1e-4
-    probe_steps: int | None = None  # the probe's default budget
+    lp: StageSettings = field(default_factory=lambda: StageSettings(5, 1e-3))
+    ft: StageSettings = field(default_factory=lambda: StageSettings(5, 1e-4))
+    merge: ProbeSettings = field(default_factory=ProbeSettings)  # the probe's defaults
     batch_size: int = 32
     seed: int = 0
 
@@ -47,13 +44,33 @@ class DemoSettings:
         return cls(
             image_size=32,
             source_train=128,
-            source_epochs=1,
+            source=StageSettings(1, 1e-3),
             target_train=64,
-            lp_epochs=1,
-            ft_epochs=1,
-            probe_steps=4,
+            lp=StageSettings(1, 1e-3),
+            ft=StageSettings(1, 1e-4),
+            merge=ProbeSettings(steps=4),
             batch_size=32,
         )
+
+
+def demo_config(
+    out: Path, s: DemoSettings, generic: Path, related: Path, device: str = "auto"
+) -> ExperimentConfig:
+    """The experiment the demo runs on the synthetic target, from its two sources."""
+    return ExperimentConfig(
+        name="target",
+        output_dir=str(out),
+        data={"format": "synthetic", "task": "target"}
+        | ({"n_train": s.target_train} if s.target_train else {}),
+        sources={"generic": str(generic.resolve()), "related": str(related.resolve())},
+        model=ModelConfig(arch=s.arch, image_size=s.image_size),
+        seed=s.seed,
+        batch_size=s.batch_size,
+        device=device,
+        lp=s.lp,
+        ft=s.ft,
+        merge=s.merge,
+    )
 
 
 def pretrain_demo_sources(
@@ -67,7 +84,6 @@ def pretrain_demo_sources(
     """The demo's two sources (resumable): a generic one from random init, and a related one
     initialised from it. Also the sources of the probe sweep and benchmark."""
     console = console or Console(quiet=True)
-    stage = StageSettings(s.source_epochs, s.source_lr)
     sizes = {"n_train": s.source_train, "n_val": max(s.source_train // 5, 32), "n_test": 64}
     generic_task = make_task("generic", image_size=s.image_size, seed=s.seed, **sizes)
     related_task = make_task("related_a", image_size=s.image_size, seed=s.seed, **sizes)
@@ -77,7 +93,7 @@ def pretrain_demo_sources(
         s.arch,
         generic_task,
         generic_ckpt,
-        stage,
+        s.source,
         runtime,
         batch_size=s.batch_size,
         seed=s.seed,
@@ -90,7 +106,7 @@ def pretrain_demo_sources(
         s.arch,
         related_task,
         related_ckpt,
-        stage,
+        s.source,
         runtime,
         init=init,
         batch_size=s.batch_size,
@@ -117,20 +133,7 @@ def run_demo(
     )
 
     target = make_task("target", image_size=s.image_size, seed=s.seed, n_train=s.target_train)
-    config = ExperimentConfig(
-        name="target",
-        output_dir=str(out),
-        data={"format": "synthetic", "task": "target"}
-        | ({"n_train": s.target_train} if s.target_train else {}),
-        sources={"generic": str(generic_ckpt.resolve()), "related": str(related_ckpt.resolve())},
-        model=ModelConfig(arch=s.arch, image_size=s.image_size),
-        seed=s.seed,
-        batch_size=s.batch_size,
-        device=device,
-        lp=StageSettings(epochs=s.lp_epochs, lr=s.lp_lr),
-        ft=StageSettings(epochs=s.ft_epochs, lr=s.ft_lr),
-        merge=ProbeSettings(steps=s.probe_steps),
-    )
+    config = demo_config(out, s, generic_ckpt, related_ckpt, device)
     console.print(
         f"[bold]3/3[/] FT, LP-FT, Avg+FT and MedMerge on '{target.name}' "
         f"({len(target.train)} train / {len(target.val)} val / {len(target.test)} test)"

@@ -136,6 +136,16 @@ def test_cli_reports_a_config_typo_on_one_line(tmp_path, capsys) -> None:
     assert err.count("\n") == 0 and "fine_tune: unknown key" in err and "c.yaml" in err
 
 
+def test_the_full_demo_config_is_valid(tmp_path) -> None:
+    """The README's first command runs the full demo, which CI cannot afford: its config must at
+    least build and round-trip through the YAML config (the quick demo runs below)."""
+    from medmerge_core.demo import DemoSettings, demo_config
+
+    config = demo_config(tmp_path, DemoSettings(), tmp_path / "g.pt", tmp_path / "r.pt")
+    assert config.merge.steps == 300 and config.merge.trains and config.ft.epochs == 5
+    assert config_from_dict(config.to_dict()) == config
+
+
 def test_quick_demo_runs_end_to_end(tmp_path) -> None:
     from medmerge_core.demo import DemoSettings, run_demo
 
