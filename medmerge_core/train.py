@@ -305,11 +305,15 @@ def fit(
                     "best_state": best_state,
                 }
                 atomic_torch_save({**rolling, **_progress(result)}, checkpoint)
-            progress.update(
-                task,
-                advance=1,
-                status=f"loss {record['train_loss']:.3f} val F1 {val['macro_f1']:.3f}",
-            )
+            status = f"loss {record['train_loss']:.3f} val F1 {val['macro_f1']:.3f}"
+            progress.update(task, advance=1, status=status)
+            if show_progress and not progress.console.is_terminal:  # a log file: plain lines
+                progress.console.print(
+                    f"{name}: epoch {epoch + 1}/{epochs} {status} "
+                    f"({time.perf_counter() - began:.1f} s)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
     model.load_state_dict(best_state)
     if checkpoint is not None:
         atomic_torch_save({"finished": True, "model": best_state, **_progress(result)}, checkpoint)

@@ -78,6 +78,25 @@ def test_best_epoch_by_validation_macro_f1_is_restored(tiny_task) -> None:
     assert result.best_val["macro_f1"] == best["val_macro_f1"]
 
 
+def test_progress_in_a_log_file_is_one_plain_line_per_epoch(tiny_task, capsys) -> None:
+    """Under nohup or a batch scheduler (stdout not a terminal) a bar would show nothing."""
+    fit(
+        build_model("resnet18", 2, 1),
+        BatchLoader(tiny_task.train, 32, shuffle=True),
+        BatchLoader(tiny_task.val, 32),
+        StageSettings(2, 1e-3),
+        Runtime.detect("cpu"),
+        name="ft:a ft",
+        show_progress=True,
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [line.split(" loss ")[0] for line in lines] == [
+        "ft:a ft: epoch 1/2",
+        "ft:a ft: epoch 2/2",
+    ]
+    assert all("val F1" in line and line.endswith(" s)") for line in lines)
+
+
 def test_nan_loss_is_a_clear_error(tiny_task) -> None:
     model = build_model("resnet18", 2, 1)
 
