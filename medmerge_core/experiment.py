@@ -25,7 +25,7 @@ from torch import nn
 from medmerge_core.config import ExperimentConfig, differences, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
-from medmerge_core.inmerge import inmerge_
+from medmerge_core.inmerge import training_hook
 from medmerge_core.io import (
     append_jsonl,
     atomic_savez,
@@ -103,22 +103,6 @@ class RunContext:
             show_progress=self.show_progress,
         ).summary()
 
-    def inmerge_hook(self) -> StepHook | None:
-        config = self.config.inmerge
-        if config is None:
-            return None
-        generator = torch.Generator()
-        seeded_for = [-1]
-
-        def hook(model: nn.Module, epoch: int) -> None:
-            if seeded_for[0] != epoch:  # draws depend on (seed, epoch): exact after a resume
-                generator.manual_seed(self.config.seed * 1_000_003 + epoch)
-                seeded_for[0] = epoch
-            if epoch >= config.start_epoch:
-                inmerge_(model, config, generator)
-
-        return hook
-
     def learn_merge(
         self, method: str, settings: ProbeSettings
     ) -> tuple[nn.Module, dict[str, Any] | None]:
@@ -149,7 +133,8 @@ class RunContext:
         c = self.config
         train, val, _ = self.loaders()
         settings = c.ft
-        return self.stage(model, method, "ft", settings, train, val, self.inmerge_hook())
+        hook = None if c.inmerge is None else training_hook(c.inmerge, c.seed)
+        return self.stage(model, method, "ft", settings, train, val, hook)
 
 
 def _ft(ctx: RunContext, method: str, source: str) -> tuple[nn.Module, dict[str, Any]]:

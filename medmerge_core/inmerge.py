@@ -50,7 +50,7 @@ not merged stay bit for bit unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,7 @@ __all__ = [
     "inmerge_",
     "inmerge_state_dict",
     "merge_kernels",
+    "training_hook",
 ]
 
 _EPS = 1e-12  # Guards the cosine against zero-norm kernels (their cosine becomes 0).
@@ -249,6 +250,23 @@ def inmerge_state_dict(
                 continue
             out[key], _, _ = _merge_layer(state[key], config, generator, inplace=False)
     return out
+
+
+def training_hook(config: InMergeSettings, seed: int) -> Callable[[nn.Module, int], None]:
+    """The `before_step` hook of `train.fit` that applies InMerge before every optimiser step
+    from `config.start_epoch` on. Its draws depend on (seed, epoch) only, so a resumed run
+    draws exactly what an uninterrupted one would."""
+    generator = torch.Generator()
+    seeded_for = [-1]
+
+    def hook(model: nn.Module, epoch: int) -> None:
+        if seeded_for[0] != epoch:
+            generator.manual_seed(seed * 1_000_003 + epoch)
+            seeded_for[0] = epoch
+        if epoch >= config.start_epoch:
+            inmerge_(model, config, generator)
+
+    return hook
 
 
 def apply_inmerge(

@@ -21,10 +21,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.client_app import app as client_app
+from medmerge_core.federation.roles import Node
 from medmerge_core.federation.run import state_digest
 from medmerge_core.federation.transport import ModelInfo, model_reference
 from medmerge_core.io import read_jsonl
 from medmerge_core.models import backbone_keys, build_model
+from medmerge_core.settings import InMergeSettings
 from server.server_app import run_federation
 from simulations.inprocess import InProcessGrid
 
@@ -279,6 +281,15 @@ def test_flowers_robust_aggregation_runs_with_inmerge_on_top(tmp_path, aggregati
     assert record["sites"] == 3 and record["inmerge_kernels"] > 0
     final = torch.load(tmp_path / "federation/final.pt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+def test_site_side_inmerge_runs_the_training_option_at_every_local_step(tmp_path) -> None:
+    rc = run_config(tmp_path, rounds=1, inmerge=False, **{"inmerge-local": True,
+                                                           "inmerge-local-p": 0.5})  # fmt: skip
+    site = Node.from_configs(nodes(tmp_path)[3], rc)
+    assert site.inmerge == InMergeSettings(p=0.5)  # the same settings as the training option
+    (record,) = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc), rc)
+    assert record["sites"] == 3 and "inmerge_kernels" not in record  # none on the aggregate
 
 
 def test_dp_server_side_clipping_runs(tmp_path) -> None:

@@ -63,7 +63,9 @@ class FederationConfig:
     rounds: int = 3
     ft: StageSettings = field(default_factory=lambda: StageSettings(epochs=1, lr=1e-4))
     fedbn: bool = False
-    inmerge: InMergeSettings | None = field(default_factory=InMergeSettings)
+    inmerge: InMergeSettings | None = field(default_factory=InMergeSettings)  # on each aggregate
+    # Site-side InMerge before every local training step (off unless `inmerge-local = true`).
+    inmerge_local: InMergeSettings | None = None
     min_sites: int = 2
     outlier_factor: float = 10.0
     min_cosine: float = 0.0  # reject an update pointing away from the others' median update

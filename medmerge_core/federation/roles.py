@@ -24,10 +24,11 @@ from medmerge_core.federation.config import FederationConfig, NodeSettings, node
 from medmerge_core.federation.data import load_node_data, parse_data_spec
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
 from medmerge_core.federation.transport import ModelInfo, model_reference, restore_dtypes
+from medmerge_core.inmerge import training_hook
 from medmerge_core.models import StateDict, build_model, fit_backbone, is_source_spec, load_source
 from medmerge_core.pretrain import pretrain_source
 from medmerge_core.probe import LearnedMerge, learn_merge
-from medmerge_core.settings import ProbeSettings, StageSettings
+from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 from medmerge_core.train import EVAL_BATCH_SIZE, Runtime, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Node:
     probe_lr: float
     probe_weight_decay: float
     ft: StageSettings
+    inmerge: InMergeSettings | None  # applied before every local step (inmerge-local)
     fedbn_dir: Path | None  # where a site keeps its own norm layers under FedBN
     fp16: bool  # replies travel as fp16
     audit_path: Path  # one line per handled message (federation.audit)
@@ -74,6 +76,7 @@ class Node:
             probe_lr=cfg.merge_lr,
             probe_weight_decay=cfg.merge_weight_decay,
             ft=cfg.ft,
+            inmerge=cfg.inmerge_local,
             fedbn_dir=site_state_dir(settings, cfg) if cfg.fedbn else None,
             fp16=cfg.fp16,
             audit_path=audit_file(settings, cfg),
@@ -211,6 +214,7 @@ class Node:
             self.runtime,
             multilabel=task.multilabel,
             name=f"round {server_round}",
+            before_step=None if self.inmerge is None else training_hook(self.inmerge, seed),
             show_progress=False,
         )
         last = result.history[-1] if result.history else {}
