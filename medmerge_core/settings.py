@@ -150,9 +150,8 @@ class InMergeSettings:
             object.__setattr__(self, name, float(value))
         for name in ("skip_layers", "start_epoch"):
             value = getattr(self, name)
-            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
-                raise InputError(f"{name}: must be an integer >= 0, got {value!r}")
-            if value < 0:
+            integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not integer or value < 0:
                 raise InputError(f"{name}: must be an integer >= 0, got {value!r}")
             object.__setattr__(self, name, int(value))
 
