@@ -10,15 +10,13 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
 
 from medmerge_core.federation.audit import append_audit, config_digest
 from medmerge_core.federation.roles import Node
-from medmerge_core.federation.transport import ModelInfo, compress
+from medmerge_core.federation.transport import ModelInfo, compress, pack_counts
 from medmerge_core.models import StateDict
 
 app = ClientApp()
-CLIPPING_NORM_KEY = "clipping_norm"  # what DifferentialPrivacyClientSideFixedClipping sends
 
 
 def _node(context: Context, role: str | None = None) -> Node:
@@ -42,14 +40,6 @@ def _reply(node: Node, msg: Message, content: RecordDict) -> Message:
     append_audit(node.audit_path, msg.metadata.message_type, msg.metadata.run_id,
                  _summary(msg.content), _summary(content))  # fmt: skip
     return Message(content, reply_to=msg)
-
-
-def _clip_when_asked(msg: Message, context: Context, call_next):
-    """Flower's client-side DP clipping mod, only when the server's DP wrapper asks for it."""
-    config = msg.content.config_records.get("config")
-    if config is not None and CLIPPING_NORM_KEY in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
 
 
 @app.query("info")
@@ -103,7 +93,7 @@ def _received(msg: Message) -> tuple[ArrayRecord, ModelInfo, int, StateDict | No
     )
 
 
-@app.train(mods=[_clip_when_asked])
+@app.train()
 def train(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
     received, model, server_round, initial = _received(msg)
@@ -126,6 +116,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
     received, model, server_round, initial = _received(msg)
     local_norm = node.local_norm(server_round, initial)
-    examples, metrics = node.evaluate(received.to_torch_state_dict(), model, local_norm)
+    final = bool(msg.content["config"].get("final", False))  # type: ignore[union-attr]
+    examples, metrics, counts = node.evaluate(
+        received.to_torch_state_dict(), model, local_norm, final
+    )
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": examples})})
+    if counts:  # counts of this site's test set, so the server can pool metrics over sites
+        content["pooled"] = MetricRecord(pack_counts(counts))
     return _reply(node, msg, content)

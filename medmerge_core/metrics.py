@@ -173,3 +173,58 @@ def _resampled_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.nd
 
 def _rate(numerator: int, denominator: int) -> float | None:
     return float(numerator / denominator) if denominator else None
+
+
+# ----------------------------------------------------------------------------- pooled over sites
+
+SCORE_BINS = 100  # resolution of the score histograms a site shares for a pooled AUROC
+
+
+def pooling_counts(probs: np.ndarray, labels: np.ndarray, bins: int = SCORE_BINS) -> dict:
+    """What a site shares so that metrics can be pooled over sites: counts, never examples.
+
+    `confusion` [k, k] (rows true, columns argmax); `positive` and `negative` [k, bins]: per
+    class c, histograms over [0, 1] of the score of class c for the images of class c and for the
+    others. Sums of these over sites give the pooled metrics (`pooled_metrics`).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    k = probs.shape[1]
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, probs.argmax(1)), 1)
+    cells = np.clip((probs * bins).astype(np.int64), 0, bins - 1)  # [n, k] bin of each score
+    positive = np.zeros((k, bins), dtype=np.int64)
+    negative = np.zeros((k, bins), dtype=np.int64)
+    for c in range(k):
+        is_c = labels == c
+        positive[c] = np.bincount(cells[is_c, c], minlength=bins)
+        negative[c] = np.bincount(cells[~is_c, c], minlength=bins)
+    return {"confusion": confusion, "positive": positive, "negative": negative}
+
+
+def pooled_metrics(confusion: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> dict:
+    """Accuracy, macro-F1 and AUROC of the pooled test sets, from summed `pooling_counts`.
+
+    Accuracy and macro-F1 are exactly those of the pooled predictions. AUROC (class 1 for two
+    classes, else the one-vs-rest macro mean over the classes present) counts a positive and a
+    negative in the same score bin as a tie, so it is within (pairs sharing a bin) / 2 of the
+    exact value.
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    k = confusion.shape[0]
+    tp = np.diag(confusion)
+    denominator = confusion.sum(0) + confusion.sum(1)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(k), where=denominator > 0)
+    total = confusion.sum()
+    aurocs = []
+    for c in [1] if k == 2 else range(k):
+        pos, neg = np.asarray(positive[c], float), np.asarray(negative[c], float)
+        if pos.sum() and neg.sum():
+            below = np.cumsum(neg) - neg  # negatives in lower bins
+            aurocs.append(float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum())))
+    enough = len(aurocs) >= (1 if k == 2 else 2)
+    return {
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "macro_f1": float(f1.mean()),
+        "auroc": float(np.mean(aurocs)) if enough else float("nan"),
+    }

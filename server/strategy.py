@@ -2,34 +2,41 @@
 
 `MedMergeFedAvg.start` runs the rounds as Flower's own `Strategy.start` does, plus what a
 hospital federation needs: resume after the last checkpointed round, a checkpoint and a log
-line after every round, reply screening, InMerge on each aggregate and optional differential
-privacy (Flower's fixed-clipping wrappers around this strategy). The science (screening rules,
-dtype restoration, InMerge) is in medmerge_core; this class moves it in and out of messages.
+line after every round, reply screening, optional differential privacy (DP-FedAvg with an
+accountant), InMerge on each aggregate (after the noise), metrics pooled over the sites' test
+sets, and a last evaluation of the final model. The science (screening rules, dtype restoration,
+DP, InMerge, pooled metrics) is in medmerge_core; this class moves it in and out of messages.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Result, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Result
 
 from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.privacy import epsilon, private_mean
 from medmerge_core.federation.run import FederationRun, round_table, table_text
 from medmerge_core.federation.transport import (
     ModelInfo,
     compress,
     model_reference,
+    parameter_keys,
     restore_dtypes,
     transport_keys,
+    unpack_counts,
 )
 from medmerge_core.federation.validation import screen_replies
 from medmerge_core.inmerge import apply_inmerge
+from medmerge_core.metrics import pooled_metrics
 from medmerge_core.models import StateDict
 from server.messages import addressee, exchange
 
@@ -40,6 +47,21 @@ def _metrics(record: MetricRecord | None, prefix: str) -> dict[str, float]:
     if record is None:
         return {}
     return {prefix + k: float(v) for k, v in record.items() if k != "num-examples"}  # type: ignore[arg-type]
+
+
+def _pooled(replies: Iterable[Message]) -> dict[str, float]:
+    """Accuracy, macro-F1 and AUROC of the union of the sites' test sets, from the confusion
+    counts and score histograms each site sends (`metrics.pooling_counts`)."""
+    sums: dict[str, np.ndarray] = {}
+    for msg in replies:
+        record = msg.content.metric_records.get("pooled")
+        if record is None:
+            continue
+        for key, value in unpack_counts(record).items():
+            sums[key] = sums[key] + value if key in sums else value
+    if not sums:
+        return {}
+    return pooled_metrics(sums["confusion"], sums["positive"], sums["negative"])
 
 
 def _aggregator(cfg: FederationConfig) -> FedAvg:
@@ -53,11 +75,12 @@ def _aggregator(cfg: FederationConfig) -> FedAvg:
 
 
 class MedMergeFedAvg(FedAvg):
-    """FedAvg over site nodes with reply screening, fp16 transport and InMerge on the aggregate.
+    """FedAvg over site nodes with reply screening, fp16 transport, DP and InMerge.
 
-    `sites` maps node id -> name (for log lines). The InMerge generator is the strategy's only
-    state; `state_dict()` / `load_state_dict()` carry it through the per-round checkpoint so a
-    resumed run draws the same partners as an uninterrupted one.
+    `sites` maps node id -> name (for log lines). The InMerge and DP-noise generators and the
+    count of DP releases are the strategy's state; `state_dict()` / `load_state_dict()` carry
+    them through the per-round checkpoint, so a resumed run draws the same partners and noise
+    as an uninterrupted one and accounts every release.
     """
 
     def __init__(
@@ -71,6 +94,10 @@ class MedMergeFedAvg(FedAvg):
         self.meta, self.conv_keys, self.norm_keys = model_reference(info)
         self.keys = transport_keys(self.meta, self.norm_keys, cfg.fedbn)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.noise = torch.Generator().manual_seed(cfg.seed + 1)
+        self.releases = 0  # rounds whose aggregate carried DP noise
+        params = set(parameter_keys(info))
+        self.dp_keys = [k for k in self.keys if k in params]  # what DP clips and noises
         self._aggregator = _aggregator(cfg)
         self.history: list[dict[str, Any]] = []
         self._current: StateDict = {}
@@ -79,33 +106,21 @@ class MedMergeFedAvg(FedAvg):
         self._addressed: list[Message] = []  # this round's messages (ids set when pushed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {
+            "generator": self.generator.get_state(),
+            "noise": self.noise.get_state(),
+            "releases": self.releases,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.noise.set_state(state["noise"])
+        self.releases = int(state["releases"])
 
     def name(self, node_id: int) -> str:
         return f"node {node_id} ({self.sites.get(node_id, '?')})"
 
     # ------------------------------------------------------------------ the rounds
-
-    def _with_privacy(self) -> Strategy:
-        """This strategy, wrapped in Flower's fixed-clipping DP wrapper when asked."""
-        if self.cfg.dp == "none":
-            return self
-        from flwr.serverapp.strategy import (
-            DifferentialPrivacyClientSideFixedClipping,
-            DifferentialPrivacyServerSideFixedClipping,
-        )
-
-        wrapper = (
-            DifferentialPrivacyServerSideFixedClipping
-            if self.cfg.dp == "server"
-            else DifferentialPrivacyClientSideFixedClipping
-        )
-        return wrapper(
-            self, self.cfg.dp_noise_multiplier, self.cfg.dp_clipping_norm, len(self.sites)
-        )
 
     def start(
         self,
@@ -127,26 +142,21 @@ class MedMergeFedAvg(FedAvg):
             log.info("resuming after round %d of %d from %s", start, num_rounds, self.run.dir)
         if self.cfg.fedbn:  # each site starts its private norm layers from the merged model's
             self._extra = {"local-init": ArrayRecord({k: state[k] for k in self.norm_keys})}
-        strategy = self._with_privacy()
         result = Result()
         for server_round in range(start + 1, num_rounds + 1):
             began = time.perf_counter()
-            messages = strategy.configure_train(
+            messages = self.configure_train(
                 server_round, self._shared(state), self._config(train_config), grid
             )
-            arrays, train = strategy.aggregate_train(
-                server_round, exchange(grid, messages, timeout)
-            )
+            arrays, train = self.aggregate_train(server_round, exchange(grid, messages, timeout))
             if arrays is None:
                 log.warning("round %d: no aggregate; the global model is unchanged", server_round)
             else:
                 state = {**state, **restore_dtypes(arrays.to_torch_state_dict(), self.meta)}
-            messages = strategy.configure_evaluate(
+            messages = self.configure_evaluate(
                 server_round, self._shared(state), self._config(evaluate_config), grid
             )
-            evaluation = strategy.aggregate_evaluate(
-                server_round, exchange(grid, messages, timeout)
-            )
+            evaluation = self.aggregate_evaluate(server_round, exchange(grid, messages, timeout))
             sent = sum(v for k, v in self._round_log.items() if k.startswith("bytes_"))
             record = {
                 "phase": "round",
@@ -165,8 +175,26 @@ class MedMergeFedAvg(FedAvg):
             result.evaluate_metrics_clientapp[server_round] = evaluation or MetricRecord()
         self.run.save_final(state, self.info)
         log.info("final model: %s", self.run.dir / "final.pt")
+        self._evaluate_final(grid, state, evaluate_config, num_rounds, timeout)
         result.arrays = ArrayRecord(state)
         return result
+
+    def _evaluate_final(
+        self,
+        grid: Grid,
+        state: Mapping[str, torch.Tensor],
+        config: ConfigRecord | None,
+        num_rounds: int,
+        timeout: float,
+    ) -> None:
+        """final.pt on every site's test set, pooled; under FedBN each site scores (and saves
+        on its own disk) final.pt with its own norm layers."""
+        config = ConfigRecord({**self._config(config), "final": True})
+        messages = self.configure_evaluate(num_rounds, self._shared(state), config, grid)
+        evaluation = self.aggregate_evaluate(num_rounds, exchange(grid, messages, timeout))
+        record = {"phase": "final", "model": "final.pt", **_metrics(evaluation, "")}
+        self.run.log(record)
+        log.info("final model, pooled over the sites' test sets: %s", record)
 
     def _shared(self, state: Mapping[str, torch.Tensor]) -> ArrayRecord:
         return ArrayRecord({k: state[k] for k in self.keys})
@@ -233,8 +261,13 @@ class MedMergeFedAvg(FedAvg):
                 continue
             by_name[name] = msg
             states[name] = next(iter(content.array_records.values())).to_torch_state_dict()
-        accepted, bad = screen_replies(
-            states, self._current, self.cfg.outlier_factor, self.cfg.fp16, self.cfg.min_cosine
+        private = self.cfg.dp != "none"
+        accepted, bad = screen_replies(  # under DP clipping bounds each site, not screening
+            states,
+            self._current,
+            math.inf if private else self.cfg.outlier_factor,
+            self.cfg.fp16,
+            None if private else self.cfg.min_cosine,
         )
         rejected.update(bad)
         for name, reason in rejected.items():
@@ -254,11 +287,38 @@ class MedMergeFedAvg(FedAvg):
             )
             content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
             clean.append(Message(content=content, metadata=msg.metadata))  # reply left intact
-        arrays, metrics = self._aggregator.aggregate_train(server_round, clean)
-        if arrays is None:
-            return None, metrics
-        state = restore_dtypes(arrays.to_torch_state_dict(), self.meta)
-        if self.cfg.inmerge is not None:
+        if private:
+            state = private_mean(
+                [m.content["arrays"].to_torch_state_dict() for m in clean],  # type: ignore[union-attr]
+                self._current,
+                self.dp_keys,
+                self.cfg.dp_clipping_norm,
+                self.cfg.dp_noise_multiplier,
+                self.noise,
+            )
+            metrics = self.train_metrics_aggr_fn([m.content for m in clean], self.weighted_by_key)
+            self.releases += 1
+            self._round_log["dp_epsilon"] = epsilon(
+                self.cfg.dp_noise_multiplier, self.releases, self.cfg.dp_delta
+            )
+        else:
+            arrays, metrics = self._aggregator.aggregate_train(server_round, clean)
+            if arrays is None:
+                return None, metrics
+            state = restore_dtypes(arrays.to_torch_state_dict(), self.meta)
+        if self.cfg.inmerge is not None:  # after the noise: post-processing
             state, changed = apply_inmerge(state, self.conv_keys, self.cfg.inmerge, self.generator)
             self._round_log["inmerge_kernels"] = changed
         return ArrayRecord(state), metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The sites' example-weighted means (loss, local metrics), with accuracy, macro-F1 and
+        AUROC pooled over all the sites' test images in place of the means."""
+        replies = [m for m in replies if not m.has_error() and "metrics" in m.content]
+        if not replies:
+            return None
+        local = [RecordDict({"metrics": m.content["metrics"]}) for m in replies]
+        metrics = self.evaluate_metrics_aggr_fn(local, self.weighted_by_key)
+        return MetricRecord({**dict(metrics), **_pooled(replies)})

@@ -21,10 +21,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.client_app import app as client_app
+from medmerge_core.federation.privacy import epsilon
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.run import state_digest
-from medmerge_core.federation.transport import ModelInfo, model_reference
+from medmerge_core.federation.transport import ModelInfo, model_reference, parameter_keys
+from medmerge_core.federation.validation import update_norm
 from medmerge_core.io import read_jsonl
+from medmerge_core.metrics import SCORE_BINS
 from medmerge_core.models import backbone_keys, build_model
 from medmerge_core.settings import InMergeSettings
 from server.server_app import run_federation
@@ -109,14 +112,22 @@ def test_full_run_messages_carry_only_weights_configs_and_metrics(completed) -> 
                 assert not isinstance(value, bytes) and not (
                     isinstance(value, list) and len(value) > 64
                 ), "a config carries a long list or raw bytes"
-        for record in content.metric_records.values():
+        for name, record in content.metric_records.items():
+            if name == "pooled":  # counts over a site's whole test set, sized by the classes
+                sizes = {k: len(v) for k, v in record.items()}
+                assert sizes == {"confusion": 9, "positive": 3 * SCORE_BINS,
+                                 "negative": 3 * SCORE_BINS}  # fmt: skip
+                assert all(isinstance(c, int) and c >= 0 for v in record.values() for c in v)
+                continue
             assert all(isinstance(v, int | float) for v in record.values())
     # Each node's own audit log lists every message it handled, and only model arrays.
     logs = {p.stem: read_jsonl(p) for p in (out / "audit" / "federation").glob("*.jsonl")}
     assert set(logs) == {"hospital-a", "hospital-b", "coordinator", "s1", "s2", "s3"}
     assert sum(len(lines) for lines in logs.values()) == len(grid.received)
     assert [line["message_type"] for line in logs["s1"]] == ["query.info"] + [
-        "train", "evaluate"] * 2  # fmt: skip
+        "train",
+        "evaluate",
+    ] * 2 + ["evaluate"]  # fmt: skip  (the last one: final.pt)
     for line in (line for lines in logs.values() for line in lines):
         for side in ("received", "sent"):
             for arrays in line[side]["arrays"].values():
@@ -292,10 +303,62 @@ def test_site_side_inmerge_runs_the_training_option_at_every_local_step(tmp_path
     assert record["sites"] == 3 and "inmerge_kernels" not in record  # none on the aggregate
 
 
-def test_dp_server_side_clipping_runs(tmp_path) -> None:
-    rc = run_config(tmp_path, rounds=1, dp="server", **{"dp-clipping-norm": 0.01})
-    (record,) = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc), rc)
-    assert record["sites"] == 3
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_dp_noises_parameters_only_reports_epsilon_and_survives_a_failed_site(tmp_path) -> None:
+    """DP on at a noise level that ruined BN under Flower's wrappers (noise 1, clip 1): buffers
+    are never noised, the final model is finite, epsilon is reported after every round, and a
+    crashed site is rejected as without DP while the round goes on."""
+    rc = run_config(tmp_path, dp="server", **{"dp-noise-multiplier": 1.0, "dp-clipping-norm": 1.0})
+    crash = lambda node, msg: node == 6 and msg.metadata.message_type == "train"  # noqa: E731
+    history = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc, fail=crash), rc)
+    assert [(h["sites"], h["rejected"]) for h in history] == [(2, ["node 6 (s3)"])] * 2
+    assert [h["dp_epsilon"] for h in history] == [epsilon(1.0, r, 1e-5) for r in (1, 2)]
+    run = tmp_path / "federation"
+    merged, final = _state(run / "merged.pt"), _state(run / "final.pt")
+    params = set(parameter_keys(ModelInfo(ARCH, 3, 1)))
+    buffers = [k for k in final if k not in params]
+    assert any(k.endswith("running_var") for k in buffers)
+    for key in buffers:  # the merged model's statistics, untouched by noise and by averaging
+        assert torch.equal(final[key], merged[key]), key
+    noised = [k for k in params if not torch.equal(final[k], merged[k])]
+    assert len(noised) == len(params)  # every parameter got noise
+    model = build_model(ARCH, 3, 1)
+    model.load_state_dict(final)
+    assert torch.isfinite(model.eval()(torch.randn(4, 1, 16, 16))).all()
+
+
+def test_dp_client_clips_each_update_at_the_site(tmp_path) -> None:
+    clip = 0.05
+    rc = run_config(tmp_path, rounds=1, dp="client", fedbn=True,
+                    **{"dp-clipping-norm": clip})  # fmt: skip
+    grid = InProcessGrid(client_app, nodes(tmp_path), rc)
+    (record,) = run_federation(grid, rc)
+    assert record["sites"] == 3 and record["dp_epsilon"] == float("inf")  # no noise: no DP
+    params = set(parameter_keys(ModelInfo(ARCH, 3, 1)))
+    sent = next(m for m in grid.sent if m.metadata.message_type == "train")
+    base = sent.content["arrays"].to_torch_state_dict()
+    for reply in (m for m in grid.received if m.metadata.message_type == "train"):
+        state = reply.content["arrays"].to_torch_state_dict()
+        assert update_norm(state, base, [k for k in state if k in params]) <= clip * (1 + 1e-6)
+
+
+def test_final_model_is_evaluated_pooled_and_fedbn_sites_keep_their_own(tmp_path) -> None:
+    rc = run_config(tmp_path, rounds=1, fedbn=True)
+    history = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc), rc)
+    final = [r for r in read_jsonl(tmp_path / "federation/metrics.jsonl") if r["phase"] == "final"]
+    assert len(final) == 1 and {"accuracy", "macro_f1", "auroc"} <= set(final[0])
+    assert final[0]["accuracy"] == pytest.approx(history[-1]["eval_accuracy"])
+    _, _, norm = model_reference(ModelInfo(ARCH, 3, 1))
+    shared = _state(tmp_path / "federation/final.pt")
+    for site in ("s1", "s2", "s3"):  # final.pt's shared layers, this site's own norm layers
+        own = _state(tmp_path / f"site-state/federation/{site}/final.pt")
+        layers = torch.load(tmp_path / f"site-state/federation/{site}/fedbn-round1.pt",
+                            weights_only=True)  # fmt: skip
+        assert all(torch.equal(own[k], layers[k]) for k in norm)
+        assert all(torch.equal(own[k], shared[k]) for k in shared if k not in norm)
 
 
 def test_simulation_roles_from_partition_ids(tmp_path) -> None:

@@ -72,9 +72,11 @@ class FederationConfig:
     aggregation: str = "mean"  # mean (FedAvg), median (FedMedian), trimmed-mean (FedTrimmedAvg)
     trim_fraction: float = 0.2  # trimmed-mean: the share cut at each end
     fp16: bool = False
-    dp: str = "none"
+    # DP-FedAvg (federation.privacy): clip each site's parameter update, noise the sum.
+    dp: str = "none"  # none, server (the server clips), client (each site clips its own update)
     dp_clipping_norm: float = 1.0
     dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5  # the delta at which the run reports its epsilon
     timeout: float = 1800.0
 
     def __post_init__(self) -> None:
@@ -83,8 +85,16 @@ class FederationConfig:
             raise InputError(f"sim-roles: unknown role '{bad[0]}'; expected {ROLES}")
         if self.dp not in DP_MODES:
             raise InputError(f"dp: expected one of {DP_MODES}, got '{self.dp}'")
-        if self.dp == "client" and self.fedbn:
-            raise InputError("dp: 'client' cannot be combined with fedbn=true")
+        if self.dp != "none":
+            if self.aggregation != "mean":
+                raise InputError(
+                    f"aggregation: '{self.aggregation}' with dp='{self.dp}'; DP needs 'mean' "
+                    "(its noise is calibrated to a sum of clipped updates)"
+                )
+            if not self.dp_clipping_norm > 0 or self.dp_noise_multiplier < 0:
+                raise InputError("dp-clipping-norm: must be > 0 (and dp-noise-multiplier >= 0)")
+            if not 0 < self.dp_delta < 1:
+                raise InputError(f"dp-delta: must be in (0, 1), got {self.dp_delta}")
         for name in ("rounds", "wait_nodes"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', '-')}: must be >= 0")

@@ -22,14 +22,29 @@ from medmerge_core.errors import InputError
 from medmerge_core.federation.audit import audit_file
 from medmerge_core.federation.config import FederationConfig, NodeSettings, node_settings
 from medmerge_core.federation.data import load_node_data, parse_data_spec
+from medmerge_core.federation.privacy import clip_update
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
-from medmerge_core.federation.transport import ModelInfo, model_reference, restore_dtypes
+from medmerge_core.federation.transport import (
+    ModelInfo,
+    model_reference,
+    parameter_keys,
+    restore_dtypes,
+)
 from medmerge_core.inmerge import training_hook
+from medmerge_core.metrics import pooling_counts
 from medmerge_core.models import StateDict, build_model, fit_backbone, is_source_spec, load_source
 from medmerge_core.pretrain import pretrain_source
 from medmerge_core.probe import LearnedMerge, learn_merge
 from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
-from medmerge_core.train import EVAL_BATCH_SIZE, Runtime, evaluate, fit
+from medmerge_core.train import (
+    EVAL_BATCH_SIZE,
+    Runtime,
+    evaluate,
+    fit,
+    predict,
+    probabilities,
+    scored,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +70,7 @@ class Node:
     inmerge: InMergeSettings | None  # applied before every local step (inmerge-local)
     fedbn_dir: Path | None  # where a site keeps its own norm layers under FedBN
     fp16: bool  # replies travel as fp16
+    dp_clip: float | None  # dp = "client": clip the update here, before it leaves
     audit_path: Path  # one line per handled message (federation.audit)
 
     @classmethod
@@ -79,6 +95,7 @@ class Node:
             inmerge=cfg.inmerge_local,
             fedbn_dir=site_state_dir(settings, cfg) if cfg.fedbn else None,
             fp16=cfg.fp16,
+            dp_clip=cfg.dp_clipping_norm if cfg.dp == "client" else None,
             audit_path=audit_file(settings, cfg),
         )
 
@@ -221,9 +238,13 @@ class Node:
         metrics = {k: float(v) for k, v in last.items() if isinstance(v, int | float)}
         metrics.pop("epoch", None)
         out = _cpu(model.state_dict())
+        meta, _, norm = model_reference(info)
         if self.fedbn_dir is not None:
-            norm = model_reference(info)[2]
             FedBNStore(self.fedbn_dir).save(server_round, {k: out[k] for k in norm})
+        if self.dp_clip is not None:
+            params = set(parameter_keys(info))
+            keys = [k for k in state if k in params]
+            out = clip_update(out, restore_dtypes(state, meta), keys, self.dp_clip)
         return out, len(task.train), metrics
 
     def evaluate(
@@ -231,10 +252,17 @@ class Node:
         state: Mapping[str, torch.Tensor],
         info: ModelInfo,
         local_norm: Mapping[str, torch.Tensor] | None,
-    ) -> tuple[int, dict[str, float]]:
-        """Test metrics of the global model (with this site's norm layers under FedBN)."""
+        final: bool = False,
+    ) -> tuple[int, dict[str, float], dict[str, Any]]:
+        """(test images, test metrics, the counts that pool them over sites; empty for a
+        multi-label task) of the global model, with this site's norm layers under FedBN. For
+        the final model under FedBN, this site's own final model is saved on its disk."""
         model = self._model(state, info, local_norm)
-        test = evaluate(
-            model, BatchLoader(self.task.test, EVAL_BATCH_SIZE), self.runtime, self.task.multilabel
-        )
-        return len(self.task.test), {k: float(v) for k, v in test.items()}
+        task = self.task
+        logits, labels = predict(model, BatchLoader(task.test, EVAL_BATCH_SIZE), self.runtime)
+        metrics = {k: float(v) for k, v in scored(logits, labels, task.multilabel).items()}
+        counts = {} if task.multilabel else pooling_counts(probabilities(logits), labels)
+        if final and self.fedbn_dir is not None:
+            own = _cpu(model.state_dict())
+            FedBNStore(self.fedbn_dir).save_final(own, info)
+        return len(task.test), metrics, counts

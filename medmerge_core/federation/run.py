@@ -123,17 +123,15 @@ class FederationRun:
         )
 
     def save_final(self, state: Mapping[str, torch.Tensor], info: ModelInfo) -> None:
-        atomic_torch_save(
-            {"arch": info.arch, "state_dict": dict(state), **info.as_config()},
-            self.dir / "final.pt",
-        )
+        atomic_torch_save(info.checkpoint(state), self.dir / "final.pt")
 
     def log(self, record: Mapping[str, Any]) -> None:
         append_jsonl(self.metrics_path, dict(record))
 
 
 def round_table(history: Sequence[Mapping[str, Any]]) -> Table:
-    """Per-round metrics as a rich table (the console view of metrics.jsonl)."""
+    """Per-round metrics as a rich table (the console view of metrics.jsonl); test metrics are
+    pooled over every site's test images."""
     table = Table(title="Federated fine-tuning")
     columns = [
         ("round", "round", "{}"),
@@ -144,6 +142,7 @@ def round_table(history: Sequence[Mapping[str, Any]]) -> Table:
         ("test macro-F1", "eval_macro_f1", "{:.4f}"),
         ("test AUROC", "eval_auroc", "{:.4f}"),
         ("InMerge kernels", "inmerge_kernels", "{}"),
+        ("DP ε", "dp_epsilon", "{:.3g}"),
         ("MB sent", "mbytes", "{:.1f}"),
         ("seconds", "seconds", "{:.1f}"),
     ]

@@ -1,4 +1,5 @@
-"""A site's private FedBN layers, kept on the site's own disk, one file per round.
+"""A site's private FedBN layers, kept on the site's own disk, one file per round, and its
+final model (the federation's final.pt with the site's own norm layers).
 
 Flower's per-node Context lives only as long as one run, and a restarted ServerApp is a new run.
 Files keyed by round let a resumed run hand each site exactly the norm layers it had after the
@@ -11,6 +12,7 @@ import re
 from pathlib import Path
 
 from medmerge_core.federation.config import FederationConfig, NodeSettings
+from medmerge_core.federation.transport import ModelInfo
 from medmerge_core.io import atomic_torch_save, load_torch_file
 from medmerge_core.models import StateDict
 
@@ -56,6 +58,12 @@ class FedBNStore:
             "unreadable FedBN layers",
             "delete it to restart this site from the merged model's",
         )
+
+    def save_final(self, state: StateDict, info: ModelInfo) -> Path:
+        """This site's final model: the federation's final.pt with this site's norm layers."""
+        path = self.dir / "final.pt"
+        atomic_torch_save(info.checkpoint(state), path)
+        return path
 
     def save(self, server_round: int, state: StateDict) -> None:
         atomic_torch_save(dict(state), self._path(server_round))

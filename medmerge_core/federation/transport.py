@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,10 @@ class ModelInfo:
     def as_config(self) -> dict[str, Any]:
         return {"arch": self.arch, "num-classes": self.num_classes, "in-channels": self.in_channels}
 
+    def checkpoint(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """A final model as saved to disk: its weights and what rebuilds it."""
+        return {"arch": self.arch, "state_dict": dict(state), **self.as_config()}
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelInfo:
         return cls(str(config["arch"]), int(config["num-classes"]), int(config["in-channels"]))
@@ -42,22 +47,28 @@ def model_reference(info: ModelInfo) -> tuple[StateDict, list[str], list[str]]:
 
     Fresh containers each call (callers may edit them); the model is built once per `info`.
     """
-    meta, conv, norm = _reference(info)
+    meta, conv, norm, _ = _reference(info)
     return dict(meta), list(conv), list(norm)
 
 
+def parameter_keys(info: ModelInfo) -> list[str]:
+    """The model's parameters (weights and biases; not BN running statistics or counters)."""
+    return list(_reference(info)[3])
+
+
 @functools.lru_cache(maxsize=16)
-def _reference(info: ModelInfo) -> tuple[StateDict, list[str], list[str]]:
+def _reference(info: ModelInfo) -> tuple[StateDict, list[str], list[str], list[str]]:
     with torch.device("meta"):
         model = info.build()
-    return dict(model.state_dict()), conv_weight_keys(model), norm_keys(model)
+    parameters = [name for name, _ in model.named_parameters()]
+    return dict(model.state_dict()), conv_weight_keys(model), norm_keys(model), parameters
 
 
 def transport_keys(meta: Mapping[str, torch.Tensor], norm: Sequence[str], fedbn: bool) -> list[str]:
     """Keys that travel each round: floating tensors only, and no norm layers under FedBN.
 
     Integer buffers (BN's num_batches_tracked) stay put: averaging a step count is meaningless,
-    FedAvg would turn it into float64, and Flower's DP clipping cannot scale integer arrays.
+    FedAvg would turn it into float64, and there is nothing to learn in it.
     """
     local = set(norm) if fedbn else set()
     return [k for k, v in meta.items() if v.dtype.is_floating_point and k not in local]
@@ -81,3 +92,19 @@ def restore_dtypes(
             value = value.round()
         out[key] = value.to(dtype)
     return out
+
+
+def pack_counts(counts: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+    """`metrics.pooling_counts` as flat integer lists, the values a MetricRecord can hold."""
+    return {key: [int(v) for v in np.asarray(value).ravel()] for key, value in counts.items()}
+
+
+def unpack_counts(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Inverse of `pack_counts`: the confusion matrix is square, the histograms one row a class."""
+    confusion = np.asarray(record["confusion"], dtype=np.int64)
+    k = round(len(confusion) ** 0.5)
+    return {
+        "confusion": confusion.reshape(k, k),
+        "positive": np.asarray(record["positive"], dtype=np.int64).reshape(k, -1),
+        "negative": np.asarray(record["negative"], dtype=np.int64).reshape(k, -1),
+    }

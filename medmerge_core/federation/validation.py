@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -77,14 +77,16 @@ def check_coefficients(
     return None
 
 
-def update_norm(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of (state - base) over the floating-point tensors, computed in float64."""
-    total = 0.0
-    for key, value in state.items():
-        if value.is_floating_point():
-            diff = value.double() - base[key].double()
-            total += float(diff.square().sum())
-    return math.sqrt(total)
+def update_norm(
+    state: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    keys: Sequence[str] | None = None,
+) -> float:
+    """L2 norm of (state - base) over `keys` (default: the floating-point tensors), in float64."""
+    if keys is None:
+        keys = [k for k, v in state.items() if v.is_floating_point()]
+    squares = (float((state[k].double() - base[k].double()).square().sum()) for k in keys)
+    return math.sqrt(sum(squares))
 
 
 def screen_replies(
