@@ -14,8 +14,14 @@
    ServerApp's streamed log). Ray runs its workers at niceness 15, so any other job on the
    machine slows (c) more than (a) and (b): measure on an idle machine.
 3. `--fp16`: final test metrics of the same run with fp32 and fp16 weights on the wire.
+4. `--privacy`: the per-round cost of DP-FedAvg (`dp = "server"`, noise 1) as a ratio to plain
+   FedAvg, the same run on the in-process Grid side by side (interleaved, medians), and the
+   epsilon it reports. SecAgg+ cannot run with Flower 1.41's Message API (README, "Secure
+   aggregation"), so it has no row.
+Every federated run prints the kernels InMerge merged on each round's aggregate.
 
 Usage: python benchmarks/bench_federation.py [--bytes] [--overhead [--simulation]] [--fp16]
+       [--privacy]
        [--sim-cpus C [C ...]] [--out DIR] [--rounds R] [--n-train N] [--repeats K]
        (defaults 2, 200, 1; val/test are 2/5 and 3/5 of N)
        `--rounds 3 --n-train 400` is the pyproject's default simulation.
@@ -109,7 +115,27 @@ def one_process(run_config: dict) -> tuple[float, dict[str, float]]:
 def federated(run_config: dict) -> tuple[float, dict, dict[str, float]]:
     began = time.perf_counter()
     history = run_federation(InProcessGrid(client_app, SIM_NODES, run_config), run_config)
-    return time.perf_counter() - began, history[-1], {}
+    seconds = time.perf_counter() - began
+    print(f"InMerge kernels merged per round: {[h.get('inmerge_kernels') for h in history]}")
+    return seconds, history[-1], {"rounds": [h["seconds"] for h in history]}
+
+
+def privacy_cost(small: dict, repeats: int) -> None:
+    """Seconds per fine-tuning round with DP-FedAvg against plain FedAvg, interleaved."""
+    variants = {"FedAvg": {}, "DP-FedAvg": {"dp": "server", "dp-noise-multiplier": 1.0}}
+    rounds: dict[str, list[float]] = {k: [] for k in variants}
+    for repeat in range(repeats):
+        for kind in list(variants)[repeat % 2 :] + list(variants)[: repeat % 2]:
+            name = f"privacy-{kind}-{repeat}"
+            _, record, timing = federated({**small, **variants[kind], "run-name": name})
+            rounds[kind] += timing["rounds"]
+            print(f"repeat {repeat}: {kind} rounds {timing['rounds']}, epsilon "
+                  f"{record.get('dp_epsilon', '-')}")  # fmt: skip
+    plain, private = (statistics.median(rounds[k]) for k in variants)
+    print(
+        f"seconds per round (median): FedAvg {plain:.2f}, DP-FedAvg {private:.2f}, ratio "
+        f"{private / plain:.3f}; SecAgg+: not available with Flower 1.41's Message API"
+    )
 
 
 # The ServerApp's log line that ends each phase (server/server_app.py), in order.
@@ -263,7 +289,7 @@ def overhead(
         for kind in names[repeat % len(names) :] + names[: repeat % len(names)]:
             took, record, split = variants[kind](f"{''.join(filter(str.isalnum, kind))}-{repeat}")
             seconds[kind].append(took)
-            if split:
+            if split and "rounds" not in split:
                 phases[kind].append(split)
             accuracy = f", last round test accuracy {record['eval_accuracy']:.4f}" if record else ""
             print(f"repeat {repeat}: {kind} {took:.1f} s{accuracy}")
@@ -309,12 +335,13 @@ def main() -> None:
         help="CPUs per ClientApp; several values run side by side (README: 1)",
     )
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--privacy", action="store_true", help="DP-FedAvg / FedAvg per round")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--n-train", type=int, default=200, help="synthetic train images")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved, order rotating")
     args = parser.parse_args()
-    everything = not (args.bytes or args.overhead or args.fp16)
+    everything = not (args.bytes or args.overhead or args.fp16 or args.privacy)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_federation_"))
     small = {
         "output-dir": str(out),
@@ -328,6 +355,8 @@ def main() -> None:
     last: dict[bool, dict] = {}  # fp16 -> the last round's record
     if args.overhead or everything:
         overhead(small, args.repeats, args.sim_cpus if args.simulation else [], out, last)
+    if args.privacy or everything:
+        privacy_cost(small, max(args.repeats, 3))
     if args.fp16 or everything:
         for fp16 in (False, True):
             if fp16 not in last:  # the fp32 run is the overhead run when that was measured

@@ -1,4 +1,4 @@
-"""The `medmerge` command: `run CONFIG.yaml`, `pretrain` and `demo`."""
+"""The `medmerge` command: `run CONFIG.yaml`, `pretrain`, `demo`, `evaluate` and `export`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from medmerge_core.errors import InputError, NonFiniteLossError
+from medmerge_core.settings import CHECKPOINT_MINUTES
 
 
 def _variables(pairs: list[str]) -> dict[str, str]:
@@ -47,11 +48,46 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
         init_spec=args.init,
         data_spec={**spec, "image_size": args.image_size},
         reuse_unrecorded=False,
+        checkpoint_minutes=args.checkpoint_minutes,
     )
     done = f"{args.out} exists, same settings: reused" if existed else f"saved {args.out}"
     console.print(
         f"{done}; test accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
     )
+
+
+def _evaluate(args: argparse.Namespace, console: Console) -> None:
+    from medmerge_core.export import (
+        class_name_warning,
+        evaluate_saved,
+        evaluation_tables,
+        load_saved_model,
+        parse_data_args,
+    )
+    from medmerge_core.io import atomic_write_json
+
+    if args.out is not None and args.out.is_dir():
+        raise InputError(f"--out: {args.out} is a folder; give a .json file")
+    saved = load_saved_model(args.model, args.method)
+    report = evaluate_saved(saved, parse_data_args(args.data), split=args.split, device=args.device)
+    for table in evaluation_tables(report):
+        console.print(table)
+    warning = class_name_warning(saved, report)
+    if warning:
+        console.print(warning, markup=False, soft_wrap=True)
+    if args.out is not None:
+        atomic_write_json(args.out, report)
+        console.print(f"wrote {args.out}", markup=False, soft_wrap=True)
+
+
+def _export(args: argparse.Namespace, console: Console) -> None:
+    from medmerge_core.export import check_out_dir, export_saved, load_saved_model
+
+    check_out_dir(args.out)
+    written, note = export_saved(load_saved_model(args.model, args.method), args.out)
+    if note:
+        console.print(note, markup=False, soft_wrap=True)
+    console.print(f"wrote {', '.join(str(p) for p in written)}", markup=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,12 +120,39 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--batch-size", type=int, default=32)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default="auto")
+    pre.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=CHECKPOINT_MINUTES,
+        help="training time between resume checkpoints (0: after every epoch)",
+    )
     pre.add_argument("--out", type=Path, required=True)
     demo = sub.add_parser("demo", help="pretrain two sources and compare methods on synthetic data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--device", default="auto")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke version (seconds)")
     demo.add_argument("--no-progress", action="store_true")
+    ev = sub.add_parser(
+        "evaluate", help="score a saved model on a data spec (its training preprocessing)"
+    )
+    ev.add_argument("model", type=Path, metavar="RUN_OR_CHECKPOINT")
+    ev.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="KEY=VALUE",
+        help="data spec entries, as for pretrain (--data format=medmnist --data flag=breastmnist)",
+    )
+    ev.add_argument("--method", default=None, help="which method's model of a run folder")
+    ev.add_argument("--split", default="test", choices=("test", "val", "train", "all"))
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--out", type=Path, default=None, help="also write the report (JSON)")
+    ex = sub.add_parser(
+        "export", help="write model.safetensors + model.json (+ model.onnx) for use elsewhere"
+    )
+    ex.add_argument("model", type=Path, metavar="RUN_OR_CHECKPOINT")
+    ex.add_argument("--method", default=None, help="which method's model of a run folder")
+    ex.add_argument("--out", type=Path, required=True, help="folder to write into")
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -106,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"run folder: {Path(config.output_dir) / config.name}")
         elif args.command == "pretrain":
             _pretrain(args, console)
+        elif args.command == "evaluate":
+            _evaluate(args, console)
+        elif args.command == "export":
+            _export(args, console)
         else:
             from medmerge_core.demo import DemoSettings, run_demo
 

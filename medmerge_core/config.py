@@ -13,7 +13,13 @@ from typing import Any
 import yaml
 
 from medmerge_core.errors import InputError
-from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings, build
+from medmerge_core.settings import (
+    CHECKPOINT_MINUTES,
+    InMergeSettings,
+    ProbeSettings,
+    StageSettings,
+    build,
+)
 
 PIPELINES: tuple[str, ...] = ("ft", "lp_ft", "average_ft", "medmerge")
 # Keys that changed meaning: a one-line pointer instead of a silent new behaviour.
@@ -47,6 +53,7 @@ class ExperimentConfig:
     ft: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-5))
     merge: ProbeSettings = field(default_factory=ProbeSettings)  # BN + head: the LP settings
     inmerge: InMergeSettings | None = None
+    checkpoint_minutes: float = CHECKPOINT_MINUTES  # resume checkpoint interval; 0: each epoch
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -65,6 +72,8 @@ class ExperimentConfig:
         for key in ("batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise InputError(f"{key}: must be >= 1")
+        if not self.checkpoint_minutes >= 0:
+            raise InputError(f"checkpoint_minutes: must be >= 0, got {self.checkpoint_minutes}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

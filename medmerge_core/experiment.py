@@ -3,8 +3,9 @@
 A run folder holds: config.yaml (resolved), metrics.jsonl (per epoch), results.json (per
 method, rewritten atomically after each method), coefficients.npz + coefficient_summary.json +
 coefficients.png (MedMerge), checkpoints/<method>.pt (best model), predictions/<method>.npz
-(test-set probabilities, labels and image ids) and state/ (one file per stage: the rolling
-resume checkpoint, then the finished stage).
+(test-set probabilities, labels and image ids) and, while a method runs, state/ (one file per
+stage: the rolling resume checkpoint, written at most every `checkpoint_minutes`, then the
+finished stage; deleted once the method's best model is saved, so nothing is kept twice).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from medmerge_core.config import ExperimentConfig, differences, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
+from medmerge_core.export import usage_record
 from medmerge_core.inmerge import training_hook
 from medmerge_core.io import (
     append_jsonl,
@@ -99,6 +101,7 @@ class RunContext:
             name=f"{method} {stage}",
             before_step=before_step,
             checkpoint=self.state_path(method, stage),
+            checkpoint_minutes=self.config.checkpoint_minutes,
             metrics_log=self.run_dir / "metrics.jsonl",
             show_progress=self.show_progress,
         ).summary()
@@ -122,6 +125,7 @@ class RunContext:
             self.runtime,
             multilabel=self.task.multilabel,
             checkpoint=self.state_path(method, "probe"),
+            checkpoint_minutes=c.checkpoint_minutes,
             metrics_log=self.run_dir / "metrics.jsonl",
             report_dir=self.run_dir if settings.trains else None,
             show_progress=self.show_progress,
@@ -209,6 +213,10 @@ def file_stem(method: str) -> str:
     return method.replace(":", "_")
 
 
+# Config keys that cannot change a result, so a run may resume under new values.
+RESUMABLE_KEYS = frozenset({"device", "checkpoint_minutes"})
+
+
 def check_run_dir(config: ExperimentConfig) -> Path:
     """The run folder, if an existing one was made by the same config (reads only)."""
     run_dir = Path(config.output_dir) / config.name
@@ -218,6 +226,9 @@ def check_run_dir(config: ExperimentConfig) -> Path:
         before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         now = yaml.safe_load(resolved)
         differ = sorted(key for key, _, _ in differences(before, now)) or ["?"]
+        differ = [key for key in differ if key not in RESUMABLE_KEYS]
+        if not differ:  # only keys that cannot change a result: resume under the new ones
+            return run_dir
         raise InputError(
             f"{saved}: this run folder was made by a different config ({', '.join(differ)} "
             "differ); change `name` or delete the folder"
@@ -317,7 +328,7 @@ def run_experiment(
     results = load_results(run_dir)
     for method, pipeline, source in planned_methods(config.pipelines, list(config.sources)):
         if method in results and _readable(run_dir / "checkpoints" / f"{file_stem(method)}.pt"):
-            continue  # finished; a lost or truncated checkpoint is rebuilt from state/
+            continue  # finished; a lost or truncated checkpoint is trained again
         seed_everything(config.seed)
         start = time.perf_counter()
         model, stages = PIPELINE_FUNCTIONS[pipeline](ctx, method, source)
@@ -340,6 +351,7 @@ def run_experiment(
             method=method,
             num_classes=task.num_classes,
             in_channels=task.in_channels,
+            **usage_record(task, run_dir),  # preprocessing, classes: what evaluate/export read
         )
         results[method] = {
             "method": method,
@@ -352,4 +364,6 @@ def run_experiment(
         if not task.multilabel:
             results[method]["clinical"] = clinical_report(probs, labels, task.class_names)
         atomic_write_json(run_dir / "results.json", results)
+        for stage_file in (run_dir / "state").glob(f"{file_name}.*.pt"):
+            stage_file.unlink()  # the method is done: its best model is in checkpoints/
     return results

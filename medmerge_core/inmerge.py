@@ -22,9 +22,18 @@ Differences from the public code, on purpose:
 - Each layer is vectorised: all partners are drawn at once, one batched cosine, one masked update
   (on CPU the update touches only the merged kernels; see ``_compact_on_host``).
 
-Layer counting: conv layer ``k`` is the ``k``-th ``nn.Conv2d`` yielded by ``model.modules()``
-(0-based; modules registered twice count once). Layers with ``k < skip_layers`` are never touched
-and consume no randomness. Only ``nn.Conv2d`` counts (not ``ConvTranspose2d``, ``Conv1d``/``3d``,
+Which layers are deep (``deep_layers``): by default the deepest ``deep_fraction`` of the
+network's *main-path* convs. Every ``nn.Conv2d`` (in ``model.modules()`` order; modules registered
+twice count once) has a main-path position: its index among the convs that are not projection
+shortcuts (a ``downsample`` or ``shortcut`` module in its name); a shortcut conv takes the position
+of the main-path conv before it, so it goes with its block. With ``n`` main-path convs, a conv is
+deep when its position is at least ``(1 - deep_fraction) * n``. This counts network depth the
+same way on every architecture: ResNet-18's 17 main-path convs at 0.5 give its last two stages
+(the 10 convs the paper's L_s = 10 leaves there), VGG-16's 13 at 0.25 its last 3 (the paper's
+setting), DenseNet-121's 120 at 0.5 its last 60 (transition convs are on the main path). With
+``skip_layers`` set instead, the paper's L_s: conv ``k`` (0-based, every Conv2d, shortcuts
+included) is deep when ``k >= skip_layers``. Layers that are not deep are never touched and
+consume no randomness. Only ``nn.Conv2d`` counts (not ``ConvTranspose2d``, ``Conv1d``/``3d``,
 nor ``nn.Linear``). Grouped / depthwise convs are merged like any other: a kernel is one slice
 ``weight[i]`` whatever its groups. Conv biases are left untouched: the paper merges kernels only,
 and a bias is one scalar whose "similarity" is meaningless.
@@ -64,6 +73,7 @@ __all__ = [
     "InMergeSettings",
     "InMergeStats",
     "apply_inmerge",
+    "deep_layers",
     "inmerge_",
     "inmerge_state_dict",
     "merge_kernels",
@@ -77,7 +87,7 @@ _EPS = 1e-12  # Guards the cosine against zero-norm kernels (their cosine become
 class InMergeStats:
     """What one application did, for logs and metrics.
 
-    layers: conv layers considered (index >= skip_layers). kernels_drawn: kernels that drew a
+    layers: conv layers considered (the deep ones). kernels_drawn: kernels that drew a
     partner. kernels_merged: kernels whose partner was similar enough and that were updated.
     """
 
@@ -102,6 +112,22 @@ def _check_generator(generator: object) -> torch.Generator:
             f"GPU runs agree), got device {generator.device}"
         )
     return generator
+
+
+SHORTCUT_NAMES = frozenset({"downsample", "shortcut"})  # projection shortcuts, off the main path
+
+
+def deep_layers(names: Sequence[str], config: InMergeSettings) -> list[bool]:
+    """For conv layers named in module order, which ones InMerge may merge (module docstring)."""
+    if config.skip_layers is not None:
+        return [index >= config.skip_layers for index in range(len(names))]
+    positions, main = [], -1
+    for name in names:
+        if not SHORTCUT_NAMES & set(name.split(".")):
+            main += 1
+        positions.append(max(main, 0))
+    first = (1.0 - config.deep_fraction) * (main + 1)
+    return [position >= first for position in positions]
 
 
 def _compact_on_host(device: torch.device) -> bool:
@@ -179,7 +205,7 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
 def merge_kernels(
     weight: Tensor, config: InMergeSettings, generator: torch.Generator
 ) -> tuple[Tensor, int, int]:
-    """InMerge on a single conv weight ``[C_out, ...]``, ignoring ``skip_layers``.
+    """InMerge on a single conv weight ``[C_out, ...]``, whatever its depth.
 
     Returns ``(new_weight, kernels_drawn, kernels_merged)``; the input is not modified. Exposed
     for custom traversals; ``inmerge_`` and ``inmerge_state_dict`` share the same core.
@@ -197,16 +223,18 @@ def inmerge_(model: nn.Module, config: InMergeSettings, generator: torch.Generat
 
     A no-op (zero stats, no randomness consumed) when ``model.training`` is False, so evaluation
     can never change weights. Runs under ``torch.no_grad``; works on any device and memory format.
-    Frozen conv weights (``requires_grad=False``) are merged too: freeze by raising skip_layers.
+    Frozen conv weights (``requires_grad=False``) are merged too: freeze by merging fewer layers.
     """
     _check_generator(generator)
     if not model.training:
         return InMergeStats()
     layers, drawn_total = 0, 0
     merged_total = torch.zeros((), dtype=torch.int64)
+    convs = list(conv_layers(model))
+    deep = deep_layers([name for name, _ in convs], config)
     with torch.no_grad():
-        for index, (_, conv) in enumerate(conv_layers(model)):
-            if index < config.skip_layers:
+        for (_, conv), eligible in zip(convs, deep, strict=True):
+            if not eligible:
                 continue
             layers += 1
             _, drawn, merged = _merge_layer(conv.weight, config, generator, inplace=True)
@@ -224,8 +252,8 @@ def inmerge_state_dict(
 ) -> dict[str, Tensor]:
     """Return a new state dict with InMerge applied to the listed conv weights (in that order).
 
-    For the federated strategy, which holds weights rather than a module. ``skip_layers`` applies
-    to the order of ``conv_weight_keys`` (use ``conv_weight_keys(model)`` for module order). The
+    For the federated strategy, which holds weights rather than a module. Deep layers are found
+    from the keys' names in the order given (use ``conv_weight_keys(model)`` for module order). The
     input is never modified; merged weights are new tensors, other entries are passed through as
     the same objects. Same seed and same keys give the same result as ``inmerge_`` on the model.
     """
@@ -244,9 +272,10 @@ def inmerge_state_dict(
                 f"{key}: expected a 4-D floating conv weight, got shape {tuple(tensor.shape)} "
                 f"and dtype {tensor.dtype}"
             )
+    deep = deep_layers([key.removesuffix(".weight") for key in conv_weight_keys], config)
     with torch.no_grad():
-        for index, key in enumerate(conv_weight_keys):
-            if index < config.skip_layers:
+        for key, eligible in zip(conv_weight_keys, deep, strict=True):
+            if not eligible:
                 continue
             out[key], _, _ = _merge_layer(state[key], config, generator, inplace=False)
     return out

@@ -29,7 +29,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -50,7 +50,7 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_torch_file(path: Path, problem: str, hint: str = "", map_location: Any = "cpu") -> Any:
@@ -64,7 +64,7 @@ def load_torch_file(path: Path, problem: str, hint: str = "", map_location: Any 
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -72,7 +72,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -148,7 +148,7 @@ def identify_arch(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _unwrap_checkpoint(obj: object, path: Path) -> tuple[StateDict, str | None]:
+def unwrap_checkpoint(obj: object, path: Path) -> tuple[StateDict, str | None]:
     """Accept a raw state dict or our checkpoint dict {'arch', 'state_dict', ...}."""
     if isinstance(obj, Mapping) and "state_dict" in obj:
         state, arch = obj["state_dict"], obj.get("arch")
@@ -168,7 +168,7 @@ def _load_checkpoint(path: Path, arch: str, reference: nn.Module, in_channels: i
     if not path.is_file():
         raise InputError(f"source checkpoint not found: {path}")
     obj = load_torch_file(path, "cannot load checkpoint")
-    state, saved_arch = _unwrap_checkpoint(obj, path)
+    state, saved_arch = unwrap_checkpoint(obj, path)
     found = saved_arch or identify_arch(state)
     if found is not None and found != arch:
         raise InputError(f"{path}: checkpoint is {found} but model.arch is {arch}")

@@ -15,7 +15,7 @@ from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
 from medmerge_core.io import load_torch_file
 from medmerge_core.models import StateDict, backbone_keys, build_model, save_checkpoint
-from medmerge_core.settings import StageSettings
+from medmerge_core.settings import CHECKPOINT_MINUTES, StageSettings
 from medmerge_core.train import Runtime, evaluate, fit
 
 
@@ -81,6 +81,7 @@ def pretrain_source(
     init_spec: str | None = None,
     data_spec: Mapping[str, Any] | None = None,
     reuse_unrecorded: bool = True,
+    checkpoint_minutes: float = CHECKPOINT_MINUTES,
 ) -> dict[str, float]:
     """Train arch on task (optionally from an init backbone) and save a checkpoint atomically.
 
@@ -144,6 +145,7 @@ def pretrain_source(
         multilabel=task.multilabel,
         name=f"pretrain {task.name}",
         checkpoint=out.with_suffix(".ckpt"),
+        checkpoint_minutes=checkpoint_minutes,
         show_progress=show_progress,
     )
     metrics = evaluate(model, test, runtime, task.multilabel)

@@ -17,7 +17,7 @@ from torch import nn
 from medmerge_core.io import atomic_savez, atomic_write_json
 from medmerge_core.merge import MergedModel, coefficient_summary
 from medmerge_core.models import StateDict
-from medmerge_core.settings import ProbeSettings
+from medmerge_core.settings import CHECKPOINT_MINUTES, ProbeSettings
 from medmerge_core.train import Batches, FitResult, Runtime, fit
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def learn_merge(
     *,
     multilabel: bool = False,
     checkpoint: Path | None = None,
+    checkpoint_minutes: float = CHECKPOINT_MINUTES,
     metrics_log: Path | None = None,
     report_dir: Path | None = None,
     show_progress: bool = True,
@@ -77,6 +78,7 @@ def learn_merge(
             param_groups=merged.parameter_groups(settings.coef_lr, lr, weight_decay),
             after_step=merged.project_,
             checkpoint=checkpoint,
+            checkpoint_minutes=checkpoint_minutes,
             metrics_log=metrics_log,
             show_progress=show_progress,
         )

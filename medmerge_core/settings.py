@@ -27,6 +27,7 @@ Granularity = Literal["kernel", "layer", "parameter"]
 Constraint = Literal["none", "clamp", "softmax"]
 GRANULARITIES: tuple[str, ...] = typing.get_args(Granularity)
 CONSTRAINTS: tuple[str, ...] = typing.get_args(Constraint)
+CHECKPOINT_MINUTES = 10.0  # default interval of a training stage's rolling resume checkpoint
 InMergeRule = Literal["quantile", "absolute"]
 INMERGE_RULES: tuple[str, ...] = typing.get_args(InMergeRule)
 # Chosen on validation data (RESULTS.md, "Probe settings sweep"): with Adam the coefficients
@@ -120,8 +121,12 @@ class InMergeSettings:
     kernels whatever its scale; "absolute" (the paper) when the cosine is above tau. Freshly
     initialised or briefly trained deep kernels have cosines within about +-0.1, so the paper's
     tau = 0.3 rarely merges anything there. alpha: weight kept by the kernel itself.
-    skip_layers: number of leading conv layers never merged (L_s). start_epoch: first training
-    epoch in which the training loop applies InMerge; the merge functions ignore it.
+    Which layers are "deep": deep_fraction, the deepest fraction of the network's main-path convs
+    (`inmerge.deep_layers`; 0.5 is ResNet-18's last two stages, 0.25 VGG-16's last 3 of 13), the
+    same depth on every architecture; or, when set, skip_layers, the paper's L_s: the number of
+    leading Conv2d modules never merged, shortcut and transition convs included.
+    start_epoch: first training epoch in which the training loop applies InMerge; the merge
+    functions ignore it.
     """
 
     p: float = 0.3
@@ -129,15 +134,23 @@ class InMergeSettings:
     q: float = 0.9
     tau: float = 0.3
     alpha: float = 0.8
-    skip_layers: int = 10
+    deep_fraction: float = 0.5
+    skip_layers: int | None = None
     start_epoch: int = 0
+
+    @property
+    def layers_text(self) -> str:
+        """Which layers are merged, in words (for reports)."""
+        if self.skip_layers is not None:
+            return f"every conv after the first {self.skip_layers} (skip_layers)"
+        return f"the deepest {self.deep_fraction:g} of the main-path convs (deep_fraction)"
 
     def __post_init__(self) -> None:
         # Normalised to plain float/int so numpy scalars from YAML or sweeps behave the same.
         if self.rule not in INMERGE_RULES:
             raise InputError(f"rule: unknown '{self.rule}'; expected one of {INMERGE_RULES}")
         for name, low, high in (("p", 0.0, 1.0), ("q", 0.0, 1.0), ("tau", -1.0, 1.0),
-                                ("alpha", 0.0, 1.0)):  # fmt: skip
+                                ("alpha", 0.0, 1.0), ("deep_fraction", 0.0, 1.0)):  # fmt: skip
             value = getattr(self, name)
             ok = (
                 isinstance(value, numbers.Real)
@@ -150,6 +163,8 @@ class InMergeSettings:
             object.__setattr__(self, name, float(value))
         for name in ("skip_layers", "start_epoch"):
             value = getattr(self, name)
+            if value is None and name == "skip_layers":
+                continue
             integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
             if not integer or value < 0:
                 raise InputError(f"{name}: must be an integer >= 0, got {value!r}")

@@ -23,7 +23,7 @@ from torch import nn
 from medmerge_core.errors import InputError, NonFiniteLossError
 from medmerge_core.io import append_jsonl, atomic_torch_save, load_torch_file
 from medmerge_core.metrics import classification_metrics
-from medmerge_core.settings import StageSettings
+from medmerge_core.settings import CHECKPOINT_MINUTES, StageSettings
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 StepHook = Callable[[nn.Module, int], None]
@@ -203,6 +203,7 @@ def fit(
     before_step: StepHook | None = None,
     after_step: AfterStep | None = None,
     checkpoint: Path | None = None,
+    checkpoint_minutes: float = CHECKPOINT_MINUTES,
     metrics_log: Path | None = None,
     show_progress: bool = True,
 ) -> FitResult:
@@ -214,10 +215,12 @@ def fit(
     after each optimiser step (a projection of the coefficients).
 
     The model ends holding its best weights. With `checkpoint`, the full state (model,
-    optimiser, scaler, RNG, best weights, history) is written atomically after each epoch; a
-    later call resumes after the last completed epoch with the same batch order and RNG, so an
-    interrupted stage ends bit for bit where an uninterrupted one does (CPU). A finished stage
-    leaves only its best weights and history there, and a later call just loads them.
+    optimiser, scaler, RNG, best weights, history; about four models' worth) is written
+    atomically after an epoch once `checkpoint_minutes` of training have passed since the last
+    one (0: after every epoch); a later call resumes after the last saved epoch with the same
+    batch order and RNG, so an interrupted stage ends bit for bit where an uninterrupted one
+    does (CPU), having lost at most that much work. A finished stage leaves only its best
+    weights and history there, and a later call just loads them.
     """
     groups = (
         list(param_groups)
@@ -253,6 +256,7 @@ def fit(
     else:
         best_state = copy.deepcopy(model.state_dict())
 
+    saved_at = time.monotonic()
     steps_per_epoch = len(train_batches) if stage.steps is not None else 0  # type: ignore[arg-type]
     epochs = stage.num_epochs(steps_per_epoch)
     set_epoch = getattr(train_batches, "set_epoch", None)
@@ -296,7 +300,9 @@ def fit(
             result.seconds += time.perf_counter() - began
             if metrics_log is not None:
                 append_jsonl(metrics_log, record)
-            if checkpoint is not None and epoch + 1 < epochs:
+            due = time.monotonic() - saved_at >= 60 * checkpoint_minutes
+            if checkpoint is not None and epoch + 1 < epochs and due:
+                saved_at = time.monotonic()
                 rolling = {
                     "epoch": epoch,
                     "model": model.state_dict(),

@@ -163,16 +163,16 @@ def test_inmerge_changes_deep_kernels_only() -> None:
     torch.manual_seed(0)
     model = build_model("cifar_resnet20", 2, 1).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = InMergeSettings(rule="absolute", p=1.0, tau=-1.0)  # skip_layers=10 by default
+    config = InMergeSettings(rule="absolute", p=1.0, tau=-1.0)  # the deepest half by default
     stats = inmerge_(model, config, torch.Generator().manual_seed(0))
     convs = [w for w, _ in mergeable_keys(model)]
-    assert stats.layers == len(convs) - config.skip_layers == 9
+    assert stats.layers == len(convs) - 10 == 9  # 19 main-path convs, no shortcut convs
     assert stats.kernels_drawn == 32 + 64 + 6 * 64
     assert stats.kernels_merged > 0.9 * stats.kernels_drawn
     state = model.state_dict()
     for index, key in enumerate(convs):
         changed = not torch.equal(state[key], before[key])
-        assert changed == (index >= config.skip_layers), key
+        assert changed == (index >= 10), key
     assert not torch.equal(state["layer3.2.conv2.weight"], before["layer3.2.conv2.weight"])
 
 

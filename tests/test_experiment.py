@@ -37,9 +37,26 @@ def make_config(tmp_path, **overrides):
 
 def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_path, monkeypatch):
     config = make_config(tmp_path)
-    results = experiment.run_experiment(config, task=tiny_task, show_progress=False)
-    assert list(results) == ["ft:a", "ft:b", "lp_ft:a", "lp_ft:b", "average_ft", "medmerge"]
+    # A crash once MedMerge's stages are done but before its model is saved ...
+    save = experiment.save_checkpoint
+
+    def crash_at_medmerge(path, *args, method, **kwargs):
+        if method == "medmerge":
+            raise KeyboardInterrupt
+        save(path, *args, method=method, **kwargs)
+
+    monkeypatch.setattr(experiment, "save_checkpoint", crash_at_medmerge)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(config, task=tiny_task, show_progress=False)
     run = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["medmerge.ft.pt",
+                                                                 "medmerge.probe.pt"]  # fmt: skip
+    # ... resumes without training anything again.
+    monkeypatch.setattr(experiment, "save_checkpoint", save)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("retrained"))
+        results = experiment.run_experiment(config, task=tiny_task, show_progress=False)
+    assert list(results) == ["ft:a", "ft:b", "lp_ft:a", "lp_ft:b", "average_ft", "medmerge"]
     for name in (
         "config.yaml",
         "metrics.jsonl",
@@ -60,22 +77,44 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
     summary = json.loads((run / "coefficient_summary.json").read_text())
     assert summary["sources"] == ["a", "b"]
     written = [p.name for p in run.rglob("*")]
-    assert "ft_a.ft.pt" in written and not [n for n in written if ":" in n]  # SMB-safe names
+    assert "ft_a.pt" in written and not [n for n in written if ":" in n]  # SMB-safe names
+    assert not list((run / "state").iterdir())  # every method done: no stage file kept twice
     assert len(summary["layers"]) == 20 and summary["layers"][0]["coefficients"] == 64
 
-    # An interrupted run: results.json lost, completed stages kept. Nothing retrains.
-    (run / "results.json").unlink()
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("retrained a stage"))
-    again = experiment.run_experiment(config, task=tiny_task, show_progress=False)
-    assert again["medmerge"]["test"] == results["medmerge"]["test"]
-
-    # A truncated final checkpoint is noticed on rerun and rebuilt from the finished stages.
+    # A truncated final checkpoint is noticed on rerun and its method trained again, to the
+    # same weights.
     final = run / "checkpoints" / "medmerge.pt"
     intact = torch.load(final, weights_only=True)["state_dict"]
     final.write_bytes(final.read_bytes()[:1000])
-    experiment.run_experiment(config, task=tiny_task, show_progress=False)
+    again = experiment.run_experiment(config, task=tiny_task, show_progress=False)
     rebuilt = torch.load(final, weights_only=True)["state_dict"]
     assert all(torch.equal(intact[k], rebuilt[k]) for k in intact)
+    assert again["medmerge"]["test"] == results["medmerge"]["test"]
+
+
+def test_rolling_checkpoints_follow_the_interval_and_it_may_change_on_resume(
+    tiny_task, tmp_path, monkeypatch
+) -> None:
+    writes: list[str] = []
+    real = experiment.fit.__globals__["atomic_torch_save"]
+
+    def counting(obj, path):
+        writes.append("finished" if obj.get("finished") else "rolling")
+        real(obj, path)
+
+    monkeypatch.setitem(experiment.fit.__globals__, "atomic_torch_save", counting)
+    three = {"epochs": 3, "lr": 1e-4}
+    experiment.run_experiment(make_config(tmp_path, pipelines=["ft"], sources={
+        "a": "random:1"}, ft=three), task=tiny_task, show_progress=False)  # fmt: skip
+    assert writes == ["finished"]  # a short stage: no resume checkpoint within 10 minutes
+    writes.clear()
+    every = make_config(tmp_path, name="every", pipelines=["ft"], sources={"a": "random:1"},
+                        ft=three, checkpoint_minutes=0)  # fmt: skip
+    experiment.run_experiment(every, task=tiny_task, show_progress=False)
+    assert writes == ["rolling", "rolling", "finished"]  # after every epoch but the last
+    moved = make_config(tmp_path, name="every", pipelines=["ft"], sources={"a": "random:1"},
+                        ft=three, checkpoint_minutes=30, device="cpu")  # fmt: skip
+    experiment.run_experiment(moved, task=tiny_task, show_progress=False)  # not refused
 
 
 def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> None:

@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.client_app import app as client_app
+from medmerge_core.export import load_saved_model
 from medmerge_core.federation.privacy import epsilon
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.run import state_digest
@@ -359,6 +360,9 @@ def test_final_model_is_evaluated_pooled_and_fedbn_sites_keep_their_own(tmp_path
                             weights_only=True)  # fmt: skip
         assert all(torch.equal(own[k], layers[k]) for k in norm)
         assert all(torch.equal(own[k], shared[k]) for k in shared if k not in norm)
+    for path in (tmp_path / "federation/final.pt", tmp_path / "site-state/federation/s1/final.pt"):
+        saved = load_saved_model(path)  # what `medmerge evaluate` / `export` read
+        assert (saved.arch, saved.image_size, saved.in_channels) == (ARCH, 16, 1)
 
 
 def test_simulation_roles_from_partition_ids(tmp_path) -> None:

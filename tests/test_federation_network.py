@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from medmerge_core.federation.privacy import epsilon
 from medmerge_core.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,10 +223,15 @@ def test_tls_authenticated_federation_completes(tmp_path) -> None:
         "site-1": ["role=site", "data=synthetic:target", "shard=1/2"],
     }
     with Consortium(tmp_path, nodes) as consortium:
-        run_id = consortium.start_run(tiny_run(tmp_path, **{"wait-nodes": 4}))
+        # Over the wire: TLS, authentication, the audit log and DP clipped at the site.
+        overrides = {"wait-nodes": 4, "dp": '"client"', "dp-noise-multiplier": 0.5}
+        run_id = consortium.start_run(tiny_run(tmp_path, **overrides))
         status = consortium.final_status(run_id)
         assert status == ["finished:completed"], (status, consortium.tail())
     assert (tmp_path / "runs" / "federation" / "final.pt").exists()
+    records = read_jsonl(tmp_path / "runs" / "federation" / "metrics.jsonl")
+    (round_1,) = [r for r in records if r["phase"] == "round"]
+    assert round_1["dp_epsilon"] == epsilon(0.5, 1, 1e-5)
     logs = {p.stem: read_jsonl(p) for p in (tmp_path / "audit" / "federation").glob("*.jsonl")}
     assert set(logs) == set(nodes) and all(logs.values())  # each SuperNode logged on its disk
     assert all(line["message_type"] for lines in logs.values() for line in lines)

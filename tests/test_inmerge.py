@@ -17,8 +17,14 @@ import torchvision
 from torch import Tensor, nn
 
 from medmerge_core.errors import InputError
-from medmerge_core.inmerge import InMergeStats, inmerge_, inmerge_state_dict, merge_kernels
-from medmerge_core.models import conv_weight_keys
+from medmerge_core.inmerge import (
+    InMergeStats,
+    deep_layers,
+    inmerge_,
+    inmerge_state_dict,
+    merge_kernels,
+)
+from medmerge_core.models import build_model, conv_layers, conv_weight_keys
 from medmerge_core.settings import InMergeSettings, build
 
 ALL = {
@@ -411,10 +417,38 @@ def test_invalid_config_fields(field: str, value: object) -> None:
 
 def test_config_defaults() -> None:
     config = InMergeSettings(start_epoch=2)
-    assert (config.p, config.tau, config.alpha, config.skip_layers) == (0.3, 0.3, 0.8, 10)
+    assert (config.p, config.tau, config.alpha) == (0.3, 0.3, 0.8)
+    assert (config.deep_fraction, config.skip_layers) == (0.5, None)
     from_numpy = InMergeSettings(p=np.float32(0.5), skip_layers=np.int64(3))  # e.g. from a sweep
     assert (from_numpy.p, from_numpy.skip_layers) == (0.5, 3)
     assert type(from_numpy.p) is float and type(from_numpy.skip_layers) is int
+
+
+@pytest.mark.parametrize(
+    ("arch", "fraction", "deep", "first"),
+    [
+        ("resnet18", 0.5, 10, "layer3.0.conv1"),  # last two stages: the paper's L_s = 10 there
+        ("vgg16_bn", 0.25, 3, "features.34"),  # the paper's VGG-16 setting: last 3 of 13
+        ("densenet121", 0.5, 60, "features.denseblock3.denselayer11.conv2"),  # 120 main-path
+        ("resnet50", 0.25, 13, "layer3.5.conv1"),  # 12 of 49 main-path convs + a downsample
+        ("cifar_resnet56", 0.5, 27, "layer2.4.conv2"),
+    ],
+)
+def test_deep_layers_count_depth_along_the_main_path(
+    arch: str, fraction: float, deep: int, first: str
+) -> None:
+    with torch.device("meta"):
+        model = build_model(arch, 2, 3)
+    names = [name for name, _ in conv_layers(model)]
+    chosen = deep_layers(names, InMergeSettings(deep_fraction=fraction))
+    assert sum(chosen) == deep and names[chosen.index(True)] == first
+    assert chosen == sorted(chosen)  # a suffix of the network: nothing shallow after it
+    shortcuts = [n for n in names if "downsample" in n]
+    for name in shortcuts:  # a shortcut conv goes with its block's first conv
+        block = name.split(".downsample")[0]
+        assert chosen[names.index(name)] == chosen[names.index(block + ".conv1")]
+    by_count = deep_layers(names, InMergeSettings(skip_layers=4))  # the paper's L_s
+    assert by_count == [i >= 4 for i in range(len(names))]
 
 
 # --- the quantile rule (the default) ---------------------------------------------------------

@@ -294,6 +294,7 @@ def test_an_interrupted_probe_resumes_bit_for_bit(tiny_task, tmp_path) -> None:
             after_step=merged.project_,
             before_step=hook,
             checkpoint=checkpoint,
+            checkpoint_minutes=0,  # after every epoch: the interruption resumes mid-stage
             show_progress=False,
         )
         return merged, result
@@ -327,7 +328,7 @@ def test_an_interrupted_medmerge_run_resumes_bit_for_bit(tiny_task, tmp_path, mo
             f"sources: {{a: {tmp_path / 'src1.pt'}, b: {tmp_path / 'src2.pt'}}}\n"
             "model: {arch: resnet18, image_size: 32}\npipelines: [medmerge]\n"
             "lp: {epochs: 1, lr: 1.0e-3}\nft: {epochs: 3, lr: 1.0e-3}\nmerge: {steps: 5}\n"
-            "inmerge: {p: 0.5, tau: -1.0, skip_layers: 15}\ndevice: cpu\n"
+            "inmerge: {p: 0.5, tau: -1.0, skip_layers: 15}\ndevice: cpu\ncheckpoint_minutes: 0\n"
         )
         return str(path)
 

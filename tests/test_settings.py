@@ -52,6 +52,7 @@ def test_flat_keys_name_every_block_field_with_its_prefix() -> None:
     keys = flat_keys(Driver)
     assert keys["ft-weight-decay"] == ("ft", "weight_decay")
     assert keys["inmerge-skip-layers"] == ("inmerge", "skip_layers")
+    assert keys["inmerge-deep-fraction"] == ("inmerge", "deep_fraction")
     assert "inmerge" not in keys  # not optional: no on/off switch
     parsed = from_flat(Driver, {"data-root": "d", "seeds": [3, 4], "ft-lr": 1, "inmerge-p": 0.5})
     assert parsed.seeds == (3, 4) and parsed.ft == StageSettings(20, 1.0)

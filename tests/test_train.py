@@ -39,6 +39,7 @@ def test_interrupted_fit_resumes_after_the_last_completed_epoch(tiny_task, tmp_p
             runtime,
             before_step=stop_in_epoch_2,
             checkpoint=ckpt,
+            checkpoint_minutes=0,
             show_progress=False,
         )
     saved = torch.load(ckpt, weights_only=True)

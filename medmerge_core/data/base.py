@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,3 +163,22 @@ class BatchLoader:
                 normalize_batch(self.split.images[index]),
                 torch.as_tensor(self.split.labels[index]),
             )
+
+
+def normalization(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that data.base.normalize_batch applies for this channel count."""
+    return (GRAY_MEAN, GRAY_STD) if in_channels == 1 else (RGB_MEAN, RGB_STD)
+
+
+def preprocessing_record(image_size: int, in_channels: int) -> dict[str, Any]:
+    """How training fed the model its images, as plain JSON values (weights_only-loadable)."""
+    mean, std = normalization(in_channels)
+    return {
+        "image_size": int(image_size),
+        "in_channels": int(in_channels),
+        "color": "gray" if in_channels == 1 else "rgb",
+        "resize": "bilinear, antialiased, to image_size x image_size (uint8)",
+        "mean": list(mean),
+        "std": list(std),
+        "input": "float32 [batch, channels, height, width] = (uint8 pixels / 255 - mean) / std",
+    }

@@ -264,5 +264,5 @@ class Node:
         counts = {} if task.multilabel else pooling_counts(probabilities(logits), labels)
         if final and self.fedbn_dir is not None:
             own = _cpu(model.state_dict())
-            FedBNStore(self.fedbn_dir).save_final(own, info)
+            FedBNStore(self.fedbn_dir).save_final(own, info, task.image_size)
         return len(task.test), metrics, counts

@@ -123,7 +123,7 @@ class FederationRun:
         )
 
     def save_final(self, state: Mapping[str, torch.Tensor], info: ModelInfo) -> None:
-        atomic_torch_save(info.checkpoint(state), self.dir / "final.pt")
+        atomic_torch_save(info.checkpoint(state, self.cfg.image_size), self.dir / "final.pt")
 
     def log(self, record: Mapping[str, Any]) -> None:
         append_jsonl(self.metrics_path, dict(record))

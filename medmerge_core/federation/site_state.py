@@ -59,10 +59,10 @@ class FedBNStore:
             "delete it to restart this site from the merged model's",
         )
 
-    def save_final(self, state: StateDict, info: ModelInfo) -> Path:
+    def save_final(self, state: StateDict, info: ModelInfo, image_size: int) -> Path:
         """This site's final model: the federation's final.pt with this site's norm layers."""
         path = self.dir / "final.pt"
-        atomic_torch_save(info.checkpoint(state), path)
+        atomic_torch_save(info.checkpoint(state, image_size), path)
         return path
 
     def save(self, server_round: int, state: StateDict) -> None:

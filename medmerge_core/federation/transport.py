@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medmerge_core.data.base import preprocessing_record
 from medmerge_core.models import StateDict, build_model, conv_weight_keys, norm_keys
 
 
@@ -33,9 +34,15 @@ class ModelInfo:
     def as_config(self) -> dict[str, Any]:
         return {"arch": self.arch, "num-classes": self.num_classes, "in-channels": self.in_channels}
 
-    def checkpoint(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """A final model as saved to disk: its weights and what rebuilds it."""
-        return {"arch": self.arch, "state_dict": dict(state), **self.as_config()}
+    def checkpoint(self, state: Mapping[str, torch.Tensor], image_size: int) -> dict[str, Any]:
+        """A final model as saved to disk: its weights, what rebuilds it and how to feed it
+        (what `medmerge evaluate` / `export` read)."""
+        return {
+            "arch": self.arch,
+            "state_dict": dict(state),
+            **self.as_config(),
+            "preprocessing": preprocessing_record(image_size, self.in_channels),
+        }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelInfo:
