@@ -90,7 +90,22 @@ def _export(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {', '.join(str(p) for p in written)}", markup=False, soft_wrap=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _data_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="KEY=VALUE",
+        help=f"data spec entries, {example}",
+    )
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, metavar="RUN_OR_CHECKPOINT")
+    parser.add_argument("--method", default=None, help="which method's model of a run folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipelines of a YAML config (resumes a run folder)")
@@ -106,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-progress", action="store_true")
     pre = sub.add_parser("pretrain", help="pretrain a source backbone on a dataset (resumable)")
     pre.add_argument("--arch", required=True)
-    pre.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        metavar="KEY=VALUE",
-        help="data spec entries, e.g. --data format=ham10000 --data root=/d/HAM",
-    )
+    _data_argument(pre, "e.g. --data format=ham10000 --data root=/d/HAM")
     pre.add_argument("--init", default=None, help="source spec to start from (e.g. an enum)")
     pre.add_argument("--image-size", type=int, default=224)
     pre.add_argument("--epochs", type=int, default=10)
@@ -135,25 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser(
         "evaluate", help="score a saved model on a data spec (its training preprocessing)"
     )
-    ev.add_argument("model", type=Path, metavar="RUN_OR_CHECKPOINT")
-    ev.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        metavar="KEY=VALUE",
-        help="data spec entries, as for pretrain (--data format=medmnist --data flag=breastmnist)",
-    )
-    ev.add_argument("--method", default=None, help="which method's model of a run folder")
+    _model_arguments(ev)
+    _data_argument(ev, "as for pretrain (--data format=medmnist --data flag=breastmnist)")
     ev.add_argument("--split", default="test", choices=("test", "val", "train", "all"))
     ev.add_argument("--device", default="auto")
     ev.add_argument("--out", type=Path, default=None, help="also write the report (JSON)")
     ex = sub.add_parser(
         "export", help="write model.safetensors + model.json (+ model.onnx) for use elsewhere"
     )
-    ex.add_argument("model", type=Path, metavar="RUN_OR_CHECKPOINT")
-    ex.add_argument("--method", default=None, help="which method's model of a run folder")
+    _model_arguments(ex)
     ex.add_argument("--out", type=Path, required=True, help="folder to write into")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     console = Console()
     try:
         if args.command == "run":

@@ -20,6 +20,7 @@ from medmerge_core.settings import (
     StageSettings,
     build,
 )
+from medmerge_core.tracking import TRACKING_KINDS, TrackingKind
 
 PIPELINES: tuple[str, ...] = ("ft", "lp_ft", "average_ft", "medmerge")
 # Keys that changed meaning: a one-line pointer instead of a silent new behaviour.
@@ -54,6 +55,7 @@ class ExperimentConfig:
     merge: ProbeSettings = field(default_factory=ProbeSettings)  # BN + head: the LP settings
     inmerge: InMergeSettings | None = None
     checkpoint_minutes: float = CHECKPOINT_MINUTES  # resume checkpoint interval; 0: each epoch
+    tracking: TrackingKind = "none"  # tensorboard: event files per method (the tracking extra)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -74,6 +76,10 @@ class ExperimentConfig:
                 raise InputError(f"{key}: must be >= 1")
         if not self.checkpoint_minutes >= 0:
             raise InputError(f"checkpoint_minutes: must be >= 0, got {self.checkpoint_minutes}")
+        if self.tracking not in TRACKING_KINDS:
+            raise InputError(
+                f"tracking: unknown '{self.tracking}'; expected one of {TRACKING_KINDS}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,18 +3,21 @@
 A run folder holds: config.yaml (resolved), metrics.jsonl (per epoch), results.json (per
 method, rewritten atomically after each method), coefficients.npz + coefficient_summary.json +
 coefficients.png (MedMerge), checkpoints/<method>.pt (best model), predictions/<method>.npz
-(test-set probabilities, labels and image ids) and, while a method runs, state/ (one file per
-stage: the rolling resume checkpoint, written at most every `checkpoint_minutes`, then the
+(test-set probabilities, labels and image ids), confusion/<method>.png (single-label tasks),
+tensorboard/<method>/ (with `tracking: tensorboard`) and, while a method runs, state/ (one file
+per stage: the rolling resume checkpoint, written at most every `checkpoint_minutes`, then the
 finished stage; deleted once the method's best model is saved, so nothing is kept twice).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from medmerge_core.metrics import clinical_report
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
 from medmerge_core.probe import UNIFORM, learn_merge
 from medmerge_core.settings import ProbeSettings, StageSettings
+from medmerge_core.tracking import NoTracker, Tracker, check_tracking, open_tracker
 from medmerge_core.train import (
     Runtime,
     StepHook,
@@ -64,6 +68,7 @@ class RunContext:
     runtime: Runtime
     run_dir: Path
     show_progress: bool
+    tracker: Tracker = field(default_factory=NoTracker)  # the running method's (per method)
 
     def loaders(self) -> tuple[BatchLoader, BatchLoader, BatchLoader]:
         c = self.config
@@ -104,6 +109,7 @@ class RunContext:
             checkpoint_minutes=self.config.checkpoint_minutes,
             metrics_log=self.run_dir / "metrics.jsonl",
             show_progress=self.show_progress,
+            on_epoch_end=self.tracker.hook(stage),
         ).summary()
 
     def learn_merge(
@@ -130,6 +136,7 @@ class RunContext:
             report_dir=self.run_dir if settings.trains else None,
             show_progress=self.show_progress,
             name=f"{method} probe",
+            on_epoch_end=self.tracker.hook("probe"),
         )
         return learned.model, learned.fit.summary() if learned.fit is not None else None
 
@@ -214,7 +221,7 @@ def file_stem(method: str) -> str:
 
 
 # Config keys that cannot change a result, so a run may resume under new values.
-RESUMABLE_KEYS = frozenset({"device", "checkpoint_minutes"})
+RESUMABLE_KEYS = frozenset({"device", "checkpoint_minutes", "tracking"})
 
 
 def check_run_dir(config: ExperimentConfig) -> Path:
@@ -309,6 +316,7 @@ def run_experiment(
     # Everything that can be wrong (config, device, data, architecture, sources) is found
     # before the run folder is touched, so a typo never leaves a folder behind.
     check_run_dir(config)
+    check_tracking(config.tracking)
     seed_everything(config.seed)
     runtime = Runtime.detect(config.device, config.amp, config.channels_last)
     with tempfile.TemporaryDirectory() as staging:  # the data's split files, until all is well
@@ -331,11 +339,14 @@ def run_experiment(
             continue  # finished; a lost or truncated checkpoint is trained again
         seed_everything(config.seed)
         start = time.perf_counter()
-        model, stages = PIPELINE_FUNCTIONS[pipeline](ctx, method, source)
+        file_name = file_stem(method)
+        tracked = open_tracker(config.tracking, run_dir / "tensorboard" / file_name)
+        with closing(tracked) as tracker:
+            method_ctx = dataclasses.replace(ctx, tracker=tracker)
+            model, stages = PIPELINE_FUNCTIONS[pipeline](method_ctx, method, source)
         logits, labels = predict(model, ctx.loaders()[2], runtime)
         test = scored(logits, labels, task.multilabel)
         probs = probabilities(logits, task.multilabel)
-        file_name = file_stem(method)
         atomic_savez(
             run_dir / "predictions" / f"{file_name}.npz",
             {
@@ -362,8 +373,26 @@ def run_experiment(
             "seconds": time.perf_counter() - start,
         }
         if not task.multilabel:
-            results[method]["clinical"] = clinical_report(probs, labels, task.class_names)
+            clinical = clinical_report(probs, labels, task.class_names)
+            results[method]["clinical"] = clinical
+            write_confusion_figure(run_dir / "confusion" / f"{file_name}.png", clinical, method)
         atomic_write_json(run_dir / "results.json", results)
         for stage_file in (run_dir / "state").glob(f"{file_name}.*.pt"):
             stage_file.unlink()  # the method is done: its best model is in checkpoints/
     return results
+
+
+def write_confusion_figure(path: Path, clinical: dict[str, Any], method: str) -> None:
+    """The clinical report's confusion matrix as a PNG (counts and row-normalised); skipped
+    with a warning without matplotlib (the `plots` extra), like the other figures."""
+    from medmerge_core.report import method_label, plot_confusion_matrix
+
+    try:
+        plot_confusion_matrix(
+            clinical["confusion_matrix"],
+            clinical["classes"],
+            path,
+            title=f"{method_label(method)}: test set",
+        )
+    except RuntimeError as exc:
+        log.warning("no %s: %s", path.name, exc)

@@ -18,7 +18,7 @@ from medmerge_core.io import atomic_savez, atomic_write_json
 from medmerge_core.merge import MergedModel, coefficient_summary
 from medmerge_core.models import StateDict
 from medmerge_core.settings import CHECKPOINT_MINUTES, ProbeSettings
-from medmerge_core.train import Batches, FitResult, Runtime, fit
+from medmerge_core.train import Batches, EpochHook, FitResult, Runtime, fit
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,13 @@ def learn_merge(
     report_dir: Path | None = None,
     show_progress: bool = True,
     name: str = "medmerge probe",
+    on_epoch_end: EpochHook | None = None,
 ) -> LearnedMerge:
     """Build the probe around `model` (a new head), train it, write its report, bake it.
 
     BN and head train at (lr, weight_decay), the coefficients at `settings.coef_lr` without
-    decay. Resumable through `checkpoint` like any `fit` stage.
+    decay. Resumable through `checkpoint` like any `fit` stage; `on_epoch_end` gets the probe
+    (a `MergedModel`, whose current coefficients a tracker can read) after each epoch.
     """
     merged = MergedModel(
         model,
@@ -81,6 +83,7 @@ def learn_merge(
             checkpoint_minutes=checkpoint_minutes,
             metrics_log=metrics_log,
             show_progress=show_progress,
+            on_epoch_end=on_epoch_end,
         )
     coefficients = merged.coefficient_arrays()
     if report_dir is not None:

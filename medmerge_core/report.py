@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from medmerge_core.io import atomic_write
 from medmerge_core.merge import preferred_source
 
 PIPELINE_LABELS = {"ft": "FT", "lp_ft": "LP-FT", "average_ft": "Avg+FT", "medmerge": "MedMerge"}
@@ -82,13 +83,15 @@ def pyplot():
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """Lay out, write atomically and close a figure."""
+    """Lay out, write atomically and close a figure: through io.atomic_write (a unique
+    temporary file, fsync, os.replace), so it gets the mode every other run file gets."""
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    pyplot().close(fig)
+    path = Path(path)
+    try:
+        kind = path.suffix.lstrip(".") or "png"
+        atomic_write(path, lambda handle: fig.savefig(handle, dpi=120, format=kind))
+    finally:
+        pyplot().close(fig)
     return path
 
 
@@ -176,6 +179,46 @@ def plot_merge_coefficients(
     bottom.set_ylabel("kernels preferring")
     bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     _layer_ticks(bottom, names)
+    return save_figure(fig, path)
+
+
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = ""
+) -> Path:
+    """A test set's confusion matrix (rows: true class, columns: predicted) twice: as counts,
+    and row-normalised, whose diagonal is each class's sensitivity; class names (and each true
+    class's support) on the axes, values in the cells up to 20 classes."""
+    plt = pyplot()
+    counts = np.asarray(matrix, dtype=np.int64)
+    k = counts.shape[0]
+    support = counts.sum(1, keepdims=True)
+    shares = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
+    names = [str(c) for c in class_names]
+    side = max(3.5, 0.45 * k + 2.0)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.5, side))
+    panels = (
+        (axes[0], counts, "counts", "images", lambda v: f"{int(v)}"),
+        (axes[1], shares, "row-normalised (diagonal: sensitivity)", "share of the true class",
+         lambda v: f"{v:.2f}"),
+    )  # fmt: skip
+    for ax, values, panel_title, label, text in panels:
+        top = max(float(values.max()), 1e-9) if values is counts else 1.0
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=top)
+        ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+        rows = names if values is counts else [f"{n} (n={int(s)})" for n, s in zip(
+            names, support[:, 0], strict=True)]  # fmt: skip
+        ax.set_yticks(range(k), rows, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(panel_title, fontsize=10)
+        if k <= 20:
+            for (row, col), value in np.ndenumerate(values):
+                shown = text(value) if values is counts or support[row, 0] else "-"
+                ax.text(col, row, shown, ha="center", va="center", fontsize=7,
+                        color="white" if value > top / 2 else "black")  # fmt: skip
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, path)
 
 

@@ -7,6 +7,7 @@ uses uniformly; the loop itself never branches on the device (timm's approach).
 from __future__ import annotations
 
 import copy
+import datetime
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
@@ -28,6 +30,9 @@ from medmerge_core.settings import CHECKPOINT_MINUTES, StageSettings
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 StepHook = Callable[[nn.Module, int], None]
 AfterStep = Callable[[], None]
+# After each epoch: the epoch's record (stage, epoch, train_loss, val_*) and the model in
+# training, e.g. to log them to TensorBoard (tracking.py); it must not change either.
+EpochHook = Callable[[dict[str, Any], nn.Module], None]
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def progress_bar(enabled: bool = True) -> Progress:
+def progress_bar(enabled: bool = True, console: Console | None = None) -> Progress:
+    """The bar of a `fit` stage, on `console` (default: stdout; a terminal or not decides
+    between the bar and plain lines, see `StageProgress`)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -187,7 +194,124 @@ def progress_bar(enabled: bool = True) -> Progress:
         TimeRemainingColumn(),
         transient=True,
         disable=not enabled,
+        console=console,
     )
+
+
+PLAIN_LINE_SECONDS = 30.0  # in a log file, a progress line at most this often (and per epoch)
+
+
+def _length(batches: Batches) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _clock(seconds: float | None) -> str:
+    return "?" if seconds is None else str(datetime.timedelta(seconds=round(seconds)))
+
+
+class StageProgress:
+    """What a person watching one `fit` stage sees: in a terminal, the bar advances per batch
+    (stage, epoch, loss, rate); in a log file (stdout not a terminal: nohup, a batch scheduler)
+    a plain line at most every `every` seconds and at the end of each epoch.
+
+    Per batch it only counts and reads the clock (plus a bar update in a terminal), from values
+    the loop already has on the host, so it adds no device sync.
+    """
+
+    def __init__(
+        self,
+        progress: Progress,
+        name: str,
+        epochs: int,
+        batches_per_epoch: int | None,
+        steps_limit: int | None,
+        start_epoch: int,
+        every: float = PLAIN_LINE_SECONDS,
+    ) -> None:
+        self.progress, self.name, self.epochs, self.every = progress, name, epochs, every
+        self.per_epoch = batches_per_epoch
+        self.steps_limit = steps_limit
+        self.mode = (
+            "off" if progress.disable else "bar" if progress.console.is_terminal else "lines"
+        )
+        total = None
+        if batches_per_epoch is not None:
+            total = epochs * batches_per_epoch
+            if steps_limit is not None:
+                total = min(total, steps_limit)
+        self.total_steps = total
+        done = start_epoch * (batches_per_epoch or 0)  # a resumed stage's finished epochs
+        self.task = progress.add_task(name, total=total, completed=done, status="")
+        self.began = time.perf_counter()
+        self.steps_done = 0  # in this call (a resumed run's earlier steps are not timed)
+        self.last_line = self.began
+        self.epoch, self.step, self.images, self.loss = start_epoch, 0, 0, 0.0
+        self.epoch_began, self.trained = self.began, 0.0
+
+    def epoch_steps(self, epoch: int) -> int | None:
+        """Optimiser steps in `epoch`: a full epoch, or what is left of a step budget."""
+        if self.per_epoch is None:
+            return None
+        if self.steps_limit is None:
+            return self.per_epoch
+        return max(0, min(self.per_epoch, self.steps_limit - epoch * self.per_epoch))
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step, self.images, self.loss = epoch, 0, 0, 0.0
+        self.epoch_began, self.trained = time.perf_counter(), 0.0
+        if self.mode == "bar":
+            self.progress.update(self.task, description=f"{self.name} {self._epoch_text()}")
+
+    def batch(self, images: int, running_loss: float) -> None:
+        if self.mode == "off":
+            return
+        self.step += 1
+        self.steps_done += 1
+        self.images += images
+        self.loss = running_loss
+        now = time.perf_counter()
+        self.trained = now - self.epoch_began  # so validation does not count in the rate
+        if self.mode == "bar":
+            status = f"loss {running_loss:.3f} {self._rate():.0f} img/s"
+            self.progress.update(self.task, advance=1, status=status)
+        elif now - self.last_line >= self.every:
+            self._line()
+
+    def end_epoch(self, val_f1: float) -> None:
+        if self.mode == "bar":
+            self.progress.update(self.task, status=f"loss {self.loss:.3f} val F1 {val_f1:.3f}")
+        elif self.mode == "lines":
+            took = time.perf_counter() - self.epoch_began
+            self._line(f", val F1 {val_f1:.3f} ({took:.1f} s)")
+
+    def _epoch_text(self) -> str:
+        return f"epoch {self.epoch + 1}/{self.epochs}"
+
+    def _rate(self) -> float:
+        """Training images per second this epoch (data loading included)."""
+        return self.images / max(self.trained, 1e-9)
+
+    def _eta(self) -> float | None:
+        """Seconds left in the stage at this call's pace (validation included)."""
+        if self.total_steps is None or self.steps_done == 0 or self.per_epoch is None:
+            return None
+        done = self.epoch * self.per_epoch + self.step
+        per_step = (time.perf_counter() - self.began) / self.steps_done
+        return max(self.total_steps - done, 0) * per_step
+
+    def _line(self, tail: str = "") -> None:
+        self.last_line = time.perf_counter()
+        of = self.epoch_steps(self.epoch)
+        self.progress.console.print(
+            f"{self.name}: {self._epoch_text()} loss {self.loss:.3f}, "
+            f"step {self.step}/{'?' if of is None else of}, {self._rate():.0f} img/s, "
+            f"ETA {_clock(self._eta())}{tail}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def fit(
@@ -206,13 +330,16 @@ def fit(
     checkpoint_minutes: float = CHECKPOINT_MINUTES,
     metrics_log: Path | None = None,
     show_progress: bool = True,
+    on_epoch_end: EpochHook | None = None,
 ) -> FitResult:
     """Train with AdamW; keep the best epoch by validation macro-F1.
 
     `param_groups` gives AdamW's groups (e.g. the probe's coefficients with their own learning
     rate and no decay); by default, every parameter that requires grad with the stage's
     settings. `before_step(model, epoch)` runs before each forward (InMerge), `after_step()`
-    after each optimiser step (a projection of the coefficients).
+    after each optimiser step (a projection of the coefficients), `on_epoch_end(record, model)`
+    after each epoch's validation (tracking), so the loop never branches on what is attached.
+    Progress: see `StageProgress`; `show_progress=False` prints nothing.
 
     The model ends holding its best weights. With `checkpoint`, the full state (model,
     optimiser, scaler, RNG, best weights, history; about four models' worth) is written
@@ -257,13 +384,17 @@ def fit(
         best_state = copy.deepcopy(model.state_dict())
 
     saved_at = time.monotonic()
+    batches_per_epoch = _length(train_batches)
     steps_per_epoch = len(train_batches) if stage.steps is not None else 0  # type: ignore[arg-type]
     epochs = stage.num_epochs(steps_per_epoch)
     set_epoch = getattr(train_batches, "set_epoch", None)
     with progress_bar(show_progress) as progress:
-        task = progress.add_task(name, total=epochs, completed=start, status="")
+        watch = StageProgress(
+            progress, name, epochs, batches_per_epoch, stage.steps, start, PLAIN_LINE_SECONDS
+        )
         for epoch in range(start, epochs):
             began = time.perf_counter()
+            watch.start_epoch(epoch)
             model.train()
             if set_epoch is not None:
                 set_epoch(epoch)  # the same batch order whether or not this run resumed
@@ -290,6 +421,7 @@ def fit(
                     after_step()
                 total += float(loss.detach()) * len(x)
                 count += len(x)
+                watch.batch(len(x), total / count)
             val = evaluate(model, val_batches, runtime, multilabel)
             record = {"stage": name, "epoch": epoch, "train_loss": total / max(count, 1)}
             record.update({f"val_{k}": v for k, v in val.items()})
@@ -300,6 +432,8 @@ def fit(
             result.seconds += time.perf_counter() - began
             if metrics_log is not None:
                 append_jsonl(metrics_log, record)
+            if on_epoch_end is not None:
+                on_epoch_end(dict(record), model)
             due = time.monotonic() - saved_at >= 60 * checkpoint_minutes
             if checkpoint is not None and epoch + 1 < epochs and due:
                 saved_at = time.monotonic()
@@ -311,15 +445,7 @@ def fit(
                     "best_state": best_state,
                 }
                 atomic_torch_save({**rolling, **_progress(result)}, checkpoint)
-            status = f"loss {record['train_loss']:.3f} val F1 {val['macro_f1']:.3f}"
-            progress.update(task, advance=1, status=status)
-            if show_progress and not progress.console.is_terminal:  # a log file: plain lines
-                progress.console.print(
-                    f"{name}: epoch {epoch + 1}/{epochs} {status} "
-                    f"({time.perf_counter() - began:.1f} s)",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+            watch.end_epoch(val["macro_f1"])
     model.load_state_dict(best_state)
     if checkpoint is not None:
         atomic_torch_save({"finished": True, "model": best_state, **_progress(result)}, checkpoint)

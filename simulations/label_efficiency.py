@@ -135,15 +135,20 @@ def results_section(
     return "\n".join(out) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: Sequence[str]) -> tuple[StudySettings, list[float | int]]:
+    """(the study's settings, the label budgets) from the command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budgets", nargs="+", required=True, help="fractions (0, 1] or counts")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then simulations.reproduce options")
     a = p.parse_args(argv)
     rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
-    base = reproduce.parse_args(rest)
     budgets = [check_label_budget(text, "--budgets") for text in a.budgets]
+    return reproduce.parse_args(rest), budgets
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    base, budgets = parse_args(argv)
     console = Console()
     set_threads(base.threads)
     curve = collect(base, budgets, console)
