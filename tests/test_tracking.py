@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from rich.progress import Progress
 
 import medmerge_core.experiment as experiment
+import medmerge_core.progress as progress
 import medmerge_core.report as report
 import medmerge_core.train as train
 from medmerge_core.data.base import BatchLoader
@@ -60,7 +62,7 @@ def test_a_log_file_gets_a_plain_line_per_epoch_and_at_most_every_interval(
     ]
     assert lines[-1].split(", ETA ")[1].startswith("0:00:00,")  # the stage is done
 
-    monkeypatch.setattr(train, "PLAIN_LINE_SECONDS", 0.0)  # an interval shorter than a step
+    monkeypatch.setattr(progress, "PLAIN_LINE_SECONDS", 0.0)  # an interval shorter than a step
     _fit(tiny_task)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     matches = [PLAIN_LINE.fullmatch(line) for line in lines]
@@ -76,15 +78,15 @@ def test_a_log_file_gets_a_plain_line_per_epoch_and_at_most_every_interval(
 
 def test_in_a_terminal_the_bar_advances_per_batch(tiny_task, monkeypatch) -> None:
     screen = io.StringIO()
-    bars: list[train.Progress] = []
-    make_bar = train.progress_bar
+    bars: list[Progress] = []
+    make_bar = progress.progress_bar
 
-    def terminal_bar(enabled: bool = True) -> train.Progress:
+    def terminal_bar(enabled: bool = True) -> Progress:
         bar = make_bar(enabled, Console(file=screen, force_terminal=True, width=120))
         bars.append(bar)
         return bar
 
-    monkeypatch.setattr(train, "progress_bar", terminal_bar)
+    monkeypatch.setattr(progress, "progress_bar", terminal_bar)
     seen: list[tuple[float, str]] = []
 
     def look(model, epoch) -> None:  # before each forward: what the bar shows so far
