@@ -258,7 +258,8 @@ def simulated(run_config: dict, home: Path, cpus: int) -> tuple[float, dict, dic
         link.wait(timeout=30)
     run_dir = Path(run_config["output-dir"]) / str(run_config["run-name"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return seconds, records[-1], _phases(lines, seconds)
+    rounds = [r for r in records if r.get("phase") == "round"]
+    return seconds, rounds[-1], _phases(lines, seconds)
 
 
 Timing = tuple[float, dict, dict[str, float]]  # seconds, last round's record, seconds per phase
