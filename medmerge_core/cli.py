@@ -5,11 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
+import yaml
 from rich.console import Console
 
 from medmerge_core.errors import InputError, NonFiniteLossError
 from medmerge_core.settings import CHECKPOINT_MINUTES
+
+
+def _data_spec(pairs: list[str]) -> dict[str, Any]:
+    """`--data KEY=VALUE` pairs as a data spec, each value read as YAML."""
+    spec: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--data {pair}: expected KEY=VALUE")
+        try:
+            spec[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise InputError(f"--data {pair}: invalid YAML value") from exc
+    return spec
 
 
 def _variables(pairs: list[str]) -> dict[str, str]:
@@ -23,15 +39,13 @@ def _variables(pairs: list[str]) -> dict[str, str]:
 
 
 def _pretrain(args: argparse.Namespace, console: Console) -> None:
-    import yaml
-
     from medmerge_core.data.registry import load_task, validate_spec
     from medmerge_core.models import load_source
     from medmerge_core.pretrain import pretrain_source
     from medmerge_core.settings import StageSettings
     from medmerge_core.train import Runtime
 
-    spec = {k: yaml.safe_load(v) for k, v in _variables(args.data).items()}
+    spec = _data_spec(args.data)
     validate_spec(spec, where="--data")
     task = load_task(spec, image_size=args.image_size, seed=args.seed)
     init = load_source(args.init, args.arch, task.in_channels) if args.init else None
@@ -62,14 +76,13 @@ def _evaluate(args: argparse.Namespace, console: Console) -> None:
         evaluate_saved,
         evaluation_tables,
         load_saved_model,
-        parse_data_args,
     )
     from medmerge_core.io import atomic_write_json
 
     if args.out is not None and args.out.is_dir():
         raise InputError(f"--out: {args.out} is a folder; give a .json file")
     saved = load_saved_model(args.model, args.method)
-    report = evaluate_saved(saved, parse_data_args(args.data), split=args.split, device=args.device)
+    report = evaluate_saved(saved, _data_spec(args.data), split=args.split, device=args.device)
     for table in evaluation_tables(report):
         console.print(table)
     warning = class_name_warning(saved, report)

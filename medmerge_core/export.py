@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import metadata
 from importlib.util import find_spec
@@ -245,20 +245,6 @@ def _run_software(run_dir: Path) -> dict[str, Any] | None:
 
 
 # -- evaluate -----------------------------------------------------------------------------
-
-
-def parse_data_args(pairs: Sequence[str]) -> dict[str, Any]:
-    """`--data KEY=VALUE` pairs as a data spec, each value read as YAML (as `pretrain` does)."""
-    spec: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"--data {pair}: expected KEY=VALUE")
-        try:
-            spec[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise InputError(f"--data {pair}: invalid YAML value") from exc
-    return spec
 
 
 def evaluate_saved(
