@@ -71,13 +71,13 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
 
 
 def _evaluate(args: argparse.Namespace, console: Console) -> None:
-    from medmerge_core.export import (
+    from medmerge_core.io import atomic_write_json
+    from medmerge_core.saved_model import (
         class_name_warning,
         evaluate_saved,
         evaluation_tables,
         load_saved_model,
     )
-    from medmerge_core.io import atomic_write_json
 
     if args.out is not None and args.out.is_dir():
         raise InputError(f"--out: {args.out} is a folder; give a .json file")
@@ -94,7 +94,8 @@ def _evaluate(args: argparse.Namespace, console: Console) -> None:
 
 
 def _export(args: argparse.Namespace, console: Console) -> None:
-    from medmerge_core.export import check_out_dir, export_saved, load_saved_model
+    from medmerge_core.export import check_out_dir, export_saved
+    from medmerge_core.saved_model import load_saved_model
 
     check_out_dir(args.out)
     written, note = export_saved(load_saved_model(args.model, args.method), args.out)

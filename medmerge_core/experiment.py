@@ -29,7 +29,6 @@ from torch import nn
 from medmerge_core.config import ExperimentConfig, differences, dump_config
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
-from medmerge_core.export import usage_record
 from medmerge_core.inmerge import training_hook
 from medmerge_core.io import (
     append_jsonl,
@@ -41,6 +40,7 @@ from medmerge_core.io import (
 from medmerge_core.metrics import clinical_report
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
 from medmerge_core.probe import UNIFORM, learn_merge
+from medmerge_core.saved_model import usage_record
 from medmerge_core.settings import ProbeSettings, StageSettings
 from medmerge_core.tracking import NoTracker, Tracker, check_tracking, open_tracker
 from medmerge_core.train import (

@@ -21,7 +21,6 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.client_app import app as client_app
-from medmerge_core.export import load_saved_model
 from medmerge_core.federation.privacy import epsilon
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.run import state_digest
@@ -30,6 +29,7 @@ from medmerge_core.federation.validation import update_norm
 from medmerge_core.io import read_jsonl
 from medmerge_core.metrics import SCORE_BINS
 from medmerge_core.models import backbone_keys, build_model
+from medmerge_core.saved_model import load_saved_model
 from medmerge_core.settings import InMergeSettings
 from server.server_app import run_federation
 from simulations.inprocess import InProcessGrid
