@@ -84,6 +84,14 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+def drop_jsonl(path: Path, unwanted: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite a JSON-lines file atomically without the records `unwanted` picks (if any)."""
+    records = read_jsonl(path)
+    kept = [r for r in records if not unwanted(r)]
+    if len(kept) != len(records):
+        atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in kept))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

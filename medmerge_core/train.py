@@ -21,7 +21,7 @@ from torch import nn
 
 from medmerge_core import progress as progress_lines
 from medmerge_core.errors import InputError, NonFiniteLossError
-from medmerge_core.io import append_jsonl, atomic_torch_save, load_torch_file
+from medmerge_core.io import append_jsonl, atomic_torch_save, drop_jsonl, load_torch_file
 from medmerge_core.metrics import classification_metrics
 from medmerge_core.settings import CHECKPOINT_MINUTES, StageSettings
 
@@ -249,6 +249,8 @@ def fit(
     else:
         best_state = copy.deepcopy(model.state_dict())
 
+    if metrics_log is not None:  # epochs of an interrupted attempt that will run again
+        drop_jsonl(metrics_log, lambda r: r.get("stage") == name and r.get("epoch", -1) >= start)
     saved_at = time.monotonic()
     batches_per_epoch = progress_lines.batch_count(train_batches)
     steps_per_epoch = len(train_batches) if stage.steps is not None else 0  # type: ignore[arg-type]

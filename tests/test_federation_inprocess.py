@@ -330,6 +330,16 @@ def test_dp_noises_parameters_only_reports_epsilon_and_survives_a_failed_site(tm
     model.load_state_dict(final)
     assert torch.isfinite(model.eval()(torch.randn(4, 1, 16, 16))).all()
 
+    # A ServerApp killed in round 2 and restarted: the same noise, the same epsilon.
+    cut = run_config(tmp_path / "cut", **{k: rc[k] for k in rc if k.startswith("dp")})
+    with contextlib.suppress(ServerKilled):
+        run_federation(InProcessGrid(client_app, nodes(tmp_path / "cut"), cut, fail=lambda n, m:
+                                     crash(n, m) or kill_server_in_round_2(n, m)), cut)  # fmt: skip
+    resumed = run_federation(InProcessGrid(client_app, nodes(tmp_path / "cut"), cut, fail=crash),
+                             cut)  # fmt: skip
+    assert [h["dp_epsilon"] for h in resumed] == [h["dp_epsilon"] for h in history]
+    assert state_digest(_state(tmp_path / "cut/federation/final.pt")) == state_digest(final)
+
 
 def test_dp_client_clips_each_update_at_the_site(tmp_path) -> None:
     clip = 0.05

@@ -311,8 +311,11 @@ def test_an_interrupted_probe_resumes_bit_for_bit(tiny_task, tmp_path) -> None:
         assert torch.equal(a, b), key
 
 
-def test_an_interrupted_medmerge_run_resumes_bit_for_bit(tiny_task, tmp_path, monkeypatch):
-    """Through `medmerge run`: killed while logging the FT stage's epoch 1 (of 0-2)."""
+@pytest.mark.parametrize("minutes", [0, 10])
+def test_an_interrupted_medmerge_run_resumes_bit_for_bit(tiny_task, tmp_path, monkeypatch, minutes):
+    """Through `medmerge run`: killed while logging the FT stage's epoch 1 (of 0-2). With a
+    checkpoint after every epoch it resumes at epoch 1; with one every 10 minutes it trains the
+    stage again from epoch 0. Either way metrics.jsonl lists each epoch once."""
     for seed in (1, 2):
         torch.manual_seed(seed)
         save_checkpoint(tmp_path / f"src{seed}.pt", build_model("resnet18", 4, 1), "resnet18")
@@ -328,7 +331,8 @@ def test_an_interrupted_medmerge_run_resumes_bit_for_bit(tiny_task, tmp_path, mo
             f"sources: {{a: {tmp_path / 'src1.pt'}, b: {tmp_path / 'src2.pt'}}}\n"
             "model: {arch: resnet18, image_size: 32}\npipelines: [medmerge]\n"
             "lp: {epochs: 1, lr: 1.0e-3}\nft: {epochs: 3, lr: 1.0e-3}\nmerge: {steps: 5}\n"
-            "inmerge: {p: 0.5, tau: -1.0, skip_layers: 15}\ndevice: cpu\ncheckpoint_minutes: 0\n"
+            "inmerge: {p: 0.5, tau: -1.0, skip_layers: 15}\ndevice: cpu\n"
+            f"checkpoint_minutes: {minutes}\n"
         )
         return str(path)
 
