@@ -84,6 +84,14 @@ def classification_metrics(
     return out
 
 
+def confusion_matrix(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[k, k] counts, rows the true class, columns the argmax prediction."""
+    k = probs.shape[1]
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels).astype(np.int64), np.asarray(probs).argmax(1)), 1)
+    return matrix
+
+
 def clinical_report(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -100,10 +108,7 @@ def clinical_report(
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64)
-    k = probs.shape[1]
-    preds = probs.argmax(1)
-    matrix = np.zeros((k, k), dtype=np.int64)
-    np.add.at(matrix, (labels, preds), 1)
+    matrix = confusion_matrix(probs, labels)
     total = matrix.sum()
     per_class = {}
     for c, name in enumerate(class_names):
@@ -190,8 +195,7 @@ def pooling_counts(probs: np.ndarray, labels: np.ndarray, bins: int = SCORE_BINS
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64)
     k = probs.shape[1]
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (labels, probs.argmax(1)), 1)
+    confusion = confusion_matrix(probs, labels)
     cells = np.clip((probs * bins).astype(np.int64), 0, bins - 1)  # [n, k] bin of each score
     positive = np.zeros((k, bins), dtype=np.int64)
     negative = np.zeros((k, bins), dtype=np.int64)

@@ -31,6 +31,19 @@ from medmerge_core.federation.validation import update_norm
 from medmerge_core.models import StateDict
 
 
+def _clipped_deltas(
+    state: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    keys: Sequence[str],
+    clip: float,
+) -> dict[str, torch.Tensor]:
+    """(state - base) on `keys` in float64, scaled down to L2 norm <= `clip`."""
+    deltas = {k: state[k].double() - base[k].double() for k in keys}
+    norm = math.sqrt(sum(float(d.square().sum()) for d in deltas.values()))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: d * scale for k, d in deltas.items()}
+
+
 def clip_update(
     state: Mapping[str, torch.Tensor],
     base: Mapping[str, torch.Tensor],
@@ -38,15 +51,10 @@ def clip_update(
     clip: float,
 ) -> StateDict:
     """`state` with its update on `keys` scaled down to L2 norm <= `clip` (other keys as is)."""
-    norm = update_norm(state, base, keys)
-    if norm <= clip:
+    if update_norm(state, base, keys) <= clip:
         return dict(state)
-    scale = clip / norm
-    out = dict(state)
-    for k in keys:
-        delta = (state[k].double() - base[k].double()) * scale
-        out[k] = (base[k].double() + delta).to(state[k].dtype)
-    return out
+    deltas = _clipped_deltas(state, base, keys, clip)
+    return {**state, **{k: (base[k].double() + d).to(state[k].dtype) for k, d in deltas.items()}}
 
 
 def private_mean(
@@ -61,12 +69,11 @@ def private_mean(
     `base` unchanged. Noise is drawn on the CPU from `generator` (reproducible, resumable)."""
     if not states:
         raise ValueError("private_mean: no site updates")
-    clipped = [clip_update(s, base, keys, clip) for s in states]
+    clipped = [_clipped_deltas(s, base, keys, clip) for s in states]
     out = dict(base)
     for k in keys:
-        total = sum(s[k].double() - base[k].double() for s in clipped)
         noise = torch.randn(base[k].shape, generator=generator, dtype=torch.float64)
-        total = total + noise * (noise_multiplier * clip)
+        total = sum(d[k] for d in clipped) + noise * (noise_multiplier * clip)
         out[k] = (base[k].double() + total / len(clipped)).to(base[k].dtype)
     return out
 
