@@ -11,7 +11,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from medmerge_core.errors import InputError
 from medmerge_core.federation.audit import append_audit, config_digest
+from medmerge_core.federation.merge_rounds import sources_digest
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.transport import ModelInfo, compress, pack_counts
 from medmerge_core.models import StateDict
@@ -49,6 +51,12 @@ def info(msg: Message, context: Context) -> Message:
     return _reply(node, msg, RecordDict({"info": record}))
 
 
+@app.query("target")
+def target(msg: Message, context: Context) -> Message:
+    node = _node(context, "site")
+    return _reply(node, msg, RecordDict({"info": ConfigRecord(node.target_info().as_config())}))
+
+
 @app.query("backbone")
 def backbone(msg: Message, context: Context) -> Message:
     node = _node(context, "institution")
@@ -80,6 +88,27 @@ def merge(msg: Message, context: Context) -> Message:
     return _reply(node, msg, content)
 
 
+def _sources(msg: Message, context: Context) -> tuple[list[StateDict], list[str]]:
+    """The federated probe's source backbones: from the message the first time (checked
+    against their digest, then kept in this node's run state), from that cache afterwards."""
+    config = msg.content["config"]
+    names = [str(n) for n in config["names"]]  # type: ignore[union-attr]
+    digest = str(config["sources-digest"])  # type: ignore[index]
+    if "source-0" in msg.content:
+        sources = [msg.content[f"source-{i}"].to_torch_state_dict() for i in range(len(names))]
+        if sources_digest(sources) != digest:
+            raise InputError(f"probe sources: digest mismatch (expected {digest})")
+        for i in range(len(names)):
+            context.state[f"probe-source-{i}"] = msg.content[f"source-{i}"]
+        context.state["probe-sources"] = ConfigRecord({"digest": digest})
+        return sources, names
+    cached = context.state.get("probe-sources")
+    if cached is None or cached["digest"] != digest:  # type: ignore[index]
+        raise InputError(f"probe sources {digest} are not cached here; the server resends them")
+    return [context.state[f"probe-source-{i}"].to_torch_state_dict()  # type: ignore[union-attr]
+            for i in range(len(names))], names  # fmt: skip
+
+
 def _received(msg: Message) -> tuple[ArrayRecord, ModelInfo, int, StateDict | None]:
     """(the global model's arrays, its description, the round, the merged model's norm
     layers when the server sent them for FedBN)."""
@@ -100,6 +129,25 @@ def train(msg: Message, context: Context) -> Message:
     local_norm = node.local_norm(server_round - 1, initial)
     state, examples, metrics = node.train(
         received.to_torch_state_dict(), model, server_round, local_norm
+    )
+    reply = {k: state[k] for k in received}  # same keys, same order as sent
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(compress(reply, node.fp16)),
+            "metrics": MetricRecord({**metrics, "num-examples": examples}),
+        }
+    )
+    return _reply(node, msg, content)
+
+
+@app.train("probe")
+def probe(msg: Message, context: Context) -> Message:
+    node = _node(context, "site")
+    sources, names = _sources(msg, context)
+    received, model, server_round, initial = _received(msg)
+    local_norm = node.local_norm(server_round - 1, initial, phase="probe")
+    state, examples, metrics = node.probe_round(
+        sources, names, received.to_torch_state_dict(), model, server_round, local_norm
     )
     reply = {k: state[k] for k in received}  # same keys, same order as sent
     content = RecordDict(

@@ -37,6 +37,8 @@ from medmerge_core.errors import InputError
 from medmerge_core.models import NORM_TYPES, StateDict, head_name, mergeable_keys
 from medmerge_core.settings import CONSTRAINTS, GRANULARITIES, Constraint, Granularity
 
+COEFFICIENT_PREFIX = "coefficient:"  # a merged tensor's coefficients in `MergedModel.probe_state`
+
 
 def coefficient_shape(weight_shape: torch.Size, granularity: Granularity) -> tuple[int, ...]:
     """Shape of one source's coefficients for a weight, broadcastable against that weight."""
@@ -328,6 +330,47 @@ class MergedModel(nn.Module):
             param.requires_grad_(True)
         baked.train(self.training)
         return baked
+
+    def _coefficient_keys(self) -> list[str]:
+        """The merged tensor each entry of `self.coefficients` belongs to, in order."""
+        keys = []
+        for weight, bias in zip(self.weight_keys, self.bias_keys, strict=True):
+            keys.append(weight)
+            if bias is not None and self.granularity == "parameter":
+                keys.append(bias)
+        return keys
+
+    def probe_state(self) -> StateDict:
+        """What the probe learns, on the CPU, by model key: each merged tensor's stored
+        coefficients as `coefficient:<key>`, then the norm layers and the head as themselves.
+        The merged convs are left out: the sources and the coefficients determine them, so a
+        federated probe round sends only this (`load_probe_state` reads it back)."""
+        merged = set(self.weight_keys) | {b for b in self.bias_keys if b is not None}
+        out = {
+            COEFFICIENT_PREFIX + key: coef.detach().cpu().clone()
+            for key, coef in zip(self._coefficient_keys(), self.coefficients, strict=True)
+        }
+        for key, value in self.model.state_dict().items():
+            if key not in merged:
+                out[key] = value.detach().cpu().clone()
+        return out
+
+    def probe_parameter_keys(self) -> list[str]:
+        """The keys of `probe_state` that training changes by gradient (not BN statistics)."""
+        keys = [COEFFICIENT_PREFIX + k for k in self._coefficient_keys()]
+        return keys + [k for k, p in self.model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def load_probe_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Set the coefficients, norm layers and head from a full `probe_state`."""
+        expected = set(self.probe_state())
+        if set(state) != expected:
+            key = sorted(set(state) ^ expected)[0]
+            raise InputError(f"probe state: key '{key}' is missing or unexpected")
+        for key, coef in zip(self._coefficient_keys(), self.coefficients, strict=True):
+            coef.copy_(state[COEFFICIENT_PREFIX + key])
+        rest = {k: v for k, v in state.items() if not k.startswith(COEFFICIENT_PREFIX)}
+        self.model.load_state_dict(rest, strict=False)
 
     def num_coefficients(self) -> int:
         return sum(p.numel() for p in self.coefficients)

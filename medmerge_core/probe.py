@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from medmerge_core.io import atomic_savez, atomic_write_json
 from medmerge_core.merge import MergedModel, coefficient_summary
-from medmerge_core.models import StateDict
+from medmerge_core.models import StateDict, build_model
 from medmerge_core.settings import CHECKPOINT_MINUTES, ProbeSettings
 from medmerge_core.train import Batches, EpochHook, FitResult, Runtime, fit
 
@@ -30,6 +31,81 @@ class LearnedMerge:
     model: nn.Module  # the baked plain model, on the runtime's device
     fit: FitResult | None  # None when the budget is zero
     coefficients: dict[str, np.ndarray]  # [d, ...] per merged key
+
+
+def probe_model(
+    model: nn.Module, sources: Sequence[StateDict], names: Sequence[str], settings: ProbeSettings
+) -> MergedModel:
+    """The probe around `model` (whose head is new), at the merge's initialisation."""
+    return MergedModel(
+        model,
+        sources,
+        names,
+        granularity=settings.granularity,
+        freeze_bn=settings.freeze_bn,
+        constraint=settings.constraint,
+    )
+
+
+def seeded_probe(
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    sources: Sequence[StateDict],
+    names: Sequence[str],
+    settings: ProbeSettings,
+    seed: int,
+) -> MergedModel:
+    """The probe as every party of a merge builds it: the target model with its head drawn
+    after `torch.manual_seed(seed)`, as the coordinator's. A federated probe's server and sites
+    therefore agree on its start without sending it."""
+    torch.manual_seed(seed)
+    return probe_model(build_model(arch, num_classes, in_channels), sources, names, settings)
+
+
+def train_probe(
+    merged: MergedModel,
+    train: Batches,
+    val: Batches,
+    settings: ProbeSettings,
+    lr: float,
+    weight_decay: float,
+    runtime: Runtime,
+    *,
+    multilabel: bool = False,
+    checkpoint: Path | None = None,
+    checkpoint_minutes: float = CHECKPOINT_MINUTES,
+    metrics_log: Path | None = None,
+    show_progress: bool = True,
+    name: str = "medmerge probe",
+    on_epoch_end: EpochHook | None = None,
+) -> tuple[MergedModel, FitResult | None]:
+    """Train the probe for its budget (the best epoch on validation macro-F1): the one training
+    step of the coordinator's probe and of every site's federated probe round.
+
+    BN and head train at (lr, weight_decay), the coefficients at `settings.coef_lr` without
+    decay. Returns the probe on the runtime's device, and None for a zero budget.
+    """
+    if not settings.trains:  # an untrained merge is baked where the sources are
+        return merged, None
+    merged = runtime.model(merged)
+    result = fit(
+        merged,
+        train,
+        val,
+        settings.stage(lr, weight_decay),
+        runtime,
+        multilabel=multilabel,
+        name=name,
+        param_groups=merged.parameter_groups(settings.coef_lr, lr, weight_decay),
+        after_step=merged.project_,
+        checkpoint=checkpoint,
+        checkpoint_minutes=checkpoint_minutes,
+        metrics_log=metrics_log,
+        show_progress=show_progress,
+        on_epoch_end=on_epoch_end,
+    )
+    return merged, result
 
 
 def learn_merge(
@@ -52,39 +128,26 @@ def learn_merge(
     name: str = "medmerge probe",
     on_epoch_end: EpochHook | None = None,
 ) -> LearnedMerge:
-    """Build the probe around `model` (a new head), train it, write its report, bake it.
-
-    BN and head train at (lr, weight_decay), the coefficients at `settings.coef_lr` without
-    decay. Resumable through `checkpoint` like any `fit` stage; `on_epoch_end` gets the probe
+    """Build the probe around `model` (a new head), train it (`train_probe`), write its report,
+    bake it. Resumable through `checkpoint` like any `fit` stage; `on_epoch_end` gets the probe
     (a `MergedModel`, whose current coefficients a tracker can read) after each epoch.
     """
-    merged = MergedModel(
-        model,
-        sources,
-        names,
-        granularity=settings.granularity,
-        freeze_bn=settings.freeze_bn,
-        constraint=settings.constraint,
+    merged, result = train_probe(
+        probe_model(model, sources, names, settings),
+        train,
+        val,
+        settings,
+        lr,
+        weight_decay,
+        runtime,
+        multilabel=multilabel,
+        checkpoint=checkpoint,
+        checkpoint_minutes=checkpoint_minutes,
+        metrics_log=metrics_log,
+        show_progress=show_progress,
+        name=name,
+        on_epoch_end=on_epoch_end,
     )
-    result = None
-    if settings.trains:  # an untrained merge is baked where the sources are
-        merged = runtime.model(merged)
-        result = fit(
-            merged,
-            train,
-            val,
-            settings.stage(lr, weight_decay),
-            runtime,
-            multilabel=multilabel,
-            name=name,
-            param_groups=merged.parameter_groups(settings.coef_lr, lr, weight_decay),
-            after_step=merged.project_,
-            checkpoint=checkpoint,
-            checkpoint_minutes=checkpoint_minutes,
-            metrics_log=metrics_log,
-            show_progress=show_progress,
-            on_epoch_end=on_epoch_end,
-        )
     coefficients = merged.coefficient_arrays()
     if report_dir is not None:
         write_merge_report(report_dir, coefficients, names)

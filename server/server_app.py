@@ -1,4 +1,5 @@
-"""The ServerApp: discover the roles, collect the backbones, merge at the coordinator, run.
+"""The ServerApp: discover the roles, collect the backbones, learn the merge (at the coordinator
+or federated over the sites), fine-tune.
 
 Each phase's output is saved in the run folder (`FederationRun`) and the strategy checkpoints
 every round, so running the same run config again skips finished phases and resumes."""
@@ -13,12 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.merge_rounds import ProbePlan
 from medmerge_core.federation.run import FederationRun
 from medmerge_core.federation.transport import ModelInfo, compress
 from medmerge_core.federation.validation import accept_merged, check_backbone
 from medmerge_core.models import StateDict
 from server.messages import ask, usable
-from server.strategy import MedMergeFedAvg
+from server.strategy import MedMergeFedAvg, MergeProbeFedAvg
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -43,10 +45,10 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> list[dict[str, Any
         if saved is None:
             saved = collect(grid, cfg, roles)
             run.save_sources(*saved)
-        merged = merge(grid, cfg, roles, *saved, run)
-    state, info = merged
-    sites = {n: roles[n][1] for n in _with_role(roles, "site")}
-    strategy = MedMergeFedAvg(cfg, info, sites, run)
+        learn = merge if cfg.merge_mode == "coordinator" else merge_federated
+        merged = learn(grid, cfg, roles, *saved, run)
+    state, info, releases = merged
+    strategy = MedMergeFedAvg(cfg, info, _sites(roles), run, releases)
     strategy.start(grid, ArrayRecord(state), cfg.rounds, cfg.timeout)
     return strategy.history
 
@@ -71,6 +73,10 @@ def _with_role(roles: Roles, role: str) -> list[int]:
     return [n for n, (r, _) in sorted(roles.items()) if r == role]
 
 
+def _sites(roles: Roles) -> dict[int, str]:
+    return {n: roles[n][1] for n in _with_role(roles, "site")}
+
+
 def collect(grid: Grid, cfg: FederationConfig, roles: Roles) -> tuple[list[StateDict], list[str]]:
     """Phase 1: every institution returns its (possibly freshly pretrained) backbone."""
     content = RecordDict({"config": ConfigRecord({"arch": cfg.arch})})
@@ -93,7 +99,7 @@ def collect(grid: Grid, cfg: FederationConfig, roles: Roles) -> tuple[list[State
 
 
 def merge(grid: Grid, cfg: FederationConfig, roles: Roles, sources: list[StateDict],
-          names: list[str], run: FederationRun) -> tuple[StateDict, ModelInfo]:  # fmt: skip
+          names: list[str], run: FederationRun) -> tuple[StateDict, ModelInfo, int]:  # fmt: skip
     """Phase 2: the coordinator learns the merge on its data and returns the baked model."""
     coordinators = _with_role(roles, "coordinator")
     if not coordinators:
@@ -115,4 +121,53 @@ def merge(grid: Grid, cfg: FederationConfig, roles: Roles, sources: list[StateDi
     run.save_merged(state, info, coefficients, names, metrics)
     run.log({"phase": "merge", "sources": names, **metrics})
     log.info("merge: %s", metrics)
-    return state, info
+    return state, info, 0
+
+
+def merge_federated(
+    grid: Grid,
+    cfg: FederationConfig,
+    roles: Roles,
+    sources: list[StateDict],
+    names: list[str],
+    run: FederationRun,
+) -> tuple[StateDict, ModelInfo, int]:
+    """Phase 2, federated: every site trains the probe each round (`MergeProbeFedAvg`), the
+    server bakes the last aggregate once. Returns (merged model, its description, DP releases)."""
+    sites = _sites(roles)
+    if not sites:
+        raise RuntimeError("merge: merge-mode 'federated' needs nodes with role 'site'")
+    if _with_role(roles, "coordinator"):
+        log.info("merge: merge-mode 'federated'; the coordinator node takes no part")
+    info = target_info(grid, cfg, roles, list(sites))
+    plan = ProbePlan(tuple(sources), tuple(names), info, cfg.merge, cfg.seed)
+    strategy = MergeProbeFedAvg(cfg, plan, sites, run)
+    result = strategy.start(grid, ArrayRecord(plan.initial), cfg.merge_rounds, cfg.timeout)
+    state, coefficients = plan.bake(result.arrays.to_torch_state_dict())
+    last = strategy.history[-1] if strategy.history else {}
+    sent = {k: v for k, v in plan.initial.items() if k in strategy.keys}
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    metrics = {
+        **{k: v for k, v in last.items() if k == "train_loss" or k.startswith("val_")},
+        "probe_mbytes": ArrayRecord(compress(sent, cfg.fp16)).count_bytes() / 2**20,
+        "model_mbytes": ArrayRecord(compress(floats, cfg.fp16)).count_bytes() / 2**20,
+    }
+    run.save_merged(state, info, coefficients, names, metrics, strategy.releases)
+    run.log({"phase": "merge", "mode": "federated", "sources": names, **metrics})
+    log.info("merge (federated, %d rounds): %s", cfg.merge_rounds, metrics)
+    return state, info, strategy.releases
+
+
+def target_info(grid: Grid, cfg: FederationConfig, roles: Roles, sites: list[int]) -> ModelInfo:
+    """The model the sites' target data needs: every site that answers must agree."""
+    sent, replies = ask(grid, sites, "query.target", RecordDict(), cfg.timeout)
+    found = {
+        r.metadata.src_node_id: ModelInfo.from_config(r.content["info"])
+        for r in replies
+        if usable("merge", r, sent, roles)
+    }
+    if not found:
+        raise RuntimeError("merge: no site described its target data")
+    if len(set(found.values())) > 1:
+        raise RuntimeError(f"merge: the sites' target data disagree: {found}")
+    return next(iter(found.values()))

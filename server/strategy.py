@@ -1,11 +1,13 @@
-"""The fine-tuning strategy: Flower's FedAvg over the sites, owning its rounds.
+"""The federated phases' strategies: Flower's FedAvg over the sites, owning their rounds.
 
-`MedMergeFedAvg.start` runs the rounds as Flower's own `Strategy.start` does, plus what a
+`FederatedRounds.start` runs the rounds as Flower's own `Strategy.start` does, plus what a
 hospital federation needs: resume after the last checkpointed round, a checkpoint and a log
-line after every round, reply screening, optional differential privacy (DP-FedAvg with an
-accountant), InMerge on each aggregate (after the noise), metrics pooled over the sites' test
-sets, and a last evaluation of the final model. The science (screening rules, dtype restoration,
-DP, InMerge, pooled metrics) is in medmerge_core; this class moves it in and out of messages.
+line after every round, reply screening, and optional differential privacy (DP-FedAvg with an
+accountant whose releases span both phases). `MergeProbeFedAvg` runs the federated merge probe;
+`MedMergeFedAvg` the fine-tuning, with InMerge on each aggregate (after the noise), metrics
+pooled over the sites' test sets, and a last evaluation of the final model. The science
+(screening rules, dtype restoration, DP, InMerge, pooled metrics, the probe) is in
+medmerge_core; these classes move it in and out of messages.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Result
 
 from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.merge_rounds import ProbePlan, sources_digest
 from medmerge_core.federation.privacy import epsilon, private_mean
 from medmerge_core.federation.run import FederationRun, round_table, table_text
 from medmerge_core.federation.transport import (
@@ -74,30 +77,43 @@ def _aggregator(cfg: FederationConfig) -> FedAvg:
     return FedAvg(min_train_nodes=1)
 
 
-class MedMergeFedAvg(FedAvg):
-    """FedAvg over site nodes with reply screening, fp16 transport, DP and InMerge.
+class FederatedRounds(FedAvg):
+    """The rounds both federated phases share: FedAvg over the site nodes with reply screening,
+    fp16 transport, robust aggregation, DP-FedAvg, a checkpoint and a log line per round.
 
-    `sites` maps node id -> name (for log lines). The InMerge and DP-noise generators and the
-    count of DP releases are the strategy's state; `state_dict()` / `load_state_dict()` carry
-    them through the per-round checkpoint, so a resumed run draws the same partners and noise
-    as an uninterrupted one and accounts every release.
+    `meta` gives the keys, shapes and dtypes of the state the server holds, `keys` the ones
+    that travel and `dp_keys` the ones DP clips and noises. The DP-noise generator and the count
+    of DP releases are the strategy's state (`state_dict`), so a resumed run draws the same
+    noise and accounts every release; `releases` starts a phase after an earlier phase's.
     """
 
+    phase = "round"  # the metrics.jsonl phase of a round
+    checkpoint_name = "checkpoint.pt"
+    title = "Federated fine-tuning"
+    train_type: str = MessageType.TRAIN
+
     def __init__(
-        self, cfg: FederationConfig, info: ModelInfo, sites: Mapping[int, str], run: FederationRun
+        self,
+        cfg: FederationConfig,
+        sites: Mapping[int, str],
+        run: FederationRun,
+        meta: Mapping[str, torch.Tensor],
+        norm_keys: Sequence[str],
+        parameters: Sequence[str],
+        noise_seed: int,
+        releases: int = 0,
     ) -> None:
         super().__init__(min_train_nodes=cfg.min_sites, min_evaluate_nodes=1, min_available_nodes=1)
         self.cfg = cfg
-        self.info = info
         self.sites = dict(sites)
         self.run = run
-        self.meta, self.conv_keys, self.norm_keys = model_reference(info)
+        self.meta = dict(meta)
+        self.norm_keys = list(norm_keys)
         self.keys = transport_keys(self.meta, self.norm_keys, cfg.fedbn)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.noise = torch.Generator().manual_seed(cfg.seed + 1)
-        self.releases = 0  # rounds whose aggregate carried DP noise
-        params = set(parameter_keys(info))
+        params = set(parameters)
         self.dp_keys = [k for k in self.keys if k in params]  # what DP clips and noises
+        self.noise = torch.Generator().manual_seed(noise_seed)
+        self.releases = releases  # rounds whose aggregate carried DP noise (all phases)
         self._aggregator = _aggregator(cfg)
         self.history: list[dict[str, Any]] = []
         self._current: StateDict = {}
@@ -106,14 +122,9 @@ class MedMergeFedAvg(FedAvg):
         self._addressed: list[Message] = []  # this round's messages (ids set when pushed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "generator": self.generator.get_state(),
-            "noise": self.noise.get_state(),
-            "releases": self.releases,
-        }
+        return {"noise": self.noise.get_state(), "releases": self.releases}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
         self.noise.set_state(state["noise"])
         self.releases = int(state["releases"])
 
@@ -132,15 +143,16 @@ class MedMergeFedAvg(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Any = None,
     ) -> Result:
-        """Rounds 1..num_rounds from the merged model, or after the run's last checkpoint."""
+        """Rounds 1..num_rounds from `initial_arrays`, or after the phase's last checkpoint."""
         state = initial_arrays.to_torch_state_dict()
         start = 0
-        saved = self.run.load_checkpoint()
+        saved = self.run.load_checkpoint(self.checkpoint_name)
         if saved is not None:
             state, start, self.history = saved["state_dict"], int(saved["round"]), saved["history"]
             self.load_state_dict(saved["strategy"])
-            log.info("resuming after round %d of %d from %s", start, num_rounds, self.run.dir)
-        if self.cfg.fedbn:  # each site starts its private norm layers from the merged model's
+            log.info("%s: resuming after round %d of %d from %s", self.title, start, num_rounds,
+                     self.run.dir)  # fmt: skip
+        if self.cfg.fedbn:  # each site starts its private norm layers from the server's start
             self._extra = {"local-init": ArrayRecord({k: state[k] for k in self.norm_keys})}
         result = Result()
         for server_round in range(start + 1, num_rounds + 1):
@@ -153,13 +165,10 @@ class MedMergeFedAvg(FedAvg):
                 log.warning("round %d: no aggregate; the global model is unchanged", server_round)
             else:
                 state = {**state, **restore_dtypes(arrays.to_torch_state_dict(), self.meta)}
-            messages = self.configure_evaluate(
-                server_round, self._shared(state), self._config(evaluate_config), grid
-            )
-            evaluation = self.aggregate_evaluate(server_round, exchange(grid, messages, timeout))
+            evaluation = self._evaluate_round(grid, server_round, state, evaluate_config, timeout)
             sent = sum(v for k, v in self._round_log.items() if k.startswith("bytes_"))
             record = {
-                "phase": "round",
+                "phase": self.phase,
                 "round": server_round,
                 **self._round_log,
                 **_metrics(train, ""),
@@ -168,18 +177,29 @@ class MedMergeFedAvg(FedAvg):
                 "seconds": time.perf_counter() - began,
             }
             self.history.append(record)
-            self.run.save_round(server_round, state, self.state_dict(), self.history)
+            self.run.save_round(
+                self.checkpoint_name, server_round, state, self.state_dict(), self.history
+            )
             self.run.log(record)
-            log.info("\n%s", table_text(round_table(self.history)))
+            log.info("\n%s", table_text(round_table(self.history, self.title)))
             result.train_metrics_clientapp[server_round] = train or MetricRecord()
             result.evaluate_metrics_clientapp[server_round] = evaluation or MetricRecord()
-        self.run.save_final(state, self.info)
-        log.info("final model: %s", self.run.dir / "final.pt")
-        self._evaluate_final(grid, state, evaluate_config, num_rounds, timeout)
+        self._finish(grid, state, evaluate_config, num_rounds, timeout)
         result.arrays = ArrayRecord(state)
         return result
 
-    def _evaluate_final(
+    def _evaluate_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        config: ConfigRecord | None,
+        timeout: float,
+    ) -> MetricRecord | None:
+        """The sites' evaluation of the new global model (None: this phase has none)."""
+        return None
+
+    def _finish(
         self,
         grid: Grid,
         state: Mapping[str, torch.Tensor],
@@ -187,20 +207,21 @@ class MedMergeFedAvg(FedAvg):
         num_rounds: int,
         timeout: float,
     ) -> None:
-        """final.pt on every site's test set, pooled; under FedBN each site scores (and saves
-        on its own disk) final.pt with its own norm layers."""
-        config = ConfigRecord({**self._config(config), "final": True})
-        messages = self.configure_evaluate(num_rounds, self._shared(state), config, grid)
-        evaluation = self.aggregate_evaluate(num_rounds, exchange(grid, messages, timeout))
-        record = {"phase": "final", "model": "final.pt", **_metrics(evaluation, "")}
-        self.run.log(record)
-        log.info("final model, pooled over the sites' test sets: %s", record)
+        """What the phase does with its final state (nothing, unless overridden)."""
 
     def _shared(self, state: Mapping[str, torch.Tensor]) -> ArrayRecord:
         return ArrayRecord({k: state[k] for k in self.keys})
 
     def _config(self, extra: ConfigRecord | None) -> ConfigRecord:
-        return ConfigRecord({**self.info.as_config(), **(extra or {})})
+        return ConfigRecord(dict(extra or {}))
+
+    def _node_records(self, node: int, kind: str) -> dict[str, ArrayRecord]:
+        """Records sent to `node` besides the global arrays and the config."""
+        return dict(self._extra)
+
+    def _post_process(self, state: StateDict) -> StateDict:
+        """What runs on each aggregate, after any DP noise (post-processing)."""
+        return state
 
     # ------------------------------------------------------------------ one round
 
@@ -209,16 +230,25 @@ class MedMergeFedAvg(FedAvg):
     ) -> list[Message]:
         connected = set(grid.get_node_ids())
         nodes = [n for n in self.sites if n in connected]
-        if kind == MessageType.TRAIN and len(nodes) < self.min_train_nodes:
+        train = kind == self.train_type
+        if train and len(nodes) < self.min_train_nodes:
             self._skip(server_round, f"{len(nodes)} site(s) connected, min-sites is "
                                      f"{self.min_train_nodes}")  # fmt: skip
             return []
         config["server-round"] = server_round
         payload = ArrayRecord(compress(arrays.to_torch_state_dict(), self.cfg.fp16))
-        content = RecordDict({"arrays": payload, "config": config, **self._extra})
-        sent = payload.count_bytes() + sum(r.count_bytes() for r in self._extra.values())
-        self._round_log[f"bytes_{kind}_down"] = sent * len(nodes)
-        self._addressed = list(self._construct_messages(content, nodes, kind))
+        label = "train" if train else "evaluate"
+        self._addressed = []
+        for node in nodes:
+            records = self._node_records(node, kind)
+            content = RecordDict({"arrays": payload, "config": config, **records})
+            self._addressed += self._construct_messages(content, [node], kind)
+            for name, size in [("arrays", payload.count_bytes())] + [
+                (k, r.count_bytes()) for k, r in records.items()
+            ]:
+                what = "sources" if name.startswith("source-") else label
+                key = f"bytes_{what}_down"
+                self._round_log[key] = self._round_log.get(key, 0) + size
         return self._addressed
 
     def configure_train(
@@ -226,7 +256,7 @@ class MedMergeFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._current = arrays.to_torch_state_dict()
         self._round_log = {}
-        return self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
+        return self._messages(server_round, arrays, config, grid, self.train_type)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -306,10 +336,7 @@ class MedMergeFedAvg(FedAvg):
             if arrays is None:
                 return None, metrics
             state = restore_dtypes(arrays.to_torch_state_dict(), self.meta)
-        if self.cfg.inmerge is not None:  # after the noise: post-processing
-            state, changed = apply_inmerge(state, self.conv_keys, self.cfg.inmerge, self.generator)
-            self._round_log["inmerge_kernels"] = changed
-        return ArrayRecord(state), metrics
+        return ArrayRecord(self._post_process(state)), metrics  # after the noise
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -322,3 +349,124 @@ class MedMergeFedAvg(FedAvg):
         local = [RecordDict({"metrics": m.content["metrics"]}) for m in replies]
         metrics = self.evaluate_metrics_aggr_fn(local, self.weighted_by_key)
         return MetricRecord({**dict(metrics), **_pooled(replies)})
+
+
+class MedMergeFedAvg(FederatedRounds):
+    """Federated fine-tuning of the merged model, with InMerge on each aggregate (after the DP
+    noise), evaluation pooled over the sites' test sets after every round, and the final model
+    saved and evaluated. The InMerge generator is part of the checkpointed state."""
+
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        info: ModelInfo,
+        sites: Mapping[int, str],
+        run: FederationRun,
+        releases: int = 0,
+    ) -> None:
+        meta, self.conv_keys, norm = model_reference(info)
+        super().__init__(cfg, sites, run, meta, norm, parameter_keys(info), cfg.seed + 1, releases)
+        self.info = info
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
+
+    def _config(self, extra: ConfigRecord | None) -> ConfigRecord:
+        return ConfigRecord({**self.info.as_config(), **(extra or {})})
+
+    def _evaluate_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        config: ConfigRecord | None,
+        timeout: float,
+    ) -> MetricRecord | None:
+        messages = self.configure_evaluate(
+            server_round, self._shared(state), self._config(config), grid
+        )
+        return self.aggregate_evaluate(server_round, exchange(grid, messages, timeout))
+
+    def _finish(
+        self,
+        grid: Grid,
+        state: Mapping[str, torch.Tensor],
+        config: ConfigRecord | None,
+        num_rounds: int,
+        timeout: float,
+    ) -> None:
+        """final.pt, then evaluated on every site's test set, pooled; under FedBN each site
+        scores (and saves on its own disk) final.pt with its own norm layers."""
+        self.run.save_final(state, self.info)
+        log.info("final model: %s", self.run.dir / "final.pt")
+        config = ConfigRecord({**self._config(config), "final": True})
+        messages = self.configure_evaluate(num_rounds, self._shared(state), config, grid)
+        evaluation = self.aggregate_evaluate(num_rounds, exchange(grid, messages, timeout))
+        record = {"phase": "final", "model": "final.pt", **_metrics(evaluation, "")}
+        self.run.log(record)
+        log.info("final model, pooled over the sites' test sets: %s", record)
+
+    def _post_process(self, state: StateDict) -> StateDict:
+        if self.cfg.inmerge is None:
+            return state
+        state, changed = apply_inmerge(state, self.conv_keys, self.cfg.inmerge, self.generator)
+        self._round_log["inmerge_kernels"] = changed
+        return state
+
+
+class MergeProbeFedAvg(FederatedRounds):
+    """The federated merge probe (`merge-mode = "federated"`): each round every site trains the
+    probe from the aggregate (`Node.probe_round`) and returns its probe state. The source
+    backbones go to a site with its first message of the run (and again after it failed, in
+    case it lost its cache); later messages name them by digest only."""
+
+    phase = "probe-round"
+    checkpoint_name = "probe-checkpoint.pt"
+    title = "Federated merge probe"
+    train_type = "train.probe"
+
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        plan: ProbePlan,
+        sites: Mapping[int, str],
+        run: FederationRun,
+    ) -> None:
+        initial = plan.initial
+        super().__init__(
+            cfg, sites, run, initial, plan.norm_keys, plan.parameter_keys, cfg.seed + 2
+        )  # fmt: skip  (noise independent of fine-tuning's)
+        self.plan = plan
+        self.sources = {
+            f"source-{i}": ArrayRecord(compress(s, cfg.fp16)) for i, s in enumerate(plan.sources)
+        }
+        self.digest = sources_digest([r.to_torch_state_dict() for r in self.sources.values()])
+        self.has_sources: set[int] = set()
+
+    def _config(self, extra: ConfigRecord | None) -> ConfigRecord:
+        return ConfigRecord({
+            **self.plan.info.as_config(), "names": list(self.plan.names),
+            "sources-digest": self.digest, **(extra or {}),
+        })  # fmt: skip
+
+    def _node_records(self, node: int, kind: str) -> dict[str, ArrayRecord]:
+        if node in self.has_sources:
+            return dict(self._extra)
+        return {**self._extra, **self.sources}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            node = addressee(msg, self._addressed)
+            if msg.has_error():
+                self.has_sources.discard(node)
+            else:
+                self.has_sources.add(node)
+        return super().aggregate_train(server_round, replies)

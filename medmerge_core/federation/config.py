@@ -19,6 +19,7 @@ from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 ROLES: tuple[str, ...] = ("institution", "coordinator", "site")
 DP_MODES: tuple[str, ...] = ("none", "server", "client")
 AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
+MERGE_MODES: tuple[str, ...] = ("coordinator", "federated")
 # Settings that may change between a run and its resumption without invalidating it.
 RESUMABLE_CHANGES: frozenset[str] = frozenset({"rounds", "timeout", "device", "output_dir"})
 # Run-config keys that were renamed: a one-line pointer instead of "unknown key".
@@ -51,6 +52,9 @@ class FederationConfig:
     synthetic_n_train: int = 400
     synthetic_n_val: int = 160
     synthetic_n_test: int = 200
+    # Sharded training data (node config `shard = "i/k"`, and every simulated target holder):
+    # 0 splits each class evenly; alpha > 0 skews the labels, Dirichlet(alpha) per class.
+    label_skew: float = 0.0
     # Deployment: how many nodes to wait for before starting (0: every one already there).
     wait_nodes: int = 0
     # Phase 1: institutions pretrain when they have data and no checkpoint yet.
@@ -59,6 +63,11 @@ class FederationConfig:
     merge: ProbeSettings = field(default_factory=ProbeSettings)
     merge_lr: float = 1e-3
     merge_weight_decay: float = 0.01
+    # Who learns the merge: "coordinator" (one node, on its own target data) or "federated"
+    # (every site, `merge-rounds` rounds of the probe's budget each, averaged by the server
+    # with the fine-tuning's screening, robust aggregation and DP; federation.merge_rounds).
+    merge_mode: str = "coordinator"
+    merge_rounds: int = 5
     # Phase 3: federated fine-tuning at the sites, `ft` per round, InMerge on each aggregate.
     rounds: int = 3
     ft: StageSettings = field(default_factory=lambda: StageSettings(epochs=1, lr=1e-4))
@@ -95,6 +104,12 @@ class FederationConfig:
                 raise InputError("dp-clipping-norm: must be > 0 (and dp-noise-multiplier >= 0)")
             if not 0 < self.dp_delta < 1:
                 raise InputError(f"dp-delta: must be in (0, 1), got {self.dp_delta}")
+        if self.label_skew < 0:
+            raise InputError(f"label-skew: must be >= 0 (0: stratified), got {self.label_skew}")
+        if self.merge_mode not in MERGE_MODES:
+            raise InputError(f"merge-mode: expected one of {MERGE_MODES}, got '{self.merge_mode}'")
+        if self.merge_rounds < 1:
+            raise InputError(f"merge-rounds: must be >= 1, got {self.merge_rounds}")
         for name in ("rounds", "wait_nodes"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', '-')}: must be >= 0")

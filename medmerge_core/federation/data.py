@@ -18,7 +18,7 @@ def parse_data_spec(text: str, cfg: FederationConfig) -> dict[str, Any]:
     """'synthetic:TASK', a MedMNIST '.npz' path, or a .yaml/.json file holding a data mapping;
     the image size goes with it, so the spec alone says how to load the data."""
     spec = _data_mapping(text, cfg)
-    return {**spec, "image_size": cfg.image_size}
+    return {**spec, "image_size": cfg.image_size, "label_skew": cfg.label_skew}
 
 
 def _data_mapping(text: str, cfg: FederationConfig) -> dict[str, Any]:
@@ -47,12 +47,43 @@ def _data_mapping(text: str, cfg: FederationConfig) -> dict[str, Any]:
     )
 
 
-def shard_task(task: TaskData, index: int, count: int, seed: int) -> TaskData:
-    """Shard `index` of `count` of every split: disjoint, label-stratified, deterministic."""
+MIN_SHARD = 10  # training examples every label-skewed shard gets at least
+
+
+def dirichlet_shards(labels: np.ndarray, count: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Label-skewed shards (Hsu et al. 2019): each class is split over the `count` shards in
+    proportions drawn from Dirichlet(alpha); redrawn until every shard holds `MIN_SHARD`."""
+    rng = np.random.default_rng((seed, count, len(labels), 17))
+    for _ in range(1000):
+        shards: list[list[int]] = [[] for _ in range(count)]
+        for label in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == label))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * count))[:-1] * len(members)).astype(int)
+            for shard, part in zip(shards, np.split(members, cuts), strict=True):
+                shard.extend(part.tolist())
+        if min(len(s) for s in shards) >= MIN_SHARD:
+            return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
+    raise InputError(
+        f"label-skew {alpha}: no split of {len(labels)} examples into {count} shards gives each "
+        f"{MIN_SHARD}; raise label-skew or use fewer shards"
+    )
+
+
+def shard_task(
+    task: TaskData, index: int, count: int, seed: int, label_skew: float = 0.0
+) -> TaskData:
+    """Shard `index` of `count` of every split: disjoint, deterministic, label-stratified; with
+    `label_skew` > 0 the training split is label-skewed instead (`dirichlet_shards`)."""
     splits = {}
     for name, split in task.splits().items():
+        single_label = split.labels.ndim == 1
+        if name == "train" and label_skew > 0 and single_label:
+            splits[name] = split.subset(
+                dirichlet_shards(split.labels, count, label_skew, seed)[index]
+            )
+            continue
         order = np.random.default_rng((seed, count, len(split))).permutation(len(split))
-        if split.labels.ndim == 1:
+        if single_label:
             order = order[np.argsort(split.labels[order], kind="stable")]
         splits[name] = split.subset(np.sort(order[index::count]))
     return dataclasses.replace(task, **splits)
@@ -64,10 +95,10 @@ def load_node_data(
     """A node's data from its parsed spec (`parse_data_spec`), sharded when it holds a shard."""
     from medmerge_core.data.registry import load_task
 
-    data = {k: v for k, v in spec.items() if k != "image_size"}
+    data = {k: v for k, v in spec.items() if k not in ("image_size", "label_skew")}
     task = load_task(data, image_size=spec["image_size"], seed=seed)
     if shard is not None:
-        task = shard_task(task, *shard, seed=seed)
+        task = shard_task(task, *shard, seed=seed, label_skew=spec.get("label_skew", 0.0))
     if min(len(task.train), len(task.val), len(task.test)) == 0:
         raise InputError(f"node '{name}': a split of its data is empty after sharding")
     return task

@@ -22,6 +22,7 @@ from medmerge_core.errors import InputError
 from medmerge_core.federation.audit import audit_file
 from medmerge_core.federation.config import FederationConfig, NodeSettings, node_settings
 from medmerge_core.federation.data import load_node_data, parse_data_spec
+from medmerge_core.federation.merge_rounds import fitted_sources
 from medmerge_core.federation.privacy import clip_update
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
 from medmerge_core.federation.transport import (
@@ -34,10 +35,11 @@ from medmerge_core.inmerge import training_hook
 from medmerge_core.metrics import pooling_counts
 from medmerge_core.models import StateDict, build_model, fit_backbone, is_source_spec, load_source
 from medmerge_core.pretrain import pretrain_source
-from medmerge_core.probe import LearnedMerge, learn_merge
+from medmerge_core.probe import LearnedMerge, learn_merge, seeded_probe, train_probe
 from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 from medmerge_core.train import (
     EVAL_BATCH_SIZE,
+    FitResult,
     Runtime,
     evaluate,
     fit,
@@ -51,6 +53,15 @@ log = logging.getLogger(__name__)
 
 def _cpu(state: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _fit_metrics(result: FitResult | None) -> dict[str, float]:
+    """A local stage's reply metrics: its last epoch's training loss and the validation metrics
+    of the epoch it returns (its best)."""
+    if result is None or not result.history:
+        return {}
+    metrics = {"train_loss": float(result.history[-1]["train_loss"])}
+    return metrics | {f"val_{k}": float(v) for k, v in result.best_val.items()}
 
 
 @dataclass(frozen=True)
@@ -183,13 +194,52 @@ class Node:
 
     # ------------------------------------------------------------------ site
 
-    def local_norm(self, up_to: int, initial: StateDict | None) -> StateDict | None:
-        """FedBN: this site's own norm layers after round `up_to` or earlier, else `initial`
-        (the merged model's); None without FedBN."""
+    def local_norm(
+        self, up_to: int, initial: StateDict | None, phase: str = "finetune"
+    ) -> StateDict | None:
+        """FedBN: this site's own norm layers after round `up_to` or earlier of `phase`
+        ("probe" or "finetune"; fine-tuning starts from the site's last federated-probe layers
+        when it has some), else `initial` (the server's start); None without FedBN."""
         if self.fedbn_dir is None:
             return None
-        saved = FedBNStore(self.fedbn_dir).latest(up_to)
+        if phase == "probe":
+            saved = self._probe_norms().latest(up_to)
+        else:
+            saved = FedBNStore(self.fedbn_dir).latest(up_to)
+            if saved is None:
+                saved = self._probe_norms().latest(10**9)
         return saved if saved is not None else initial
+
+    def _probe_norms(self) -> FedBNStore:
+        assert self.fedbn_dir is not None
+        return FedBNStore(self.fedbn_dir / "probe")
+
+    def _round_seed(self, server_round: int) -> int:
+        """The seed of this site's local work in a round: the run's seed in round 1 at the
+        first shard (as the coordinator's), distinct for every other round and shard."""
+        shard = (self.settings.shard or (0, 1))[0]
+        return self.seed + 1_000_003 * (server_round - 1) + 101 * shard
+
+    def _check_target(self, info: ModelInfo) -> None:
+        task = self.task
+        if (task.num_classes, task.in_channels) != (info.num_classes, info.in_channels):
+            raise InputError(
+                f"site data has {task.num_classes} classes / {task.in_channels} channels, the "
+                f"merged model {info.num_classes} / {info.in_channels}"
+            )
+
+    def target_info(self) -> ModelInfo:
+        """The model this site's target data needs (the server's federated probe start)."""
+        return ModelInfo(self.arch, self.task.num_classes, self.task.in_channels)
+
+    def _clip(
+        self, state: StateDict, sent: Mapping[str, torch.Tensor], parameters: Sequence[str]
+    ) -> StateDict:
+        """dp = "client": the update on the sent parameters clipped here, before it leaves."""
+        if self.dp_clip is None:
+            return state
+        keys = [k for k in sent if k in set(parameters)]
+        return clip_update(state, sent, keys, self.dp_clip)
 
     def _model(
         self,
@@ -197,12 +247,7 @@ class Node:
         info: ModelInfo,
         local_norm: Mapping[str, torch.Tensor] | None,
     ) -> nn.Module:
-        task = self.task
-        if (task.num_classes, task.in_channels) != (info.num_classes, info.in_channels):
-            raise InputError(
-                f"site data has {task.num_classes} classes / {task.in_channels} channels, the "
-                f"merged model {info.num_classes} / {info.in_channels}"
-            )
+        self._check_target(info)
         model = info.build()
         full = model.state_dict()
         full.update(state)
@@ -221,7 +266,7 @@ class Node:
         FedBN the new norm layers are saved on this node's disk first."""
         task = self.task
         model = self._model(state, info, local_norm)
-        seed = self.seed * 1_000_003 + server_round * 101 + (self.settings.shard or (0, 1))[0]
+        seed = self._round_seed(server_round)
         torch.manual_seed(seed)
         result = fit(
             model,
@@ -234,18 +279,54 @@ class Node:
             before_step=None if self.inmerge is None else training_hook(self.inmerge, seed),
             show_progress=False,
         )
-        last = result.history[-1] if result.history else {}
-        metrics = {k: float(v) for k, v in last.items() if isinstance(v, int | float)}
-        metrics.pop("epoch", None)
         out = _cpu(model.state_dict())
         meta, _, norm = model_reference(info)
         if self.fedbn_dir is not None:
             FedBNStore(self.fedbn_dir).save(server_round, {k: out[k] for k in norm})
-        if self.dp_clip is not None:
-            params = set(parameter_keys(info))
-            keys = [k for k in state if k in params]
-            out = clip_update(out, restore_dtypes(state, meta), keys, self.dp_clip)
-        return out, len(task.train), metrics
+        out = self._clip(out, restore_dtypes(state, meta), parameter_keys(info))
+        return out, len(task.train), _fit_metrics(result)
+
+    def probe_round(
+        self,
+        sources: Sequence[StateDict],
+        names: Sequence[str],
+        state: Mapping[str, torch.Tensor],
+        info: ModelInfo,
+        server_round: int,
+        local_norm: Mapping[str, torch.Tensor] | None,
+    ) -> tuple[StateDict, int, dict[str, float]]:
+        """One round of the federated probe: the coordinator's training step (`train_probe`,
+        the probe's budget, best epoch on this site's validation data) from the server's probe
+        state; returns (new probe state, examples, metrics). Under FedBN this site's norm
+        layers stay here, on its disk."""
+        self._check_target(info)
+        task = self.task
+        seed = self._round_seed(server_round)
+        fitted = fitted_sources(sources, names, info)
+        probe = seeded_probe(
+            self.arch, info.num_classes, info.in_channels, fitted, names, self.probe, seed
+        )
+        start = probe.probe_state()
+        sent = restore_dtypes(state, start)
+        probe.load_probe_state({**start, **sent, **(local_norm or {})})
+        probe, result = train_probe(
+            probe,
+            BatchLoader(task.train, self.batch_size, shuffle=True, seed=seed),
+            BatchLoader(task.val, EVAL_BATCH_SIZE),
+            self.probe,
+            self.probe_lr,
+            self.probe_weight_decay,
+            self.runtime,
+            multilabel=task.multilabel,
+            name=f"probe round {server_round}",
+            show_progress=False,
+        )
+        out = probe.probe_state()
+        if self.fedbn_dir is not None:
+            norm = model_reference(info)[2]
+            self._probe_norms().save(server_round, {k: out[k] for k in norm})
+        out = self._clip(out, sent, probe.probe_parameter_keys())
+        return out, len(task.train), _fit_metrics(result)
 
     def evaluate(
         self,

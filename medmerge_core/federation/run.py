@@ -32,10 +32,11 @@ from medmerge_core.probe import write_merge_report
 class FederationRun:
     """Files of one federated run; every write is atomic, so a crash never loses a round.
 
-    config.json (fingerprint), sources.pt (phase 1), merged.pt + the probe report
-    (coefficients.npz, coefficient_summary.json, coefficients.png; phase 2), checkpoint.pt
-    (global model, round, strategy state, history; after every round), metrics.jsonl (one line
-    per phase / round), final.pt (the final model).
+    config.json (fingerprint), sources.pt (phase 1), probe-checkpoint.pt (a federated probe's
+    state after every round), merged.pt + the probe report (coefficients.npz,
+    coefficient_summary.json, coefficients.png; phase 2), checkpoint.pt (global model, round,
+    strategy state, history; after every fine-tuning round), metrics.jsonl (one line per phase /
+    round), final.pt (the final model).
     """
 
     def __init__(self, cfg: FederationConfig) -> None:
@@ -69,12 +70,13 @@ class FederationRun:
     def save_sources(self, sources: Sequence[StateDict], names: Sequence[str]) -> None:
         atomic_torch_save({"sources": list(sources), "names": list(names)}, self.dir / "sources.pt")
 
-    def load_merged(self) -> tuple[StateDict, ModelInfo] | None:
+    def load_merged(self) -> tuple[StateDict, ModelInfo, int] | None:
+        """(merged model, its description, DP releases spent learning it) or None."""
         path = self.dir / "merged.pt"
         if not path.exists():
             return None
         saved = load_torch_file(path, "unreadable merged model", "delete it to merge again")
-        return saved["state_dict"], ModelInfo(**saved["info"])
+        return saved["state_dict"], ModelInfo(**saved["info"]), int(saved.get("releases", 0))
 
     def save_merged(
         self,
@@ -83,8 +85,10 @@ class FederationRun:
         coefficients: Mapping[str, np.ndarray],
         source_names: Sequence[str],
         metrics: Mapping[str, float],
+        releases: int = 0,
     ) -> None:
-        """merged.pt and the coordinator's probe report (the experiment's own files)."""
+        """merged.pt and the probe's report (the experiment's own files); `releases`: the DP
+        releases of a federated probe, which fine-tuning's accounting continues from."""
         write_merge_report(self.dir, coefficients, source_names)
         atomic_torch_save(
             {
@@ -92,21 +96,23 @@ class FederationRun:
                 "info": dataclasses.asdict(info),
                 "arch": info.arch,
                 "metrics": dict(metrics),
+                "releases": releases,
             },
             self.dir / "merged.pt",
         )
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """{'round', 'state_dict', 'strategy', 'history'} of the last completed round."""
-        path = self.dir / "checkpoint.pt"
+    def load_checkpoint(self, name: str = "checkpoint.pt") -> dict[str, Any] | None:
+        """{'round', 'state_dict', 'strategy', 'history'} of a phase's last completed round."""
+        path = self.dir / name
         if not path.exists():
             return None
         return load_torch_file(
-            path, "unreadable round checkpoint", "delete it to fine-tune from the merged model"
+            path, "unreadable round checkpoint", "delete it to start this phase again"
         )
 
     def save_round(
         self,
+        name: str,
         server_round: int,
         state: Mapping[str, torch.Tensor],
         strategy_state: Mapping[str, Any],
@@ -119,7 +125,7 @@ class FederationRun:
                 "strategy": dict(strategy_state),
                 "history": [dict(h) for h in history],
             },
-            self.dir / "checkpoint.pt",
+            self.dir / name,
         )
 
     def save_final(self, state: Mapping[str, torch.Tensor], info: ModelInfo) -> None:
@@ -129,15 +135,18 @@ class FederationRun:
         append_jsonl(self.metrics_path, dict(record))
 
 
-def round_table(history: Sequence[Mapping[str, Any]]) -> Table:
+def round_table(
+    history: Sequence[Mapping[str, Any]], title: str = "Federated fine-tuning"
+) -> Table:
     """Per-round metrics as a rich table (the console view of metrics.jsonl); test metrics are
-    pooled over every site's test images."""
-    table = Table(title="Federated fine-tuning")
+    pooled over every site's test images, validation metrics are the sites' weighted mean."""
+    table = Table(title=title)
     columns = [
         ("round", "round", "{}"),
         ("sites", "sites", "{}"),
         ("rejected", "rejected", "{}"),
         ("train loss", "train_loss", "{:.4f}"),
+        ("val macro-F1", "val_macro_f1", "{:.4f}"),
         ("test acc", "eval_accuracy", "{:.4f}"),
         ("test macro-F1", "eval_macro_f1", "{:.4f}"),
         ("test AUROC", "eval_auroc", "{:.4f}"),

@@ -1,0 +1,321 @@
+"""Federated merge learning study: who learns the MedMerge coefficients, before the same
+federated fine-tuning.
+
+    python -m simulations.federated_probe --data-root ../shared/data/medmnist \
+        --seeds 0 1 2 3 4 --out runs/federated_probe
+
+The target's training labels are split over `--sites` sites, stratified (`iid`) and
+label-skewed (`dirichlet`, Dirichlet `--alpha` per class); validation and test are split
+stratified, and the test metrics are pooled over every site's test share, i.e. the official
+test set. Sources as in the main real-image study: A = the CIFAR-10 ResNet-56, B = a ResNet-56
+pretrained on pneumoniamnist from A (made once, cached under --out). Conditions:
+
+- `coordinator-share`: a coordinator holding one site's share (site 0's) learns the merge;
+- `federated`: the probe federated over all sites (`merge-mode = "federated"`);
+- `coordinator-all`: a coordinator holding all the training labels (the upper bound);
+
+each followed by the same federated fine-tuning over all the sites. Every run is a whole
+in-process federation (simulations.inprocess: the real ServerApp and ClientApp code) in its own
+run folder, so an interrupted study resumes. Writes one RESULTS.md section with paired
+statistics (simulations.stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from client.client_app import app as client_app
+from medmerge_core.errors import InputError
+from medmerge_core.io import read_jsonl
+from medmerge_core.settings import StageSettings, add_arguments, from_arguments
+from server.server_app import run_federation
+from simulations.common import (
+    markdown_table,
+    mean_std,
+    reproduce_block,
+    set_threads,
+    update_section,
+)
+from simulations.inprocess import InProcessGrid
+from simulations.stats import paired_comparison
+from simulations.study import StudySettings, prepare_sources
+
+CONDITIONS = ("coordinator-share", "federated", "coordinator-all")
+PARTITIONS = ("iid", "dirichlet")
+REFERENCE = "federated"  # every comparison is federated - other
+
+
+@dataclass(frozen=True)
+class FederatedProbeSettings:
+    """The study's settings; the probe and fine-tuning ones are the run config's."""
+
+    data_root: Path
+    out: Path = Path("runs/federated_probe")
+    results: Path = Path("RESULTS.md")
+    target: str = "breastmnist"
+    arch: str = "cifar_resnet56"
+    image_size: int = 28
+    sites: int = 3
+    alpha: float = 0.5  # Dirichlet concentration of the label-skewed partition
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    partitions: tuple[str, ...] = PARTITIONS
+    # The probe: a coordinator's budget in steps; the federated one is merge_rounds x
+    # merge_steps at every site (the same total steps as a coordinator's when the product
+    # times the sites equals coordinator_steps).
+    coordinator_steps: int = 300
+    merge_rounds: int = 10
+    merge_steps: int = 10
+    merge_lr: float = 1e-3
+    merge_coef_lr: float = 1e-2
+    rounds: int = 5  # federated fine-tuning rounds, ft.epochs local epochs each
+    ft: StageSettings = field(default_factory=lambda: StageSettings(1, 1e-4))
+    source: StageSettings = field(default_factory=lambda: StageSettings(5, 1e-3))  # pretraining
+    source_train: int | None = None  # cap on Source B's training images
+    batch_size: int = 32
+    threads: int = 1
+    report_only: bool = False
+    argv: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.partitions if p not in PARTITIONS]
+        if bad:
+            raise InputError(f"--partitions: unknown '{bad[0]}'; expected {PARTITIONS}")
+        if self.sites < 2:
+            raise InputError(f"--sites: need at least 2, got {self.sites}")
+
+    def run_dir(self, partition: str, condition: str, seed: int) -> Path:
+        return self.out / f"{self.target}-{partition}-{condition}-seed{seed}"
+
+
+def natural_source(arch: str) -> str:
+    """The CIFAR-10 weights of a CIFAR ResNet (`cifar_resnet56` -> `cifar10:resnet56`)."""
+    if not arch.startswith("cifar_resnet"):
+        raise InputError(f"--arch: the study's Source A needs a CIFAR ResNet, got '{arch}'")
+    return f"cifar10:{arch.removeprefix('cifar_')}"
+
+
+def source_specs(s: FederatedProbeSettings, console: Console) -> dict[str, str]:
+    """A and B as weights specs / checkpoint paths (B pretrained once, cached under --out)."""
+    study = StudySettings(
+        data_root=s.data_root,
+        out=s.out,
+        arch=s.arch,
+        image_size=s.image_size,
+        target=s.target,
+        sources=(
+            ("A", natural_source(s.arch)),
+            ("B", "pretrain:pneumoniamnist@A"),
+            ("C", "zeros"),
+        ),  # fmt: skip  (C is not used)
+        studies=("main",),
+        source=s.source,
+        source_train=s.source_train,
+        batch_size=s.batch_size,
+        report_only=s.report_only,
+        progress=False,
+    )
+    info = prepare_sources(study, console)
+    return {name: info[name]["spec"] for name in ("A", "B") if name in info}
+
+
+def run_config(s: FederatedProbeSettings, partition: str, condition: str, seed: int) -> dict:
+    folder = s.run_dir(partition, condition, seed)
+    federated = condition == "federated"
+    return {
+        "output-dir": str(folder.parent),
+        "run-name": folder.name,
+        "arch": s.arch,
+        "image-size": s.image_size,
+        "seed": seed,
+        "batch-size": s.batch_size,
+        "label-skew": s.alpha if partition == "dirichlet" else 0.0,
+        "merge-mode": "federated" if federated else "coordinator",
+        "merge-rounds": s.merge_rounds,
+        "merge-steps": s.merge_steps if federated else s.coordinator_steps,
+        "merge-lr": s.merge_lr,
+        "merge-coef-lr": s.merge_coef_lr,
+        "rounds": s.rounds,
+        "ft-epochs": s.ft.epochs,
+        "ft-lr": s.ft.lr,
+        "ft-weight-decay": s.ft.weight_decay,
+        "min-sites": 1,
+    }
+
+
+def node_configs(
+    s: FederatedProbeSettings, condition: str, sources: dict[str, str], folder: Path
+) -> list[dict[str, Any]]:
+    data = str((s.data_root / f"{s.target}.npz").resolve())
+    disk = {"state-dir": str(folder / "site-state"), "audit-dir": str(folder / "audit")}
+    nodes: list[dict[str, Any]] = [
+        {"role": "institution", "name": name, "checkpoint": spec, **disk}
+        for name, spec in sources.items()
+    ]
+    if condition != "federated":
+        shard = {"shard": f"0/{s.sites}"} if condition == "coordinator-share" else {}
+        nodes.append({"role": "coordinator", "data": data, **shard, **disk})
+    nodes += [
+        {"role": "site", "name": f"site-{i}", "data": data, "shard": f"{i}/{s.sites}", **disk}
+        for i in range(s.sites)
+    ]
+    return nodes
+
+
+def final_record(folder: Path) -> dict[str, Any] | None:
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return None
+    finals = [r for r in read_jsonl(path) if r.get("phase") == "final"]
+    return finals[-1] if finals else None
+
+
+def run_one(
+    s: FederatedProbeSettings, partition: str, condition: str, seed: int, sources: dict[str, str]
+) -> dict[str, Any] | None:
+    folder = s.run_dir(partition, condition, seed)
+    done = final_record(folder)
+    if done is not None or s.report_only:
+        return done
+    shared = s.run_dir(PARTITIONS[0], condition, seed)
+    if condition == "coordinator-all" and partition != PARTITIONS[0] and shared.exists():
+        # The same merge (all the data, the same seed): reuse it; only fine-tuning differs.
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("sources.pt", "merged.pt", "coefficients.npz", "coefficient_summary.json"):
+            if (shared / name).exists() and not (folder / name).exists():
+                shutil.copy2(shared / name, folder / name)
+    rc = run_config(s, partition, condition, seed)
+    run_federation(InProcessGrid(client_app, node_configs(s, condition, sources, folder), rc), rc)
+    return final_record(folder)
+
+
+def merge_record(folder: Path) -> dict[str, Any]:
+    path = folder / "metrics.jsonl"
+    merges = [r for r in read_jsonl(path) if r.get("phase") == "merge"] if path.exists() else []
+    return merges[-1] if merges else {}
+
+
+def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) -> str:
+    lines = [
+        f"## Federated merge learning on {s.target} ({s.arch}, {s.image_size}x{s.image_size}, "
+        f"{s.sites} sites)",
+        "",
+        f"The training labels of {s.target} are split over {s.sites} sites: stratified (iid) and "
+        f"label-skewed (Dirichlet alpha={s.alpha:g} per class, redrawn per seed). Validation and "
+        "test are split stratified; test metrics are those of the final model pooled over every "
+        f"site's test share, i.e. the official test set. Sources: A = `{natural_source(s.arch)}`, "
+        "B = the same network pretrained on pneumoniamnist from A "
+        f"({s.source.epochs} epochs, lr {s.source.lr:g}"
+        + (f", {s.source_train} images" if s.source_train else "")
+        + ").",
+        "",
+        f"Merge: a coordinator's probe runs {s.coordinator_steps} steps; the federated probe "
+        f"runs {s.merge_rounds} rounds of {s.merge_steps} steps at every site "
+        f"({s.merge_rounds * s.merge_steps * s.sites} steps in all); coefficients at lr "
+        f"{s.merge_coef_lr:g}, BN and head at {s.merge_lr:g}, best epoch on the holder's own "
+        f"validation share. Then the same federated fine-tuning for every condition: "
+        f"{s.rounds} rounds of {s.ft.epochs} local epoch(s) at lr {s.ft.lr:g} (AdamW, batch "
+        f"{s.batch_size}, InMerge on each aggregate at its defaults), all sites.",
+        "",
+    ]
+    header = ["partition", "merge learned by", "n", "test accuracy", "test macro-F1",
+              "test AUROC", "probe MB / round / site"]  # fmt: skip
+    rows = []
+    for partition in s.partitions:
+        for condition in CONDITIONS:
+            runs = results[partition][condition]
+            probe = [
+                merge_record(s.run_dir(partition, condition, seed)).get("probe_mbytes")
+                for seed in runs
+            ]
+            rows.append([
+                partition, condition, str(len(runs)),
+                mean_std([r["accuracy"] for r in runs.values()]),
+                mean_std([r["macro_f1"] for r in runs.values()]),
+                mean_std([r["auroc"] for r in runs.values()]),
+                f"{probe[0]:.3f}" if probe and probe[0] else "n/a",
+            ])  # fmt: skip
+    lines += [markdown_table(header, rows), ""]
+    model = [merge_record(s.run_dir(p, REFERENCE, seed)).get("model_mbytes")
+             for p in s.partitions for seed in results[p][REFERENCE]]  # fmt: skip
+    if model and model[0]:
+        lines += [
+            f"A federated probe round sends each site the probe state (coefficients, BN, head) "
+            f"and gets it back; a full model is {model[0]:.2f} MB. The sources go to each "
+            "site once, with its first message.",
+            "",
+        ]
+    lines += [
+        "Paired by seed (difference = federated - other; 95% bootstrap CI; Wilcoxon p; a "
+        "verdict needs the CI to exclude 0 and p < 0.05, which 5 seeds cannot reach):",
+        "",
+    ]
+    header = ["partition", "comparison", "metric", "mean diff", "95% CI", "Wilcoxon p",
+              "seeds higher", "verdict"]  # fmt: skip
+    rows = []
+    for partition in s.partitions:
+        ours = results[partition][REFERENCE]
+        for other in (c for c in CONDITIONS if c != REFERENCE):
+            theirs = results[partition][other]
+            seeds = sorted(set(ours) & set(theirs))
+            if len(seeds) < 2:
+                continue
+            for metric in ("macro_f1", "accuracy"):
+                c = paired_comparison([ours[k][metric] for k in seeds],
+                                      [theirs[k][metric] for k in seeds])  # fmt: skip
+                rows.append([
+                    partition, f"federated - {other}", metric.replace("_", "-"),
+                    f"{c.mean_difference:+.3f}", f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
+                    f"{c.p_value:.3f}", f"{c.wins}/{c.n}", c.verdict.replace("A ", "federated ")
+                    .replace("B better", f"{other} better"),
+                ])  # fmt: skip
+    lines += [markdown_table(header, rows), ""]
+    lines += reproduce_block("simulations.federated_probe", s.argv)
+    return "\n".join(lines)
+
+
+def run_study(s: FederatedProbeSettings, console: Console | None = None) -> dict:
+    console = console or Console()
+    set_threads(s.threads)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    sources = source_specs(s, console)
+    results: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for seed in s.seeds:  # seed-major: a cut-short study still has paired seeds
+        for partition in s.partitions:
+            for condition in CONDITIONS:
+                if not s.report_only:
+                    console.print(f"[bold]{partition}[/] {condition} seed {seed}")
+                record = run_one(s, partition, condition, seed, sources)
+                if record is not None:
+                    results.setdefault(partition, {}).setdefault(condition, {})[seed] = record
+    for partition in s.partitions:
+        for condition in CONDITIONS:
+            results.setdefault(partition, {}).setdefault(condition, {})
+    body = report(s, results, sources)
+    update_section(s.results, f"federated-probe-{s.target}", body)
+    console.print(body)
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> FederatedProbeSettings:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p, FederatedProbeSettings, skip=("argv",))
+    a = p.parse_args(argv)
+    return from_arguments(FederatedProbeSettings, a, argv=tuple(argv or ()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_study(parse_args(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
