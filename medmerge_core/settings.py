@@ -110,6 +110,13 @@ class ProbeSettings:
     def trains(self) -> bool:
         return (self.epochs if self.epochs > 0 else self.steps) != 0
 
+    def per_round(self, rounds: int) -> ProbeSettings:
+        """The budget of one of `rounds` federated probe rounds: this budget spread over them
+        (rounded up), so that every site trains about as long as one coordinator would."""
+        if self.epochs > 0:
+            return dataclasses.replace(self, epochs=math.ceil(self.epochs / rounds))
+        return dataclasses.replace(self, steps=math.ceil(self.steps / rounds))
+
 
 @dataclass(frozen=True)
 class InMergeSettings:

@@ -63,17 +63,16 @@ class FederatedProbeSettings:
     results: Path = Path("RESULTS.md")
     target: str = "breastmnist"
     arch: str = "cifar_resnet56"
+    source_a: str | None = None  # None: the arch's CIFAR-10 weights (`natural_source`)
     image_size: int = 28
     sites: int = 3
     alpha: float = 0.5  # Dirichlet concentration of the label-skewed partition
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     partitions: tuple[str, ...] = PARTITIONS
-    # The probe: a coordinator's budget in steps; the federated one is merge_rounds x
-    # merge_steps at every site (the same total steps as a coordinator's when the product
-    # times the sites equals coordinator_steps).
-    coordinator_steps: int = 300
+    # The probe: every learner (a coordinator, or each site of the federated probe, over
+    # `merge_rounds` rounds) gets `merge_steps` steps, as one coordinator would.
+    merge_steps: int = 300
     merge_rounds: int = 10
-    merge_steps: int = 10
     merge_lr: float = 1e-3
     merge_coef_lr: float = 1e-2
     rounds: int = 5  # federated fine-tuning rounds, ft.epochs local epochs each
@@ -91,6 +90,10 @@ class FederatedProbeSettings:
             raise InputError(f"--partitions: unknown '{bad[0]}'; expected {PARTITIONS}")
         if self.sites < 2:
             raise InputError(f"--sites: need at least 2, got {self.sites}")
+
+    @property
+    def source_a_spec(self) -> str:
+        return self.source_a or natural_source(self.arch)
 
     def run_dir(self, partition: str, condition: str, seed: int) -> Path:
         return self.out / f"{self.target}-{partition}-{condition}-seed{seed}"
@@ -112,7 +115,7 @@ def source_specs(s: FederatedProbeSettings, console: Console) -> dict[str, str]:
         image_size=s.image_size,
         target=s.target,
         sources=(
-            ("A", natural_source(s.arch)),
+            ("A", s.source_a_spec),
             ("B", "pretrain:pneumoniamnist@A"),
             ("C", "zeros"),
         ),  # fmt: skip  (C is not used)
@@ -140,7 +143,7 @@ def run_config(s: FederatedProbeSettings, partition: str, condition: str, seed: 
         "label-skew": s.alpha if partition == "dirichlet" else 0.0,
         "merge-mode": "federated" if federated else "coordinator",
         "merge-rounds": s.merge_rounds,
-        "merge-steps": s.merge_steps if federated else s.coordinator_steps,
+        "merge-steps": s.merge_steps,
         "merge-lr": s.merge_lr,
         "merge-coef-lr": s.merge_coef_lr,
         "rounds": s.rounds,
@@ -211,16 +214,16 @@ def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) ->
         f"The training labels of {s.target} are split over {s.sites} sites: stratified (iid) and "
         f"label-skewed (Dirichlet alpha={s.alpha:g} per class, redrawn per seed). Validation and "
         "test are split stratified; test metrics are those of the final model pooled over every "
-        f"site's test share, i.e. the official test set. Sources: A = `{natural_source(s.arch)}`, "
+        f"site's test share, i.e. the official test set. Sources: A = `{s.source_a_spec}`, "
         "B = the same network pretrained on pneumoniamnist from A "
         f"({s.source.epochs} epochs, lr {s.source.lr:g}"
         + (f", {s.source_train} images" if s.source_train else "")
         + ").",
         "",
-        f"Merge: a coordinator's probe runs {s.coordinator_steps} steps; the federated probe "
-        f"runs {s.merge_rounds} rounds of {s.merge_steps} steps at every site "
-        f"({s.merge_rounds * s.merge_steps * s.sites} steps in all); coefficients at lr "
-        f"{s.merge_coef_lr:g}, BN and head at {s.merge_lr:g}, best epoch on the holder's own "
+        f"Merge: every learner runs the probe for {s.merge_steps} steps: a coordinator in one "
+        f"go, each site of the federated probe over {s.merge_rounds} rounds "
+        f"({-(-s.merge_steps // s.merge_rounds)} steps a round); coefficients at lr "
+        f"{s.merge_coef_lr:g}, BN and head at {s.merge_lr:g}, best epoch on the learner's own "
         f"validation share. Then the same federated fine-tuning for every condition: "
         f"{s.rounds} rounds of {s.ft.epochs} local epoch(s) at lr {s.ft.lr:g} (AdamW, batch "
         f"{s.batch_size}, InMerge on each aggregate at its defaults), all sites.",

@@ -11,7 +11,8 @@ import torch
 
 from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig, node_settings
-from medmerge_core.federation.data import shard_task
+from medmerge_core.federation.data import MIN_SHARD, dirichlet_shards, shard_task
+from medmerge_core.federation.roles import Node
 from medmerge_core.federation.run import FederationRun
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
 from medmerge_core.federation.transport import (
@@ -22,7 +23,7 @@ from medmerge_core.federation.transport import (
     transport_keys,
 )
 from medmerge_core.federation.validation import screen_replies
-from medmerge_core.settings import InMergeSettings, StageSettings
+from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 
 
 def test_run_config_is_typed_and_typos_are_errors() -> None:
@@ -178,3 +179,47 @@ def test_a_corrupt_run_file_names_itself_and_says_how_to_recover(tmp_path) -> No
     (run.dir / "checkpoint.pt").write_bytes(b"torn")
     with pytest.raises(InputError, match=r"checkpoint\.pt: unreadable round checkpoint .*; delete"):
         run.load_checkpoint()
+
+
+def test_label_skewed_shards_are_disjoint_deterministic_and_skewed() -> None:
+    labels = np.repeat([0, 1, 2], 100)
+    shards = dirichlet_shards(labels, 4, alpha=0.5, seed=3)
+    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(len(labels)))
+    assert all(len(s) >= MIN_SHARD for s in shards)
+    again = dirichlet_shards(labels, 4, alpha=0.5, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again, strict=True))
+    other = dirichlet_shards(labels, 4, alpha=0.5, seed=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(shards, other, strict=True))
+    shares = np.array([np.bincount(labels[s], minlength=3) / len(s) for s in shards])
+    assert shares.max() - shares.min() > 0.5  # far from the stratified 1/3 each
+    even = np.array([np.bincount(labels[s], minlength=3) / len(s)
+                     for s in dirichlet_shards(labels, 4, alpha=1e4, seed=3)])  # fmt: skip
+    assert np.abs(even - 1 / 3).max() < 0.1  # a large alpha is close to stratified
+    with pytest.raises(InputError, match=r"label-skew 0\.01"):
+        dirichlet_shards(np.repeat([0, 1], 6), 4, alpha=0.01, seed=0)
+
+
+def test_only_the_training_split_is_label_skewed(tiny_task) -> None:
+    skewed = [shard_task(tiny_task, i, 2, seed=0, label_skew=0.3) for i in range(2)]
+    plain = [shard_task(tiny_task, i, 2, seed=0) for i in range(2)]
+    for a, b in zip(skewed, plain, strict=True):
+        assert np.array_equal(a.val.labels, b.val.labels)
+        assert np.array_equal(a.test.labels, b.test.labels)
+    assert sum(len(p.train) for p in skewed) == len(tiny_task.train)
+
+
+def test_merge_mode_rounds_and_label_skew_are_checked() -> None:
+    cfg = FederationConfig.from_run_config({"merge-mode": "federated", "merge-rounds": 2})
+    assert (cfg.merge_mode, cfg.merge_rounds) == ("federated", 2)
+    # A site's round gets the probe's budget spread over the rounds, rounded up.
+    assert ProbeSettings(steps=300).per_round(7).steps == 43
+    assert ProbeSettings(epochs=3).per_round(2) == ProbeSettings(epochs=2)
+    site = Node.from_configs({"role": "site", "data": "synthetic:target"},
+                             {"merge-mode": "federated", "merge-rounds": 10})  # fmt: skip
+    assert site.probe.steps == 30
+    with pytest.raises(InputError, match=r"^run config merge-mode: expected one of"):
+        FederationConfig.from_run_config({"merge-mode": "central"})
+    with pytest.raises(InputError, match="merge-rounds: must be >= 1"):
+        FederationConfig.from_run_config({"merge-rounds": 0})
+    with pytest.raises(InputError, match="label-skew: must be >= 0"):
+        FederationConfig.from_run_config({"label-skew": -1.0})

@@ -216,25 +216,33 @@ INSTITUTIONS = {
 }
 
 
-def test_tls_authenticated_federation_completes(tmp_path) -> None:
+def test_tls_authenticated_federated_probe_and_fine_tuning_complete(tmp_path) -> None:
+    """Over the wire: TLS, authentication, the audit log, the federated merge probe (the site
+    keeps the sources in its run state between messages) and DP clipped at the site, with
+    the releases of both phases accounted."""
     nodes = {
         **INSTITUTIONS,
-        "coordinator": ["role=coordinator", "data=synthetic:target", "shard=0/2"],
-        "site-1": ["role=site", "data=synthetic:target", "shard=1/2"],
+        "site-1": ["role=site", "data=synthetic:target", "shard=0/2"],
+        "site-2": ["role=site", "data=synthetic:target", "shard=1/2"],
     }
     with Consortium(tmp_path, nodes) as consortium:
-        # Over the wire: TLS, authentication, the audit log and DP clipped at the site.
-        overrides = {"wait-nodes": 4, "dp": '"client"', "dp-noise-multiplier": 0.5}
+        overrides = {"wait-nodes": 4, "dp": '"client"', "dp-noise-multiplier": 0.5,
+                     "merge-mode": '"federated"', "merge-rounds": 2}  # fmt: skip
         run_id = consortium.start_run(tiny_run(tmp_path, **overrides))
         status = consortium.final_status(run_id)
         assert status == ["finished:completed"], (status, consortium.tail())
     assert (tmp_path / "runs" / "federation" / "final.pt").exists()
     records = read_jsonl(tmp_path / "runs" / "federation" / "metrics.jsonl")
+    probe = [(r["round"], r["sites"]) for r in records if r["phase"] == "probe-round"]
+    assert probe == [(1, 2), (2, 2)]
     (round_1,) = [r for r in records if r["phase"] == "round"]
-    assert round_1["dp_epsilon"] == epsilon(0.5, 1, 1e-5)
+    assert round_1["dp_epsilon"] == epsilon(0.5, 3, 1e-5)  # 2 probe releases, then 1
     logs = {p.stem: read_jsonl(p) for p in (tmp_path / "audit" / "federation").glob("*.jsonl")}
     assert set(logs) == set(nodes) and all(logs.values())  # each SuperNode logged on its disk
     assert all(line["message_type"] for lines in logs.values() for line in lines)
+    for site in ("site-1", "site-2"):  # the sources came once; round 2 used the cached copy
+        probes = [line for line in logs[site] if line["message_type"] == "train.probe"]
+        assert ["source-0" in line["received"]["arrays"] for line in probes] == [True, False]
 
 
 def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path) -> None:

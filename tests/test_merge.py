@@ -8,8 +8,8 @@ import torch
 
 from medmerge_core.data.base import BatchLoader
 from medmerge_core.errors import InputError
-from medmerge_core.merge import MergedModel, merge_state_dicts
-from medmerge_core.models import build_model, load_source
+from medmerge_core.merge import COEFFICIENT_PREFIX, MergedModel, merge_state_dicts
+from medmerge_core.models import build_model, load_source, mergeable_keys
 from medmerge_core.probe import write_merge_report
 from medmerge_core.settings import StageSettings
 from medmerge_core.train import Runtime, evaluate, fit
@@ -216,3 +216,27 @@ def test_export_has_every_kernel_coefficient_and_a_layer_summary(tmp_path) -> No
     np.testing.assert_allclose(coef.sum(0), 1.0, atol=1e-6)
     assert arrays["layer_mean"].shape == (20, 2)
     assert list(arrays["sources"]) == ["source0", "source1"]
+
+
+def test_probe_state_holds_what_the_probe_learns_and_rebuilds_the_same_model() -> None:
+    probe = merged("resnet18", granularity="kernel")
+    with torch.no_grad():
+        for i, coef in enumerate(probe.coefficients):
+            coef.uniform_(-0.5, 1.5, generator=torch.Generator().manual_seed(i))
+        probe.model.fc.weight.add_(1.0)
+        probe.model.bn1.running_mean.add_(0.3)
+    state = probe.probe_state()
+    merged_keys = {w for w, _ in mergeable_keys(probe.model)}
+    assert not merged_keys & set(state)  # never a merged conv: the sources make those
+    coefficients = [k for k in state if k.startswith(COEFFICIENT_PREFIX)]
+    assert {k.removeprefix(COEFFICIENT_PREFIX) for k in coefficients} == merged_keys
+    assert {"fc.weight", "bn1.running_mean", "bn1.num_batches_tracked"} <= set(state)
+    assert set(probe.probe_parameter_keys()) == set(coefficients) | {
+        k for k, p in probe.model.named_parameters() if p.requires_grad
+    }
+    fresh = merged("resnet18", granularity="kernel")  # the same sources, another head
+    fresh.load_probe_state(state)
+    baked, rebuilt = probe.bake().state_dict(), fresh.bake().state_dict()
+    assert all(torch.equal(baked[k], rebuilt[k]) for k in baked)
+    with pytest.raises(InputError, match=r"probe state: key 'fc\.bias'"):
+        fresh.load_probe_state({k: v for k, v in state.items() if k != "fc.bias"})

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from medmerge_core.errors import InputError
-from simulations import label_efficiency, reproduce, robustness, study
+from medmerge_core.io import read_jsonl
+from simulations import federated_probe, label_efficiency, reproduce, robustness, study
 from simulations.common import median_range, paired_difference, update_section
 
 
@@ -239,3 +240,34 @@ def test_paired_difference_and_median_range() -> None:
     )
     assert median_range([3.0, 100.0, 5.0]) == "5.0 (3.0-100.0)"
     assert median_range([2.0]) == "2.0" and median_range([]) == "n/a"
+
+
+def test_federated_probe_study_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    argv = [
+        "--data-root", str(data_root), "--out", str(tmp_path / "runs"), "--results", str(results),
+        "--arch", "resnet18", "--image-size", "16", "--source-a", "random:1", "--sites", "2",
+        "--alpha", "5", "--seeds", "0", "1", "--merge-steps", "2", "--merge-rounds", "2",
+        "--rounds", "1", "--source-epochs", "1",
+    ]  # fmt: skip
+    federated_probe.main(argv)
+    text = results.read_text()
+    assert "## Federated merge learning on breastmnist (resnet18, 16x16, 2 sites)" in text
+    for partition in ("iid", "dirichlet"):
+        for condition in federated_probe.CONDITIONS:
+            assert f"| {partition} | {condition} | 2 |" in text
+        assert f"| {partition} | federated - coordinator-all | macro-f1 |" in text
+    assert "python -m simulations.federated_probe" in text
+    # Each run is a whole federation: the coordinator's share is site 0's, the federated probe
+    # checkpointed its rounds, and the upper bound's merge is reused across partitions.
+    run = tmp_path / "runs"
+    assert (run / "breastmnist-iid-federated-seed0/probe-checkpoint.pt").exists()
+    assert not (run / "breastmnist-iid-coordinator-share-seed0/probe-checkpoint.pt").exists()
+    merges = [
+        read_jsonl(run / f"breastmnist-{p}-coordinator-all-seed1/metrics.jsonl")
+        for p in ("iid", "dirichlet")
+    ]
+    assert [r["phase"] for r in merges[0]].count("merge") == 1
+    assert [r["phase"] for r in merges[1]].count("merge") == 0  # reused, not learned again
+    again = federated_probe.main([*argv, "--report-only"])  # reads the finished runs back
+    assert again == 0 and results.read_text() == text

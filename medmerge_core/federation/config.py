@@ -64,8 +64,9 @@ class FederationConfig:
     merge_lr: float = 1e-3
     merge_weight_decay: float = 0.01
     # Who learns the merge: "coordinator" (one node, on its own target data) or "federated"
-    # (every site, `merge-rounds` rounds of the probe's budget each, averaged by the server
-    # with the fine-tuning's screening, robust aggregation and DP; federation.merge_rounds).
+    # (every site, the probe's budget spread over `merge-rounds` rounds, each round averaged by
+    # the server with the fine-tuning's screening, robust aggregation and DP;
+    # federation.merge_rounds).
     merge_mode: str = "coordinator"
     merge_rounds: int = 5
     # Phase 3: federated fine-tuning at the sites, `ft` per round, InMerge on each aggregate.

@@ -47,7 +47,7 @@ def _data_mapping(text: str, cfg: FederationConfig) -> dict[str, Any]:
     )
 
 
-MIN_SHARD = 10  # training examples every label-skewed shard gets at least
+MIN_SHARD = 4  # training examples every label-skewed shard gets at least
 
 
 def dirichlet_shards(labels: np.ndarray, count: int, alpha: float, seed: int) -> list[np.ndarray]:

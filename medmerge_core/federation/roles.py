@@ -74,7 +74,7 @@ class Node:
     seed: int
     batch_size: int
     pretrain: StageSettings
-    probe: ProbeSettings
+    probe: ProbeSettings  # the coordinator's budget, or one federated probe round's
     probe_lr: float
     probe_weight_decay: float
     ft: StageSettings
@@ -99,7 +99,9 @@ class Node:
             seed=cfg.seed,
             batch_size=cfg.batch_size,
             pretrain=cfg.pretrain,
-            probe=cfg.merge,
+            probe=cfg.merge
+            if cfg.merge_mode == "coordinator"
+            else cfg.merge.per_round(cfg.merge_rounds),
             probe_lr=cfg.merge_lr,
             probe_weight_decay=cfg.merge_weight_decay,
             ft=cfg.ft,
