@@ -14,14 +14,17 @@
    ServerApp's streamed log). Ray runs its workers at niceness 15, so any other job on the
    machine slows (c) more than (a) and (b): measure on an idle machine.
 3. `--fp16`: final test metrics of the same run with fp32 and fp16 weights on the wire.
-4. `--privacy`: the per-round cost of DP-FedAvg (`dp = "server"`, noise 1) as a ratio to plain
+4. `--merge-modes`: the default simulation (`flwr run`) with the coordinator's probe and with
+   the federated probe (`merge-mode = "federated"`), interleaved: wall time, merge phase, bytes
+   per probe round.
+5. `--privacy`: the per-round cost of DP-FedAvg (`dp = "server"`, noise 1) as a ratio to plain
    FedAvg, the same run on the in-process Grid side by side (interleaved, medians), and the
    epsilon it reports. SecAgg+ cannot run with Flower 1.41's Message API (README, "Secure
    aggregation"), so it has no row.
 Every federated run prints the kernels InMerge merged on each round's aggregate.
 
 Usage: python benchmarks/bench_federation.py [--bytes] [--overhead [--simulation]] [--fp16]
-       [--privacy]
+       [--privacy] [--merge-modes]
        [--sim-cpus C [C ...]] [--out DIR] [--rounds R] [--n-train N] [--repeats K]
        (defaults 2, 200, 1; val/test are 2/5 and 3/5 of N)
        `--rounds 3 --n-train 400` is the pyproject's default simulation.
@@ -135,6 +138,33 @@ def privacy_cost(small: dict, repeats: int) -> None:
     print(
         f"seconds per round (median): FedAvg {plain:.2f}, DP-FedAvg {private:.2f}, ratio "
         f"{private / plain:.3f}; SecAgg+: not available with Flower 1.41's Message API"
+    )
+
+
+def merge_mode_cost(small: dict, repeats: int, out: Path, cpus: int) -> None:
+    """The default simulation with the coordinator's probe and with the federated probe,
+    interleaved: wall time from `flwr run` to the end, the merge phase, and bytes."""
+    modes = ("coordinator", "federated")
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    merge: dict[str, list[float]] = {m: [] for m in modes}
+    for repeat in range(repeats):
+        for mode in modes[repeat % 2 :] + modes[: repeat % 2]:
+            name = f"mode-{mode}-{repeat}"
+            config = {**small, "run-name": name, "merge-mode": mode}
+            took, record, phases = simulated(config, out / f"flwr-{name}", cpus)
+            seconds[mode].append(took)
+            merge[mode].append(phases["merge"])
+            lines = (out / name / "metrics.jsonl").read_text().splitlines()
+            probe = [json.loads(x) for x in lines if '"probe-round"' in x]
+            sent = [f"{r['mbytes']:.2f}" for r in probe]
+            print(f"repeat {repeat}: {mode} {took:.1f} s (merge {phases['merge']:.1f} s), "
+                  f"last round test accuracy {record['eval_accuracy']:.4f}"
+                  + (f", MB per probe round {sent}" if sent else ""))  # fmt: skip
+    base, fed = (statistics.median(seconds[m]) for m in modes)
+    print(
+        f"simulation, {cpus} CPU/ClientApp (median of {repeats}): coordinator {base:.1f} s "
+        f"(merge {statistics.median(merge['coordinator']):.1f} s), federated {fed:.1f} s "
+        f"(merge {statistics.median(merge['federated']):.1f} s), ratio {fed / base:.2f}x"
     )
 
 
@@ -337,12 +367,17 @@ def main() -> None:
     )
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--privacy", action="store_true", help="DP-FedAvg / FedAvg per round")
+    parser.add_argument(
+        "--merge-modes",
+        action="store_true",
+        help="the simulation with merge-mode coordinator vs federated (first --sim-cpus)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--n-train", type=int, default=200, help="synthetic train images")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved, order rotating")
     args = parser.parse_args()
-    everything = not (args.bytes or args.overhead or args.fp16 or args.privacy)
+    everything = not (args.bytes or args.overhead or args.fp16 or args.privacy or args.merge_modes)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_federation_"))
     small = {
         "output-dir": str(out),
@@ -358,6 +393,8 @@ def main() -> None:
         overhead(small, args.repeats, args.sim_cpus if args.simulation else [], out, last)
     if args.privacy or everything:
         privacy_cost(small, max(args.repeats, 3))
+    if args.merge_modes:
+        merge_mode_cost(small, args.repeats, out, args.sim_cpus[0])
     if args.fp16 or everything:
         for fp16 in (False, True):
             if fp16 not in last:  # the fp32 run is the overhead run when that was measured

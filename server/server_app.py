@@ -138,7 +138,7 @@ def merge_federated(
     if not sites:
         raise RuntimeError("merge: merge-mode 'federated' needs nodes with role 'site'")
     if _with_role(roles, "coordinator"):
-        log.info("merge: merge-mode 'federated'; the coordinator node takes no part")
+        log.info("merge-mode 'federated': the coordinator node takes no part")
     info = target_info(grid, cfg, roles, list(sites))
     plan = ProbePlan(tuple(sources), tuple(names), info, cfg.merge, cfg.seed)
     strategy = MergeProbeFedAvg(cfg, plan, sites, run)
@@ -154,7 +154,7 @@ def merge_federated(
     }
     run.save_merged(state, info, coefficients, names, metrics, strategy.releases)
     run.log({"phase": "merge", "mode": "federated", "sources": names, **metrics})
-    log.info("merge (federated, %d rounds): %s", cfg.merge_rounds, metrics)
+    log.info("merge: federated over %d rounds: %s", cfg.merge_rounds, metrics)
     return state, info, strategy.releases
 
 

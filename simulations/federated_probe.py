@@ -76,6 +76,9 @@ class FederatedProbeSettings:
     merge_lr: float = 1e-3
     merge_coef_lr: float = 1e-2
     rounds: int = 5  # federated fine-tuning rounds, ft.epochs local epochs each
+    # Every site is honest here: direction screening off (-1). At 3 sites its default (0)
+    # rejected honest replies whose cosine to the others' median update was -0.02 to -0.08.
+    min_cosine: float = -1.0
     ft: StageSettings = field(default_factory=lambda: StageSettings(1, 1e-4))
     source: StageSettings = field(default_factory=lambda: StageSettings(5, 1e-3))  # pretraining
     source_train: int | None = None  # cap on Source B's training images
@@ -151,6 +154,7 @@ def run_config(s: FederatedProbeSettings, partition: str, condition: str, seed: 
         "ft-lr": s.ft.lr,
         "ft-weight-decay": s.ft.weight_decay,
         "min-sites": 1,
+        "min-cosine": s.min_cosine,
     }
 
 
@@ -226,7 +230,9 @@ def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) ->
         f"{s.merge_coef_lr:g}, BN and head at {s.merge_lr:g}, best epoch on the learner's own "
         f"validation share. Then the same federated fine-tuning for every condition: "
         f"{s.rounds} rounds of {s.ft.epochs} local epoch(s) at lr {s.ft.lr:g} (AdamW, batch "
-        f"{s.batch_size}, InMerge on each aggregate at its defaults), all sites.",
+        f"{s.batch_size}, InMerge on each aggregate at its defaults), all sites. Every site is "
+        f"honest, so the update-direction screen is set to min-cosine {s.min_cosine:g} "
+        "(at its default of 0 it rejected honest replies, see the README).",
         "",
     ]
     header = ["partition", "merge learned by", "n", "test accuracy", "test macro-F1",
