@@ -215,7 +215,7 @@ class FederatedRounds(FedAvg):
     def _config(self, extra: ConfigRecord | None) -> ConfigRecord:
         return ConfigRecord(dict(extra or {}))
 
-    def _node_records(self, node: int, kind: str) -> dict[str, ArrayRecord]:
+    def _node_records(self, node: int) -> dict[str, ArrayRecord]:
         """Records sent to `node` besides the global arrays and the config."""
         return dict(self._extra)
 
@@ -240,7 +240,7 @@ class FederatedRounds(FedAvg):
         label = "train" if train else "evaluate"
         self._addressed = []
         for node in nodes:
-            records = self._node_records(node, kind)
+            records = self._node_records(node)
             content = RecordDict({"arrays": payload, "config": config, **records})
             self._addressed += self._construct_messages(content, [node], kind)
             for name, size in [("arrays", payload.count_bytes())] + [
@@ -281,6 +281,9 @@ class FederatedRounds(FedAvg):
                 rejected[name] = f"error reply: {msg.error.reason}"
                 continue
             content = msg.content
+            self._round_log["bytes_train_up"] = self._round_log.get("bytes_train_up", 0) + sum(
+                r.count_bytes() for r in content.array_records.values()
+            )  # what came over the wire, accepted or not
             metrics = list(content.metric_records.values())
             if (
                 len(content.array_records) != 1
@@ -312,9 +315,6 @@ class FederatedRounds(FedAvg):
             msg = by_name[name]
             state = restore_dtypes(states[name], self.meta)
             metrics = next(iter(msg.content.metric_records.values()))
-            self._round_log["bytes_train_up"] = self._round_log.get("bytes_train_up", 0) + sum(
-                r.count_bytes() for r in msg.content.array_records.values()
-            )
             content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
             clean.append(Message(content=content, metadata=msg.metadata))  # reply left intact
         if private:
@@ -437,10 +437,10 @@ class MergeProbeFedAvg(FederatedRounds):
         sites: Mapping[int, str],
         run: FederationRun,
     ) -> None:
-        initial = plan.initial
+        noise_seed = cfg.seed + 2  # noise independent of fine-tuning's (seed + 1)
         super().__init__(
-            cfg, sites, run, initial, plan.norm_keys, plan.parameter_keys, cfg.seed + 2
-        )  # fmt: skip  (noise independent of fine-tuning's)
+            cfg, sites, run, plan.initial, plan.norm_keys, plan.parameter_keys, noise_seed
+        )
         self.plan = plan
         self.sources = {
             f"source-{i}": ArrayRecord(compress(s, cfg.fp16)) for i, s in enumerate(plan.sources)
@@ -454,7 +454,7 @@ class MergeProbeFedAvg(FederatedRounds):
             "sources-digest": self.digest, **(extra or {}),
         })  # fmt: skip
 
-    def _node_records(self, node: int, kind: str) -> dict[str, ArrayRecord]:
+    def _node_records(self, node: int) -> dict[str, ArrayRecord]:
         if node in self.has_sources:
             return dict(self._extra)
         return {**self._extra, **self.sources}

@@ -75,7 +75,7 @@ class FederatedProbeSettings:
     merge_rounds: int = 10
     merge_lr: float = 1e-3
     merge_coef_lr: float = 1e-2
-    rounds: int = 5  # federated fine-tuning rounds, ft.epochs local epochs each
+    rounds: int = 10  # federated fine-tuning rounds, ft.epochs local epochs each
     # Every site is honest here: direction screening off (-1). At 3 sites its default (0)
     # rejected honest replies whose cosine to the others' median update was -0.02 to -0.08.
     min_cosine: float = -1.0

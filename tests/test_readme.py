@@ -14,7 +14,7 @@ import yaml
 from medmerge_core.cli import build_parser
 from medmerge_core.cli import main as cli_main
 from medmerge_core.config import config_from_dict
-from simulations import label_efficiency, reproduce
+from simulations import federated_probe, label_efficiency, reproduce
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -78,13 +78,16 @@ def test_every_documented_command_parses() -> None:
         elif words[:2] == ["python", "-m"] and words[2] == "simulations.label_efficiency":
             label_efficiency.parse_args(words[3:])
             seen.add(words[2])
+        elif words[:2] == ["python", "-m"] and words[2] == "simulations.federated_probe":
+            federated_probe.parse_args(words[3:])
+            seen.add(words[2])
         elif words[0].startswith("deploy/"):
             script = ROOT / words[0]
             assert script.is_file() and os.access(script, os.X_OK), words[0]
             seen.add("deploy")
     assert {"medmerge demo", "medmerge run", "medmerge pretrain", "medmerge evaluate",
             "medmerge export", "simulations.reproduce", "simulations.label_efficiency",
-            "deploy"} <= seen  # fmt: skip
+            "simulations.federated_probe", "deploy"} <= seen  # fmt: skip
 
 
 def test_the_cheap_commands_run_as_written(tmp_path, monkeypatch) -> None:

@@ -6,7 +6,10 @@ No Flower imports here, so every role, check and file format is testable with pl
   checkpoint, from its node config in deployment or its partition id in simulation);
 - `data`: data specs and deterministic, label-stratified shards of a node's data;
 - `roles`: `Node`, one node with its role, settings and data; its methods are the roles'
-  steps: `backbone` (institution), `merge` (coordinator), `train` / `evaluate` (site);
+  steps: `backbone` (institution), `merge` (coordinator), `probe_round` / `train` /
+  `evaluate` (site);
+- `merge_rounds`: the federated merge probe (`merge-mode = "federated"`): `ProbePlan`, the
+  server's start, keys and bake, and the digest by which sites cache the sources;
 - `validation`: reply screening (`screen_replies`): keys, shapes, dtypes, NaN/Inf and
   update-norm outliers;
 - `transport`: `ModelInfo`, the keys that travel (FedBN), fp16 compression and dtype

@@ -8,6 +8,7 @@ call `backbone` (institution), `merge` (coordinator), `train` / `evaluate` (site
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -209,7 +210,7 @@ class Node:
         else:
             saved = FedBNStore(self.fedbn_dir).latest(up_to)
             if saved is None:
-                saved = self._probe_norms().latest(10**9)
+                saved = self._probe_norms().latest(math.inf)  # the probe's last round
         return saved if saved is not None else initial
 
     def _probe_norms(self) -> FedBNStore:

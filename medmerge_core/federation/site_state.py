@@ -48,7 +48,7 @@ class FedBNStore:
     def _path(self, server_round: int) -> Path:
         return self.dir / f"fedbn-round{server_round}.pt"
 
-    def latest(self, up_to: int) -> StateDict | None:
+    def latest(self, up_to: float) -> StateDict | None:
         """The norm layers saved after the newest round <= up_to, or None."""
         usable = [r for r in self.rounds() if r <= up_to]
         if not usable:
