@@ -76,7 +76,7 @@ def merge(msg: Message, context: Context) -> Message:
     sources = [msg.content[f"source-{i}"].to_torch_state_dict() for i in range(len(names))]
     node = _node(context, "coordinator")
     state, model, learned, metrics = node.merge(sources, names)
-    coefficients = {k: torch.from_numpy(v) for k, v in learned.coefficients.items()}
+    coefficients = {k: torch.from_numpy(v) for k, v in learned.items()}
     content = RecordDict(
         {
             "arrays": ArrayRecord(compress(state, node.fp16)),

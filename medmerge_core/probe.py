@@ -1,7 +1,9 @@
 """Learning the merge: the one code path that builds the MedMerge probe, trains it and bakes it.
 
-The experiment's MedMerge and Avg+FT pipelines, the demo and the federation coordinator all
-call `learn_merge`, and every probe writes the same report (`write_merge_report`).
+The experiment's MedMerge and Avg+FT pipelines and the demo call `learn_merge`; the federation's
+coordinator and every site of a federated probe build the probe with `seeded_probe` and train it
+with `train_probe`, the very step `learn_merge` runs. Every probe writes the same report
+(`write_merge_report`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,18 +122,13 @@ def learn_merge(
     weight_decay: float,
     runtime: Runtime,
     *,
-    multilabel: bool = False,
-    checkpoint: Path | None = None,
-    checkpoint_minutes: float = CHECKPOINT_MINUTES,
-    metrics_log: Path | None = None,
     report_dir: Path | None = None,
-    show_progress: bool = True,
-    name: str = "medmerge probe",
-    on_epoch_end: EpochHook | None = None,
+    **options: Any,
 ) -> LearnedMerge:
-    """Build the probe around `model` (a new head), train it (`train_probe`), write its report,
-    bake it. Resumable through `checkpoint` like any `fit` stage; `on_epoch_end` gets the probe
-    (a `MergedModel`, whose current coefficients a tracker can read) after each epoch.
+    """Build the probe around `model` (a new head), train it (`train_probe`, which takes
+    `options`: checkpoint, metrics_log, on_epoch_end, ...), write its report, bake it.
+    Resumable through a checkpoint like any `fit` stage; `on_epoch_end` gets the probe (a
+    `MergedModel`, whose current coefficients a tracker can read) after each epoch.
     """
     merged, result = train_probe(
         probe_model(model, sources, names, settings),
@@ -140,13 +138,7 @@ def learn_merge(
         lr,
         weight_decay,
         runtime,
-        multilabel=multilabel,
-        checkpoint=checkpoint,
-        checkpoint_minutes=checkpoint_minutes,
-        metrics_log=metrics_log,
-        show_progress=show_progress,
-        name=name,
-        on_epoch_end=on_epoch_end,
+        **options,
     )
     coefficients = merged.coefficient_arrays()
     if report_dir is not None:

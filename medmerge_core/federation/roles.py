@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,10 +34,11 @@ from medmerge_core.federation.transport import (
     restore_dtypes,
 )
 from medmerge_core.inmerge import training_hook
+from medmerge_core.merge import MergedModel
 from medmerge_core.metrics import pooling_counts
-from medmerge_core.models import StateDict, build_model, fit_backbone, is_source_spec, load_source
+from medmerge_core.models import StateDict, is_source_spec, load_source
 from medmerge_core.pretrain import pretrain_source
-from medmerge_core.probe import LearnedMerge, learn_merge, seeded_probe, train_probe
+from medmerge_core.probe import seeded_probe, train_probe
 from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 from medmerge_core.train import (
     EVAL_BATCH_SIZE,
@@ -162,38 +164,47 @@ class Node:
 
     def merge(
         self, sources: Sequence[StateDict], names: Sequence[str]
-    ) -> tuple[StateDict, ModelInfo, LearnedMerge, dict[str, float]]:
-        """Learn the MedMerge coefficients on local target data and bake a plain model, with
-        the experiment's own probe (`learn_merge`)."""
+    ) -> tuple[StateDict, ModelInfo, dict[str, np.ndarray], dict[str, float]]:
+        """Learn the MedMerge coefficients on local target data and bake a plain model: (its
+        state, its description, the coefficients [d, ...] per merged key, metrics)."""
+        info = self.target_info()
+        probe, result = self._train_probe(self._probe(sources, names, info, self.seed), self.seed,
+                                          "merge probe")  # fmt: skip
+        model = self.runtime.model(probe.bake())
         task = self.task
-        torch.manual_seed(self.seed)
-        model = build_model(self.arch, task.num_classes, task.in_channels)
-        fitted = [
-            fit_backbone(state, self.arch, task.in_channels, f"source '{name}'")
-            for state, name in zip(sources, names, strict=True)
-        ]
-        learned = learn_merge(
-            model,
-            fitted,
-            list(names),
-            BatchLoader(task.train, self.batch_size, shuffle=True, seed=self.seed),
+        test = evaluate(model, BatchLoader(task.test, EVAL_BATCH_SIZE), self.runtime,
+                        task.multilabel)  # fmt: skip
+        metrics = {f"test_{k}": float(v) for k, v in test.items()}
+        if result is not None:
+            metrics.update({f"val_{k}": float(v) for k, v in result.best_val.items()})
+        return _cpu(model.state_dict()), info, probe.coefficient_arrays(), metrics
+
+    def _probe(
+        self, sources: Sequence[StateDict], names: Sequence[str], info: ModelInfo, seed: int
+    ) -> MergedModel:
+        """The probe at its start, drawn from `seed` as every party of the merge draws it."""
+        fitted = fitted_sources(sources, names, info)
+        return seeded_probe(
+            self.arch, info.num_classes, info.in_channels, fitted, names, self.probe, seed
+        )
+
+    def _train_probe(
+        self, probe: MergedModel, seed: int, name: str
+    ) -> tuple[MergedModel, FitResult | None]:
+        """The probe trained on this node's data (`train_probe`, the experiment's own step)."""
+        task = self.task
+        return train_probe(
+            probe,
+            BatchLoader(task.train, self.batch_size, shuffle=True, seed=seed),
             BatchLoader(task.val, EVAL_BATCH_SIZE),
             self.probe,
             self.probe_lr,
             self.probe_weight_decay,
             self.runtime,
             multilabel=task.multilabel,
-            name="merge probe",
+            name=name,
             show_progress=False,
         )
-        test = evaluate(
-            learned.model, BatchLoader(task.test, EVAL_BATCH_SIZE), self.runtime, task.multilabel
-        )
-        metrics = {f"test_{k}": float(v) for k, v in test.items()}
-        if learned.fit is not None:
-            metrics.update({f"val_{k}": float(v) for k, v in learned.fit.best_val.items()})
-        info = ModelInfo(self.arch, task.num_classes, task.in_channels)
-        return _cpu(learned.model.state_dict()), info, learned, metrics
 
     # ------------------------------------------------------------------ site
 
@@ -303,33 +314,18 @@ class Node:
         state; returns (new probe state, examples, metrics). Under FedBN this site's norm
         layers stay here, on its disk."""
         self._check_target(info)
-        task = self.task
         seed = self._round_seed(server_round)
-        fitted = fitted_sources(sources, names, info)
-        probe = seeded_probe(
-            self.arch, info.num_classes, info.in_channels, fitted, names, self.probe, seed
-        )
+        probe = self._probe(sources, names, info, seed)
         start = probe.probe_state()
         sent = restore_dtypes(state, start)
         probe.load_probe_state({**start, **sent, **(local_norm or {})})
-        probe, result = train_probe(
-            probe,
-            BatchLoader(task.train, self.batch_size, shuffle=True, seed=seed),
-            BatchLoader(task.val, EVAL_BATCH_SIZE),
-            self.probe,
-            self.probe_lr,
-            self.probe_weight_decay,
-            self.runtime,
-            multilabel=task.multilabel,
-            name=f"probe round {server_round}",
-            show_progress=False,
-        )
+        probe, result = self._train_probe(probe, seed, f"probe round {server_round}")
         out = probe.probe_state()
         if self.fedbn_dir is not None:
             norm = model_reference(info)[2]
             self._probe_norms().save(server_round, {k: out[k] for k in norm})
         out = self._clip(out, sent, probe.probe_parameter_keys())
-        return out, len(task.train), _fit_metrics(result)
+        return out, len(self.task.train), _fit_metrics(result)
 
     def evaluate(
         self,
