@@ -236,7 +236,7 @@ def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) ->
         "",
     ]
     header = ["partition", "merge learned by", "n", "test accuracy", "test macro-F1",
-              "test AUROC", "probe MB / round / site"]  # fmt: skip
+              "test AUROC", "probe state MB"]  # fmt: skip
     rows = []
     for partition in s.partitions:
         for condition in CONDITIONS:
