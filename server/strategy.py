@@ -442,10 +442,9 @@ class MergeProbeFedAvg(FederatedRounds):
             cfg, sites, run, plan.initial, plan.norm_keys, plan.parameter_keys, noise_seed
         )
         self.plan = plan
-        self.sources = {
-            f"source-{i}": ArrayRecord(compress(s, cfg.fp16)) for i, s in enumerate(plan.sources)
-        }
-        self.digest = sources_digest([r.to_torch_state_dict() for r in self.sources.values()])
+        sent = [compress(s, cfg.fp16) for s in plan.sources]
+        self.sources = {f"source-{i}": ArrayRecord(s) for i, s in enumerate(sent)}
+        self.digest = sources_digest(sent)  # of the tensors as they travel
         self.has_sources: set[int] = set()
 
     def _config(self, extra: ConfigRecord | None) -> ConfigRecord:

@@ -55,12 +55,17 @@ class ProbePlan:
 
     def probe(self) -> MergedModel:
         """A fresh probe at the common start (the coordinator's, for the same seed)."""
-        fitted = fitted_sources(self.sources, self.names, self.info)
         info = self.info
+        fitted = fitted_sources(self.sources, self.names, info)
         return seeded_probe(
-            info.arch, info.num_classes, info.in_channels, fitted, self.names, self.settings,
+            info.arch,
+            info.num_classes,
+            info.in_channels,
+            fitted,
+            self.names,
+            self.settings,
             self.seed,
-        )  # fmt: skip
+        )
 
     @cached_property
     def _start(self) -> tuple[StateDict, list[str]]:

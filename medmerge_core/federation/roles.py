@@ -24,7 +24,7 @@ from medmerge_core.errors import InputError
 from medmerge_core.federation.audit import audit_file
 from medmerge_core.federation.config import FederationConfig, NodeSettings, node_settings
 from medmerge_core.federation.data import load_node_data, parse_data_spec
-from medmerge_core.federation.merge_rounds import fitted_sources
+from medmerge_core.federation.merge_rounds import ProbePlan
 from medmerge_core.federation.privacy import clip_update
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
 from medmerge_core.federation.transport import (
@@ -38,7 +38,7 @@ from medmerge_core.merge import MergedModel
 from medmerge_core.metrics import pooling_counts
 from medmerge_core.models import StateDict, is_source_spec, load_source
 from medmerge_core.pretrain import pretrain_source
-from medmerge_core.probe import seeded_probe, train_probe
+from medmerge_core.probe import train_probe
 from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 from medmerge_core.train import (
     EVAL_BATCH_SIZE,
@@ -183,10 +183,7 @@ class Node:
         self, sources: Sequence[StateDict], names: Sequence[str], info: ModelInfo, seed: int
     ) -> MergedModel:
         """The probe at its start, drawn from `seed` as every party of the merge draws it."""
-        fitted = fitted_sources(sources, names, info)
-        return seeded_probe(
-            self.arch, info.num_classes, info.in_channels, fitted, names, self.probe, seed
-        )
+        return ProbePlan(tuple(sources), tuple(names), info, self.probe, seed).probe()
 
     def _train_probe(
         self, probe: MergedModel, seed: int, name: str
