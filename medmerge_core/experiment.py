@@ -220,8 +220,10 @@ def file_stem(method: str) -> str:
     return method.replace(":", "_")
 
 
-# Config keys that cannot change a result, so a run may resume under new values.
-RESUMABLE_KEYS = frozenset({"device", "checkpoint_minutes", "tracking"})
+# Config keys that cannot change a finished method's result, so a run may resume under new
+# values. Every method starts from the config's seed, so adding or dropping pipelines leaves
+# the others' results as they were.
+RESUMABLE_KEYS = frozenset({"device", "checkpoint_minutes", "tracking", "pipelines"})
 
 
 def check_run_dir(config: ExperimentConfig) -> Path:

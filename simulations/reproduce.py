@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from medmerge_core.config import PIPELINES
 from medmerge_core.data.splits import check_label_budget
 from medmerge_core.errors import InputError
 from medmerge_core.settings import (
@@ -80,8 +81,20 @@ HELP = {
 
 def parse_args(argv: Sequence[str] | None = None) -> StudySettings:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p, StudySettings, skip=("sources", "label_budget", "studies", "argv"), help=HELP)
+    add_arguments(
+        p,
+        StudySettings,
+        skip=("sources", "label_budget", "studies", "pipelines", "argv"),
+        help=HELP,
+    )
     p.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES))
+    p.add_argument(
+        "--pipelines",
+        nargs="+",
+        choices=PIPELINES,
+        default=list(PIPELINES),
+        help="run only these pipelines (finished runs of the others are still reported)",
+    )
     p.add_argument(
         "--source",
         action="append",
@@ -102,6 +115,7 @@ def parse_args(argv: Sequence[str] | None = None) -> StudySettings:
         StudySettings,
         a,
         studies=tuple(a.studies),
+        pipelines=tuple(a.pipelines),
         label_budget=a.label_budget,
         sources=tuple({**dict(DEFAULT_SOURCES), **dict(a.source)}.items()),
         argv=tuple(argv or ()),

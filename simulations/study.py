@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from medmerge_core.cifar_resnet import CIFAR10_PREFIX
-from medmerge_core.config import ExperimentConfig, ModelConfig
+from medmerge_core.config import PIPELINES, ExperimentConfig, ModelConfig
 from medmerge_core.data.base import TaskData
 from medmerge_core.data.splits import check_label_budget
 from medmerge_core.data.synthetic import make_task
@@ -119,6 +119,7 @@ class StudySettings:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ablation_seeds: tuple[int, ...] | None = None  # None: the main seeds
     studies: tuple[str, ...] = STUDIES
+    pipelines: tuple[str, ...] = PIPELINES  # run only these; finished others are still reported
     target: str = "breastmnist"
     sources: tuple[tuple[str, str], ...] = DEFAULT_SOURCES  # (name, spec) for A, B, C
     label_budget: float | int | None = None  # of the target's training labels, per seed
@@ -146,6 +147,10 @@ class StudySettings:
                 raise InputError(f"--source {name}={spec}: @{init} must name another source")
         if self.label_budget is not None:
             check_label_budget(self.label_budget, "--label-budget")
+        if unknown := set(self.pipelines) - set(PIPELINES):
+            raise InputError(
+                f"--pipelines: unknown {sorted(unknown)}; expected some of {PIPELINES}"
+            )
 
     @property
     def tag(self) -> str:
@@ -294,11 +299,14 @@ def run_all(s: StudySettings, console: Console) -> dict[str, dict[int, dict[str,
     for spec in plan(s.studies):
         for seed in s.seeds_for(spec):
             run_dir = s.run_root / f"{spec.group}-seed{seed}"
-            if s.report_only or any(n not in sources for n in spec.sources):
+            pipelines = tuple(p for p in spec.pipelines if p in s.pipelines)
+            if s.report_only or not pipelines or any(n not in sources for n in spec.sources):
                 results = load_results(run_dir)
             else:
                 console.print(f"[bold]{spec.group}[/] seed {seed}: {spec.label}")
-                config = make_config(s, spec, seed, sources)
+                config = make_config(
+                    s, dataclasses.replace(spec, pipelines=pipelines), seed, sources
+                )
                 results = run_experiment(config, show_progress=s.progress)
             if results:  # results.json is key-sorted: restore the plan's method order
                 order = [

@@ -6,6 +6,7 @@ them, so these tests run anywhere in well under a minute.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,13 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
         "--label-budget",
         "0.5",
     ]
+    # --pipelines runs only MedMerge; the full command then adds the rest to the same folders.
+    assert reproduce.main([*argv, "--pipelines", "medmerge"]) == 0
+    run_root = tmp_path / "runs" / "breastmnist-resnet18-16-labels0.5"
+    assert set(json.loads((run_root / "main-seed0" / "results.json").read_text())) == {"medmerge"}
+    assert not (run_root / "source_c-seed0").exists()
     assert reproduce.main(argv) == 0
+    assert len(json.loads((run_root / "main-seed0" / "results.json").read_text())) == 6
     text = results.read_text()
     assert "<!-- reproduce-breastmnist-resnet18-16-labels0.5:start -->" in text
     assert "stands in for ImageNet" in text and "python -m simulations.reproduce" in text
@@ -185,6 +192,8 @@ def test_source_specs_are_checked_and_ordered_by_init() -> None:
         reproduce.parse_args(["--data-root", "d", "--source", "D=x"])
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--data-root", "d", "--label-budget", "1.5"])
+    with pytest.raises(InputError, match="--pipelines: unknown"):
+        study.StudySettings(data_root=Path("d"), pipelines=("medmerge", "fedavg"))
     parsed = reproduce.parse_args(["--data-root", "d", "--source", "A=cifar10:resnet20"])
     assert dict(parsed.sources)["A"] == "cifar10:resnet20" and parsed.tag.startswith("breast")
 
