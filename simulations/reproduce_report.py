@@ -285,13 +285,16 @@ def results_section(
             METRICS_NOTE,
             "",
             markdown_table(header, method_rows(runs["main"])),
-            "",
-            f"Cost of the MedMerge probe ({s.merge.steps} steps) relative to LP in LP-FT "
-            f"({s.lp.epochs} epochs; LP trains the head on features cached once, the probe runs "
-            f"the whole merged network every step): "
-            f"**{median_range(ratios)}x** (median (min-max) over seeds; per seed: "
-            f"{', '.join(f'{r:.1f}' for r in ratios)}).",
         ]
+        if ratios:  # both MedMerge and LP-FT ran on some seed
+            out += [
+                "",
+                f"Cost of the MedMerge probe ({s.merge.steps} steps) relative to LP in LP-FT "
+                f"({s.lp.epochs} epochs; LP trains the head on features cached once, the probe "
+                f"runs the whole merged network every step): "
+                f"**{median_range(ratios)}x** (median (min-max) over seeds; per seed: "
+                f"{', '.join(f'{r:.1f}' for r in ratios)}).",
+            ]
     summary = findings(collected)
     if summary:
         out += [

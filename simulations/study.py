@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-import time
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from medmerge_core.data.splits import check_label_budget
 from medmerge_core.data.synthetic import make_task
 from medmerge_core.errors import InputError
 from medmerge_core.experiment import load_results, planned_methods, run_experiment
+from medmerge_core.io import atomic_write_json
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
 from medmerge_core.settings import (
@@ -233,7 +234,10 @@ def prepare_sources(s: StudySettings, console: Console) -> dict[str, dict[str, A
             info[name] = {"spec": spec, "text": text}
             continue
         path = source_dir / f"{name}.pt"
+        record = path.with_suffix(".json")  # what the report needs, kept beside the weights
         if s.report_only and not path.exists():
+            if record.exists():
+                info[name] = json.loads(record.read_text(encoding="utf-8"))
             continue
         dataset, init_name = pretrain_recipe(spec)
         task = pretrain_task(s, dataset)
@@ -241,7 +245,6 @@ def prepare_sources(s: StudySettings, console: Console) -> dict[str, dict[str, A
         init = None
         if init_name is not None:
             init = load_source(info[init_name]["spec"], s.arch, task.in_channels)
-        start = time.perf_counter()
         metrics = pretrain_source(
             s.arch,
             task,
@@ -263,8 +266,8 @@ def prepare_sources(s: StudySettings, console: Console) -> dict[str, dict[str, A
             "test_accuracy": metrics["accuracy"],
             "test_macro_f1": metrics["macro_f1"],
             "chance": 1.0 / task.num_classes,
-            "seconds": time.perf_counter() - start,
         }
+        atomic_write_json(record, info[name])
     info["zeros"] = {"spec": "zeros", "text": describe_source("zeros")}
     return info
 
