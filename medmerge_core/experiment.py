@@ -290,9 +290,26 @@ def environment() -> dict[str, Any]:
         "time": time.time(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # CPU kernels and thread counts change float reductions, so they change results too.
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "packages": versions,
         "git_commit": commit,
     }
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _readable(path: Path) -> bool:

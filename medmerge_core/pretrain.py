@@ -13,6 +13,7 @@ import torch
 from medmerge_core.config import differences
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
+from medmerge_core.experiment import environment
 from medmerge_core.io import load_torch_file
 from medmerge_core.models import StateDict, backbone_keys, build_model, save_checkpoint
 from medmerge_core.settings import CHECKPOINT_MINUTES, StageSettings
@@ -149,6 +150,9 @@ def pretrain_source(
         show_progress=show_progress,
     )
     metrics = evaluate(model, test, runtime, task.multilabel)
-    save_checkpoint(out, model, arch, task=task.name, test=metrics, settings=settings)
+    # The environment is recorded, not compared: a source made elsewhere is still reused.
+    save_checkpoint(
+        out, model, arch, task=task.name, test=metrics, settings=settings, environment=environment()
+    )
     out.with_suffix(".ckpt").unlink(missing_ok=True)
     return metrics

@@ -251,6 +251,8 @@ def test_pretrain_reuses_same_settings_and_refuses_different_ones(tmp_path, caps
     assert settings["data"]["task"] == "generic" and settings["data"]["image_size"] == 16
     assert (settings["epochs"], settings["batch_size"], settings["seed"]) == (1, 8, 0)
     assert settings["init"] is None and "weight_decay" in settings
+    recorded = load_torch_file(out, "x")["environment"]  # what made it, for a reader
+    assert recorded["packages"]["torch"] and recorded["threads"] >= 1 and recorded["cpu"]
 
     assert main([*PRETRAIN, "--out", str(out)]) == 0
     assert f"{out} exists, same settings: reused" in printed(capsys)
