@@ -40,6 +40,7 @@ from medmerge_core.io import (
 from medmerge_core.metrics import clinical_report
 from medmerge_core.models import StateDict, build_model, load_source, save_checkpoint, split_head
 from medmerge_core.probe import UNIFORM, learn_merge
+from medmerge_core.provenance import environment
 from medmerge_core.saved_model import usage_record
 from medmerge_core.settings import ProbeSettings, StageSettings
 from medmerge_core.tracking import NoTracker, Tracker, check_tracking, open_tracker
@@ -261,55 +262,6 @@ def prepare_run_dir(config: ExperimentConfig) -> Path:
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
     append_jsonl(run_dir / "environment.jsonl", environment())
     return run_dir
-
-
-def environment() -> dict[str, Any]:
-    """Versions of what produced a result: Python, the key packages, the platform, the commit."""
-    import platform
-    import subprocess
-    from importlib import metadata
-
-    versions = {}
-    for package in ("medmerge-federation", "torch", "torchvision", "flwr", "numpy", "scipy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None  # an installed package, not a checkout
-    return {
-        "time": time.time(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        # CPU kernels and thread counts change float reductions, so they change results too.
-        "cpu": _cpu_name(),
-        "threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "packages": versions,
-        "git_commit": commit,
-    }
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _readable(path: Path) -> bool:
