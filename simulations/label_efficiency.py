@@ -73,7 +73,7 @@ def plot_curve(curve: Curve, path: Path, title: str) -> Path:
                 stds.append(float(np.std(values)))
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method_label(method))
     ax.set_xscale("log")
-    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.set_xticks(budgets, [f"{b:g}\n{len(curve[b])} seeds" for b in budgets])
     ax.set_xlabel("fraction (or count) of the target's training labels")
     ax.set_ylabel("test macro-F1 (mean ± std over seeds)")
     ax.set_title(title)

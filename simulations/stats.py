@@ -16,6 +16,8 @@ is undefined (scipy returns NaN); p = 1.0 is reported instead. The bootstrap kee
 
 With n seeds and no ties the smallest two-sided exact p is 2 / 2**n, so 5 seeds or fewer can
 never reach p < 0.05: a study needs 6 seeds at the very least, and 10 or more to be useful.
+Below `MIN_SEEDS_FOR_INTERVAL` seeds a percentile bootstrap only spans the few differences
+there are, so `format` prints those differences instead of an interval and a p-value.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 ALPHA = 0.05
+MIN_SEEDS_FOR_INTERVAL = 5
 VERDICTS = ("A better", "B better", "within noise")
 
 
@@ -49,6 +52,12 @@ class PairedComparison:
 
     def format(self, digits: int = 3) -> str:
         """E.g. '+0.021 [95% CI +0.004, +0.037], Wilcoxon p=0.027, 8/10 seeds higher: A better'."""
+        if self.n < MIN_SEEDS_FOR_INTERVAL:
+            per_seed = ", ".join(f"{v:+.{digits}f}" for v in self.differences)
+            return (
+                f"{self.mean_difference:+.{digits}f} (per seed {per_seed}), "
+                f"{self.wins}/{self.n} seeds higher: too few seeds for an interval or a test"
+            )
         p = f"{self.p_value:.3f}" if self.p_value >= 0.001 else f"{self.p_value:.1e}"
         return (
             f"{self.mean_difference:+.{digits}f} "

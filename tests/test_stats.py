@@ -40,6 +40,16 @@ def test_two_point_bootstrap_ci_by_hand() -> None:
     assert result.ci == (0.0, 1.0) and result.mean_difference == 0.5
 
 
+def test_format_lists_the_differences_below_five_seeds() -> None:
+    two = paired_comparison([0.84, 0.83], [0.83, 0.82])
+    assert two.format() == (
+        "+0.010 (per seed +0.010, +0.010), 2/2 seeds higher: "
+        "too few seeds for an interval or a test"
+    )
+    five = paired_comparison([0.1] * 5, [0.0] * 5).format()
+    assert five.startswith("+0.100 [95% CI +0.100, +0.100], Wilcoxon p=0.062, 5/5 seeds higher")
+
+
 def test_ci_straddling_zero_is_within_noise() -> None:
     a = [0.80, 0.70, 0.82, 0.69, 0.75, 0.74]
     b = [0.70, 0.80, 0.72, 0.79, 0.75, 0.76]  # d = +.1, -.1, +.1, -.1, 0, -.02
