@@ -282,8 +282,8 @@ def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) ->
                                       [theirs[k][metric] for k in seeds])  # fmt: skip
                 rows.append([
                     partition, f"federated - {other}", metric.replace("_", "-"),
-                    f"{c.mean_difference:+.3f}", f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
-                    f"{c.p_value:.3f}", f"{c.wins}/{c.n}", c.verdict.replace("A ", "federated ")
+                    f"{c.mean_difference:+.3f}", c.interval_text(), c.p_text(),
+                    f"{c.wins}/{c.n}", c.verdict.replace("A ", "federated ")
                     .replace("B better", f"{other} better"),
                 ])  # fmt: skip
     lines += [markdown_table(header, rows), ""]

@@ -174,12 +174,9 @@ def findings(collected: Mapping[str, Any]) -> list[list[str]]:
             mine = [ours[k][ours_method]["test"][key] for k in seeds]
             other = [theirs[k][method]["test"][key] for k in seeds]
             result = paired_comparison(mine, other)
-            p_value = result.p_value
             rows.append([
-                label, name, f"{result.mean_difference:+.3f}",
-                f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}]",
-                f"{p_value:.3f}" if p_value >= 0.001 else f"{p_value:.1e}",
-                f"{result.wins}/{result.n}",
+                label, name, f"{result.mean_difference:+.3f}", result.interval_text(),
+                result.p_text(), f"{result.wins}/{result.n}",
                 {"A better": "**MedMerge better**", "B better": "**MedMerge worse**"}.get(
                     result.verdict, result.verdict),
             ])  # fmt: skip

@@ -17,7 +17,8 @@ is undefined (scipy returns NaN); p = 1.0 is reported instead. The bootstrap kee
 With n seeds and no ties the smallest two-sided exact p is 2 / 2**n, so 5 seeds or fewer can
 never reach p < 0.05: a study needs 6 seeds at the very least, and 10 or more to be useful.
 Below `MIN_SEEDS_FOR_INTERVAL` seeds a percentile bootstrap only spans the few differences
-there are, so `format` prints those differences instead of an interval and a p-value.
+there are, so the report texts (`format`, `interval_text`, `p_text`) give those differences
+instead of an interval and a p-value.
 """
 
 from __future__ import annotations
@@ -50,19 +51,33 @@ class PairedComparison:
     def ci(self) -> tuple[float, float]:
         return self.ci_low, self.ci_high
 
+    @property
+    def enough_seeds(self) -> bool:
+        """Whether an interval and a p-value say more than the differences themselves."""
+        return self.n >= MIN_SEEDS_FOR_INTERVAL
+
+    def interval_text(self, digits: int = 3) -> str:
+        if not self.enough_seeds:
+            return f"n/a ({self.n} seeds)"
+        return f"[{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}]"
+
+    def p_text(self) -> str:
+        if not self.enough_seeds:
+            return "n/a"
+        return f"{self.p_value:.3f}" if self.p_value >= 0.001 else f"{self.p_value:.1e}"
+
     def format(self, digits: int = 3) -> str:
         """E.g. '+0.021 [95% CI +0.004, +0.037], Wilcoxon p=0.027, 8/10 seeds higher: A better'."""
-        if self.n < MIN_SEEDS_FOR_INTERVAL:
+        if not self.enough_seeds:
             per_seed = ", ".join(f"{v:+.{digits}f}" for v in self.differences)
             return (
                 f"{self.mean_difference:+.{digits}f} (per seed {per_seed}), "
                 f"{self.wins}/{self.n} seeds higher: too few seeds for an interval or a test"
             )
-        p = f"{self.p_value:.3f}" if self.p_value >= 0.001 else f"{self.p_value:.1e}"
         return (
             f"{self.mean_difference:+.{digits}f} "
             f"[95% CI {self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}], "
-            f"Wilcoxon p={p}, {self.wins}/{self.n} seeds higher: {self.verdict}"
+            f"Wilcoxon p={self.p_text()}, {self.wins}/{self.n} seeds higher: {self.verdict}"
         )
 
 

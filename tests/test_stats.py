@@ -46,8 +46,12 @@ def test_format_lists_the_differences_below_five_seeds() -> None:
         "+0.010 (per seed +0.010, +0.010), 2/2 seeds higher: "
         "too few seeds for an interval or a test"
     )
-    five = paired_comparison([0.1] * 5, [0.0] * 5).format()
-    assert five.startswith("+0.100 [95% CI +0.100, +0.100], Wilcoxon p=0.062, 5/5 seeds higher")
+    assert (two.interval_text(), two.p_text()) == ("n/a (2 seeds)", "n/a")
+    five = paired_comparison([0.1] * 5, [0.0] * 5)
+    assert five.format().startswith(
+        "+0.100 [95% CI +0.100, +0.100], Wilcoxon p=0.062, 5/5 seeds higher"
+    )
+    assert (five.interval_text(), five.p_text()) == ("[+0.100, +0.100]", "0.062")
 
 
 def test_ci_straddling_zero_is_within_noise() -> None:
