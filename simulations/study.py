@@ -235,9 +235,10 @@ def prepare_sources(s: StudySettings, console: Console) -> dict[str, dict[str, A
             continue
         path = source_dir / f"{name}.pt"
         record = path.with_suffix(".json")  # what the report needs, kept beside the weights
-        if s.report_only and (record.exists() or not path.exists()):
-            if record.exists():  # no need to load and evaluate the weights again
-                info[name] = json.loads(record.read_text(encoding="utf-8"))
+        if s.report_only and record.exists():  # no need to load and evaluate the weights again
+            info[name] = json.loads(record.read_text(encoding="utf-8"))
+            continue
+        if s.report_only and not path.exists():
             continue
         dataset, init_name = pretrain_recipe(spec)
         task = pretrain_task(s, dataset)
