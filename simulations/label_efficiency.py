@@ -57,12 +57,61 @@ def train_sizes(base: StudySettings, budgets: Sequence[float | int]) -> dict[Any
     return {b: len(label_budget_index(labels, b, seed=0)) for b in budgets}
 
 
+def curve_methods(curve: Curve) -> list[str]:
+    """Every method that ran at some budget, in the order the study ran them."""
+    return list(dict.fromkeys(m for b in sorted(curve) for r in curve[b].values() for m in r))
+
+
+def class_shares(base: StudySettings) -> dict[str, np.ndarray]:
+    """Each official split's class shares (none for a multi-label target): a test prior unlike
+    training's shows up as lost sensitivity on the rarer class."""
+    with np.load(base.data_root / f"{base.target}.npz") as data:
+        labels = {s: np.asarray(data[f"{s}_labels"]) for s in ("train", "val", "test")}
+    if any(v.ndim > 1 and v.shape[1] > 1 for v in labels.values()):
+        return {}
+    flat = {s: v.reshape(-1).astype(int) for s, v in labels.items()}
+    classes = max(int(v.max()) for v in flat.values()) + 1
+    return {s: np.bincount(v, minlength=classes) / len(v) for s, v in flat.items()}
+
+
+def method_table(curve: Curve, columns: Sequence[str], metric: str) -> str:
+    """One row per method, one column per budget: the test metric's mean ± std over seeds."""
+    budgets = sorted(curve)
+    methods = curve_methods(curve)
+    rows = []
+    for method in methods:
+        cells = []
+        for budget in budgets:
+            values = [r[method]["test"][metric] for r in curve[budget].values() if method in r]
+            cells.append(f"{mean_std(values)} (n={len(values)})")
+        rows.append([method_label(method), *cells])
+    return markdown_table(["method", *columns], rows)
+
+
+def generalisation_table(curve: Curve, classes: Sequence[str]) -> str:
+    """Per budget, over every method and seed: best-epoch validation macro-F1 against test
+    macro-F1, test AUROC and each class's test sensitivity, to tell a ranking that generalises
+    from a decision threshold that does not."""
+    header = ["budget", "runs", "val macro-F1", "test macro-F1", "test AUROC"]
+    header += [f"test sensitivity {c}" for c in classes]
+    rows = []
+    for budget in sorted(curve):
+        runs = [r for seed in curve[budget].values() for r in seed.values()]
+        val = [r["stages"][list(r["stages"])[-1]]["val"]["macro_f1"] for r in runs]
+        cells = [f"{budget:g}", str(len(runs)), mean_std(val)]
+        cells += [mean_std([r["test"][k] for r in runs]) for k in ("macro_f1", "auroc")]
+        clinical = [r["clinical"]["per_class"] for r in runs if "clinical" in r]
+        cells += [mean_std([p[c]["sensitivity"] for p in clinical]) for c in classes]
+        rows.append(cells)
+    return markdown_table(header, rows)
+
+
 def plot_curve(curve: Curve, path: Path, title: str) -> Path:
     """Mean test macro-F1 (± std over seeds) against the label fraction, one line per method."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     budgets = sorted(curve)
-    methods = list(dict.fromkeys(m for b in budgets for r in curve[b].values() for m in r))
+    methods = curve_methods(curve)
     for method in methods:
         xs, means, stds = [], [], []
         for budget in budgets:
@@ -86,16 +135,9 @@ def results_section(
     base: StudySettings, curve: Curve, figure: Path | None, argv: Sequence[str]
 ) -> str:
     budgets = sorted(curve)
-    methods = list(dict.fromkeys(m for b in budgets for r in curve[b].values() for m in r))
+    methods = curve_methods(curve)
     sizes = train_sizes(base, budgets)
-    header = ["method", *[f"{b:g} ({sizes.get(b, 'n/a')} images)" for b in budgets]]
-    rows = []
-    for method in methods:
-        cells = []
-        for budget in budgets:
-            values = [r[method]["test"]["macro_f1"] for r in curve[budget].values() if method in r]
-            cells.append(f"{mean_std(values)} (n={len(values)})")
-        rows.append([method_label(method), *cells])
+    columns = [f"{b:g} ({sizes.get(b, 'n/a')} images)" for b in budgets]
     comparisons = []
     for budget in budgets:
         by_seed = curve[budget]
@@ -125,10 +167,29 @@ def results_section(
         "",
         "Test macro-F1, mean ± std over seeds:",
         "",
-        markdown_table(header, rows),
+        method_table(curve, columns, "macro_f1"),
     ]
     if figure is not None:
         out += ["", f"![label efficiency]({relative(figure, base.results)})"]
+    runs = [r for b in budgets for seed in curve[b].values() for r in seed.values()]
+    classes = next((r["clinical"]["classes"] for r in runs if "clinical" in r), [])
+    shares = "; ".join(
+        f"{split} " + " / ".join(f"{x:.3f}" for x in share)
+        for split, share in class_shares(base).items()
+    )
+    out += [
+        "",
+        "Test AUROC (threshold-free; a secondary metric, so not tested below), mean ± std over "
+        "seeds:",
+        "",
+        method_table(curve, columns, "auroc"),
+        "",
+        "Validation against test, mean ± std over every method and seed of a budget (the "
+        "validation column is each run's best epoch, which selected it)."
+        + (f" Class shares ({' / '.join(classes)}) by split: {shares}." if shares else ""),
+        "",
+        generalisation_table(curve, classes),
+    ]
     if comparisons:
         out += ["", "Paired by seed (macro-F1; `simulations/stats.py`):", "", *comparisons]
     out += ["", *reproduce_block("simulations.label_efficiency", argv)]

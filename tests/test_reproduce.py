@@ -175,8 +175,40 @@ def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> No
     assert "| 0.5 (8 images) | 1 (16 images) |" in text and "(n=2)" in text
     assert "budget 0.5, MedMerge − LP-FT A:" in text
     assert "too few seeds for an interval or a test" in text and "Wilcoxon p=" not in text
+    assert "Test AUROC (threshold-free" in text
+    assert "Class shares (normal / pneumonia) by split: train " in text
+    assert "| test AUROC | test sensitivity normal | test sensitivity pneumonia |" in text
+    assert "| 0.5 | 12 |" in text and "| 1 | 12 |" in text  # 6 methods x 2 seeds per budget
     png = figures / "label_efficiency_pneumoniamnist-resnet18-16.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and "python -m simulations.label_efficiency" in text
+
+
+def test_generalisation_table_averages_every_run_of_a_budget() -> None:
+    def run(val: float, test: float, auroc: float, sensitivities: tuple[float, float]) -> dict:
+        per_class = {
+            c: {"sensitivity": x} for c, x in zip(("no", "yes"), sensitivities, strict=True)
+        }
+        return {
+            "stages": {"lp": {"val": {"macro_f1": 0.0}}, "ft": {"val": {"macro_f1": val}}},
+            "test": {"macro_f1": test, "auroc": auroc},
+            "clinical": {"classes": ["no", "yes"], "per_class": per_class},
+        }
+
+    curve = {
+        0.5: {
+            0: {"ft:A": run(0.8, 0.6, 0.7, (0.2, 1.0))},
+            1: {"ft:A": run(0.9, 0.7, 0.9, (0.4, 0.8))},
+        }
+    }
+    table = label_efficiency.generalisation_table(curve, ["no", "yes"])
+    assert table.splitlines()[0].endswith("| test sensitivity no | test sensitivity yes |")
+    assert table.splitlines()[2] == (
+        "| 0.5 | 2 | 0.850 ± 0.050 | 0.650 ± 0.050 | 0.800 ± 0.100 "
+        "| 0.300 ± 0.100 | 0.900 ± 0.100 |"
+    )
+    assert "| FT A | 0.800 ± 0.100 (n=2) |" in label_efficiency.method_table(
+        curve, ["0.5"], "auroc"
+    )
 
 
 def test_source_specs_are_checked_and_ordered_by_init() -> None:
