@@ -7,15 +7,16 @@
 
 Everything after `--` is `simulations.reproduce`'s options; each budget is that driver's main
 study with `--label-budget` (its own run folders, drawn per seed, class-stratified; validation
-and test stay the official splits), so an interrupted curve resumes. Writes a macro-F1 vs
-label-fraction plot under --figures and one RESULTS.md section.
+and test stay the official splits), so an interrupted curve resumes. `--seeds-at 0.01=0,1,...`
+(every seed listed) gives one budget more seeds than `--seeds` where its spread is wide.
+Writes a macro-F1 vs label-fraction plot under --figures and one RESULTS.md section.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 from rich.console import Console
 
 from medmerge_core.data.splits import check_label_budget, label_budget_index
+from medmerge_core.errors import InputError
 from medmerge_core.report import method_label, pyplot, save_figure
 from simulations import reproduce
 from simulations.common import (
@@ -40,12 +42,18 @@ from simulations.study import StudySettings, describe_source, run_all
 Curve = dict[float | int, dict[int, dict[str, Any]]]  # budget -> seed -> method -> results
 
 
-def collect(base: StudySettings, budgets: Sequence[float | int], console: Console) -> Curve:
-    """Run (or read back) the main study at every budget."""
+def collect(
+    base: StudySettings,
+    budgets: Sequence[float | int],
+    console: Console,
+    seeds_at: Mapping[float | int, tuple[int, ...]] | None = None,
+) -> Curve:
+    """Run (or read back) the main study at every budget, on that budget's seeds."""
     curve: Curve = {}
     for budget in budgets:
-        settings = replace(base, label_budget=budget, studies=("main",))
-        console.print(f"[bold]label budget {budget:g}[/]")
+        seeds = (seeds_at or {}).get(budget, base.seeds)
+        settings = replace(base, label_budget=budget, studies=("main",), seeds=seeds)
+        console.print(f"[bold]label budget {budget:g}[/] (seeds {', '.join(map(str, seeds))})")
         curve[budget] = run_all(settings, console).get("main", {})
     return curve
 
@@ -196,23 +204,56 @@ def results_section(
     return "\n".join(out) + "\n"
 
 
-def parse_args(argv: Sequence[str]) -> tuple[StudySettings, list[float | int]]:
-    """(the study's settings, the label budgets) from the command line."""
+def parse_seeds_at(
+    texts: Sequence[str], budgets: Sequence[float | int]
+) -> dict[float | int, tuple[int, ...]]:
+    """`BUDGET=SEED,SEED,...` per item: more seeds where a budget's spread is wide."""
+    seeds_at: dict[float | int, tuple[int, ...]] = {}
+    for text in texts:
+        budget_text, sep, seeds_text = text.partition("=")
+        budget = check_label_budget(budget_text, "--seeds-at")
+        try:
+            seeds = tuple(int(x) for x in seeds_text.split(","))
+        except ValueError:
+            seeds = ()
+        if not sep or not seeds or budget not in budgets:
+            raise InputError(
+                f"--seeds-at: expected BUDGET=SEED,... for a budget in --budgets, got {text!r}"
+            )
+        seeds_at[budget] = seeds
+    return seeds_at
+
+
+def parse_args(
+    argv: Sequence[str],
+) -> tuple[StudySettings, list[float | int], dict[float | int, tuple[int, ...]]]:
+    """(the study's settings, the label budgets, seeds that replace --seeds at some budgets)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budgets", nargs="+", required=True, help="fractions (0, 1] or counts")
+    p.add_argument(
+        "--seeds-at",
+        action="append",
+        default=[],
+        metavar="BUDGET=SEEDS",
+        help="this budget's seeds, comma-separated, instead of --seeds (repeatable)",
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then simulations.reproduce options")
     a = p.parse_args(argv)
     rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
-    budgets = [check_label_budget(text, "--budgets") for text in a.budgets]
-    return reproduce.parse_args(rest), budgets
+    try:
+        budgets = [check_label_budget(text, "--budgets") for text in a.budgets]
+        seeds_at = parse_seeds_at(a.seeds_at, budgets)
+    except InputError as exc:
+        p.error(str(exc))
+    return reproduce.parse_args(rest), budgets, seeds_at
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    base, budgets = parse_args(argv)
+    base, budgets, seeds_at = parse_args(argv)
     console = Console()
     set_threads(base.threads)
-    curve = collect(base, budgets, console)
+    curve = collect(base, budgets, console, seeds_at)
     figure = None
     if any(curve.values()):
         name = f"label_efficiency_{base.target}-{base.arch}-{base.image_size}.png"

@@ -6,6 +6,7 @@ them, so these tests run anywhere in well under a minute.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,8 @@ def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> No
         "--budgets",
         "0.5",
         "1.0",
+        "--seeds-at",
+        "0.5=0,1,2",
         "--",
         "--data-root",
         str(data_root),
@@ -172,15 +175,30 @@ def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> No
     assert label_efficiency.main(argv) == 0
     text = results.read_text()
     assert "## Label efficiency on pneumoniamnist" in text
-    assert "| 0.5 (8 images) | 1 (16 images) |" in text and "(n=2)" in text
+    assert "| 0.5 (8 images) | 1 (16 images) |" in text
+    assert re.search(r"\| FT A \| \S+ ± \S+ \(n=3\) \| \S+ ± \S+ \(n=2\) \|", text)
     assert "budget 0.5, MedMerge − LP-FT A:" in text
     assert "too few seeds for an interval or a test" in text and "Wilcoxon p=" not in text
     assert "Test AUROC (threshold-free" in text
     assert "Class shares (normal / pneumonia) by split: train " in text
     assert "| test AUROC | test sensitivity normal | test sensitivity pneumonia |" in text
-    assert "| 0.5 | 12 |" in text and "| 1 | 12 |" in text  # 6 methods x 2 seeds per budget
+    assert "| 0.5 | 18 |" in text and "| 1 | 12 |" in text  # 6 methods x 3 and 2 seeds
     png = figures / "label_efficiency_pneumoniamnist-resnet18-16.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and "python -m simulations.label_efficiency" in text
+
+
+def test_seeds_at_must_name_a_budget_and_integer_seeds(capsys: pytest.CaptureFixture) -> None:
+    rest = ["--", "--data-root", "d"]
+    _, _, seeds_at = label_efficiency.parse_args(
+        ["--budgets", "0.5", "1.0", "--seeds-at", "1.0=3,4", *rest]
+    )
+    assert seeds_at == {1.0: (3, 4)}
+    for bad in ("0.2=1", "0.5=a", "0.5", "0.5="):
+        with pytest.raises(SystemExit):
+            label_efficiency.parse_args(["--budgets", "0.5", "--seeds-at", bad, *rest])
+        assert f"--seeds-at: expected BUDGET=SEED,... for a budget in --budgets, got '{bad}'" in (
+            capsys.readouterr().err
+        )
 
 
 def test_generalisation_table_averages_every_run_of_a_budget() -> None:
