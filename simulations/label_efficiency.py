@@ -9,7 +9,7 @@ Everything after `--` is `simulations.reproduce`'s options; each budget is that 
 study with `--label-budget` (its own run folders, drawn per seed, class-stratified; validation
 and test stay the official splits), so an interrupted curve resumes. `--seeds-at 0.01=0,1,...`
 (every seed listed) gives one budget more seeds than `--seeds` where its spread is wide.
-Writes a macro-F1 vs label-fraction plot under --figures and one RESULTS.md section.
+Writes a macro-F1 and AUROC vs label-fraction plot under --figures and one RESULTS.md section.
 """
 
 from __future__ import annotations
@@ -115,27 +115,30 @@ def generalisation_table(curve: Curve, classes: Sequence[str]) -> str:
 
 
 def plot_curve(curve: Curve, path: Path, title: str) -> Path:
-    """Mean test macro-F1 (± std over seeds) against the label fraction, one line per method."""
+    """Mean test macro-F1 and AUROC (± std over seeds) against the label fraction, one line per
+    method: the threshold-free panel shows whether a flat macro-F1 is the ranking or the cut."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     budgets = sorted(curve)
-    methods = curve_methods(curve)
-    for method in methods:
-        xs, means, stds = [], [], []
-        for budget in budgets:
-            values = [r[method]["test"]["macro_f1"] for r in curve[budget].values() if method in r]
-            if values:
-                xs.append(budget)
-                means.append(float(np.mean(values)))
-                stds.append(float(np.std(values)))
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method_label(method))
-    ax.set_xscale("log")
-    ax.set_xticks(budgets, [f"{b:g}\n{len(curve[b])} seeds" for b in budgets])
-    ax.set_xlabel("fraction (or count) of the target's training labels")
-    ax.set_ylabel("test macro-F1 (mean ± std over seeds)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (metric, name) in zip(
+        axes, (("macro_f1", "macro-F1"), ("auroc", "AUROC")), strict=True
+    ):
+        for method in curve_methods(curve):
+            xs, means, stds = [], [], []
+            for budget in budgets:
+                values = [r[method]["test"][metric] for r in curve[budget].values() if method in r]
+                if values:
+                    xs.append(budget)
+                    means.append(float(np.mean(values)))
+                    stds.append(float(np.std(values)))
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method_label(method))
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{b:g}\n{len(curve[b])} seeds" for b in budgets])
+        ax.set_xlabel("fraction (or count) of the target's training labels")
+        ax.set_ylabel(f"test {name} (mean ± std over seeds)")
+        ax.set_title(f"{title}: {name}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     return save_figure(fig, path)
 
 
@@ -257,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     figure = None
     if any(curve.values()):
         name = f"label_efficiency_{base.target}-{base.arch}-{base.image_size}.png"
-        figure = plot_curve(curve, base.figures / name, f"{base.target}: macro-F1 vs labels")
+        figure = plot_curve(curve, base.figures / name, base.target)
     key = f"label-efficiency-{base.target}-{base.arch}-{base.image_size}"
     update_section(base.results, key, results_section(base, curve, figure, argv))
     console.print(f"wrote {base.results}" + (f" and {figure}" if figure else ""))
