@@ -8,6 +8,9 @@ signed-rank p-value, the number of seeds where A is higher, and a verdict:
     "A better" / "B better"  the CI excludes 0 on that side AND Wilcoxon p < 0.05
     "within noise"           otherwise
 
+`holm_family` adjusts the p-values of a family of comparisons (one method against each
+baseline) by Holm's step-down method, and its verdicts use the adjusted p.
+
 Zero differences (seeds where a == b): scipy's default zero_method="wilcox" drops them before
 ranking, so the test runs on the non-zero differences only; scipy's method="auto" then gives the
 exact null distribution for <= 50 differences without ties, an exhaustive permutation test for
@@ -24,7 +27,7 @@ instead of an interval and a p-value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.stats import wilcoxon
@@ -46,6 +49,8 @@ class PairedComparison:
     p_value: float
     wins: int  # seeds with a > b
     verdict: str
+    holm_p: float | None = None  # adjusted over a family of comparisons; the verdict uses it
+    family: int = 1
 
     @property
     def ci(self) -> tuple[float, float]:
@@ -66,7 +71,12 @@ class PairedComparison:
             return "n/a"
         return f"{self.p_value:.3f}" if self.p_value >= 0.001 else f"{self.p_value:.1e}"
 
-    def format(self, digits: int = 3) -> str:
+    def verdict_text(self, names: tuple[str, str] = ("A", "B")) -> str:
+        return {VERDICTS[0]: f"{names[0]} better", VERDICTS[1]: f"{names[1]} better"}.get(
+            self.verdict, self.verdict
+        )
+
+    def format(self, digits: int = 3, names: tuple[str, str] = ("A", "B")) -> str:
         """E.g. '+0.021 [95% CI +0.004, +0.037], Wilcoxon p=0.027, 8/10 seeds higher: A better'."""
         if not self.enough_seeds:
             per_seed = ", ".join(f"{v:+.{digits}f}" for v in self.differences)
@@ -77,7 +87,9 @@ class PairedComparison:
         return (
             f"{self.mean_difference:+.{digits}f} "
             f"[95% CI {self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}], "
-            f"Wilcoxon p={self.p_text()}, {self.wins}/{self.n} seeds higher: {self.verdict}"
+            f"Wilcoxon p={self.p_text()}"
+            + ("" if self.holm_p is None else f" (Holm over {self.family}: {self.holm_p:.3f})")
+            + f", {self.wins}/{self.n} seeds higher: {self.verdict_text(names)}"
         )
 
 
@@ -111,12 +123,6 @@ def paired_comparison(
     # so a constant difference gives exactly that constant as both ends.
     low, high = (float(np.clip(v, d.min(), d.max())) for v in (low, high))
     p = 1.0 if not d.any() else float(wilcoxon(d, alternative="two-sided").pvalue)
-    if low > 0 and p < ALPHA:
-        verdict = VERDICTS[0]
-    elif high < 0 and p < ALPHA:
-        verdict = VERDICTS[1]
-    else:
-        verdict = VERDICTS[2]
     return PairedComparison(
         n=n,
         differences=tuple(float(v) for v in d),
@@ -125,5 +131,36 @@ def paired_comparison(
         ci_high=high,
         p_value=p,
         wins=int((d > 0).sum()),
-        verdict=verdict,
+        verdict=verdict(low, high, p),
     )
+
+
+def verdict(ci_low: float, ci_high: float, p: float) -> str:
+    if ci_low > 0 and p < ALPHA:
+        return VERDICTS[0]
+    if ci_high < 0 and p < ALPHA:
+        return VERDICTS[1]
+    return VERDICTS[2]
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni step-down p-values, in the input order: with one method compared against
+    several baselines, some raw p < 0.05 is likely by chance alone."""
+    m = len(p_values)
+    adjusted = [1.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def holm_family(results: Sequence[PairedComparison]) -> list[PairedComparison]:
+    """The comparisons of one family, each with its Holm p and a verdict that uses it."""
+    if len(results) < 2:
+        return list(results)
+    adjusted = holm_adjusted([r.p_value for r in results])
+    return [
+        replace(r, holm_p=p, family=len(results), verdict=verdict(r.ci_low, r.ci_high, p))
+        for r, p in zip(results, adjusted, strict=True)
+    ]

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from simulations.stats import PairedComparison, paired_comparison
+from simulations.stats import PairedComparison, holm_adjusted, holm_family, paired_comparison
 
 ONE_TO_SIX = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
@@ -89,6 +89,31 @@ def test_format() -> None:
     text = paired_comparison([0.0] * 6, ONE_TO_SIX).format(digits=1)
     assert text.startswith("-3.5 [95% CI -")
     assert text.endswith("Wilcoxon p=0.031, 0/6 seeds higher: B better")
+
+
+def test_holm_adjusted_by_hand() -> None:
+    # Sorted p: 0.01, 0.02, 0.04, 0.30 -> x4, x3, x2, x1 = 0.04, 0.06, 0.08, 0.30; each at least
+    # the one before (step-down), then back in the input order.
+    assert holm_adjusted([0.04, 0.30, 0.01, 0.02]) == pytest.approx([0.08, 0.30, 0.04, 0.06])
+    assert holm_adjusted([0.5, 0.4]) == pytest.approx([0.8, 0.8])  # monotone, capped at 1
+    assert holm_adjusted([0.9, 0.8]) == [1.0, 1.0]
+
+
+def test_holm_family_can_undo_a_verdict_and_names_the_winner() -> None:
+    better = PairedComparison(10, (0.0,) * 10, 0.039, 0.010, 0.069, 0.049, 8, "A better")
+    noise = PairedComparison(10, (0.0,) * 10, 0.02, -0.01, 0.05, 0.16, 8, "within noise")
+    adjusted = holm_family([better, noise])
+    assert [r.holm_p for r in adjusted] == pytest.approx([0.098, 0.16])
+    assert [r.verdict for r in adjusted] == ["within noise", "within noise"]
+    assert adjusted[0].p_value == 0.049 and adjusted[0].family == 2
+    assert (
+        adjusted[0]
+        .format()
+        .endswith("Wilcoxon p=0.049 (Holm over 2: 0.098), 8/10 seeds higher: within noise")
+    )
+    assert holm_family([better]) == [better]  # a family of one changes nothing
+    assert better.format(names=("MedMerge", "FT A")).endswith(": MedMerge better")
+    assert paired_comparison([0.0] * 6, ONE_TO_SIX).verdict_text(("x", "y")) == "y better"
 
 
 @pytest.mark.parametrize(
