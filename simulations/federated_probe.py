@@ -283,8 +283,7 @@ def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) ->
                 rows.append([
                     partition, f"federated - {other}", metric.replace("_", "-"),
                     f"{c.mean_difference:+.3f}", c.interval_text(), c.p_text(),
-                    f"{c.wins}/{c.n}", c.verdict.replace("A ", "federated ")
-                    .replace("B better", f"{other} better"),
+                    f"{c.wins}/{c.n}", c.verdict_text(("federated", other)),
                 ])  # fmt: skip
     lines += [markdown_table(header, rows), ""]
     lines += reproduce_block("simulations.federated_probe", s.argv)
