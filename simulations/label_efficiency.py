@@ -58,11 +58,18 @@ def collect(
     return curve
 
 
-def train_sizes(base: StudySettings, budgets: Sequence[float | int]) -> dict[Any, int]:
-    """Training images kept per budget (class-stratified, so the same count for every seed)."""
+def split_labels(base: StudySettings) -> dict[str, np.ndarray]:
+    """The target's official labels per split, read once, as (N, L) arrays (L = 1: one class)."""
     with np.load(base.data_root / f"{base.target}.npz") as data:
-        labels = np.asarray(data["train_labels"]).reshape(len(data["train_labels"]), -1)[:, 0]
-    return {b: len(label_budget_index(labels, b, seed=0)) for b in budgets}
+        return {
+            split: np.asarray(data[f"{split}_labels"]).reshape(len(data[f"{split}_labels"]), -1)
+            for split in ("train", "val", "test")
+        }
+
+
+def train_sizes(train_labels: np.ndarray, budgets: Sequence[float | int]) -> dict[Any, int]:
+    """Training images kept per budget (class-stratified, so the same count for every seed)."""
+    return {b: len(label_budget_index(train_labels[:, 0], b, seed=0)) for b in budgets}
 
 
 def curve_methods(curve: Curve) -> list[str]:
@@ -70,14 +77,17 @@ def curve_methods(curve: Curve) -> list[str]:
     return list(dict.fromkeys(m for b in sorted(curve) for r in curve[b].values() for m in r))
 
 
-def class_shares(base: StudySettings) -> dict[str, np.ndarray]:
-    """Each official split's class shares (none for a multi-label target): a test prior unlike
+def seed_values(curve: Curve, budget: float | int, method: str, metric: str) -> list[float]:
+    """The method's test metric at one budget, one value per seed that ran it."""
+    return [r[method]["test"][metric] for r in curve[budget].values() if method in r]
+
+
+def class_shares(labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each split's class shares (none for a multi-label target): a test prior unlike
     training's shows up as lost sensitivity on the rarer class."""
-    with np.load(base.data_root / f"{base.target}.npz") as data:
-        labels = {s: np.asarray(data[f"{s}_labels"]) for s in ("train", "val", "test")}
-    if any(v.ndim > 1 and v.shape[1] > 1 for v in labels.values()):
+    if any(v.shape[1] > 1 for v in labels.values()):
         return {}
-    flat = {s: v.reshape(-1).astype(int) for s, v in labels.items()}
+    flat = {s: v[:, 0].astype(int) for s, v in labels.items()}
     classes = max(int(v.max()) for v in flat.values()) + 1
     return {s: np.bincount(v, minlength=classes) / len(v) for s, v in flat.items()}
 
@@ -90,7 +100,7 @@ def method_table(curve: Curve, columns: Sequence[str], metric: str) -> str:
     for method in methods:
         cells = []
         for budget in budgets:
-            values = [r[method]["test"][metric] for r in curve[budget].values() if method in r]
+            values = seed_values(curve, budget, method, metric)
             cells.append(f"{mean_std(values)} (n={len(values)})")
         rows.append([method_label(method), *cells])
     return markdown_table(["method", *columns], rows)
@@ -126,7 +136,7 @@ def plot_curve(curve: Curve, path: Path, title: str) -> Path:
         for method in curve_methods(curve):
             xs, means, stds = [], [], []
             for budget in budgets:
-                values = [r[method]["test"][metric] for r in curve[budget].values() if method in r]
+                values = seed_values(curve, budget, method, metric)
                 if values:
                     xs.append(budget)
                     means.append(float(np.mean(values)))
@@ -147,7 +157,8 @@ def results_section(
 ) -> str:
     budgets = sorted(curve)
     methods = curve_methods(curve)
-    sizes = train_sizes(base, budgets)
+    labels = split_labels(base)
+    sizes = train_sizes(labels["train"], budgets)
     columns = [f"{b:g} ({sizes.get(b, 'n/a')} images)" for b in budgets]
     comparisons = []
     for budget in budgets:
@@ -191,7 +202,7 @@ def results_section(
     classes = next((r["clinical"]["classes"] for r in runs if "clinical" in r), [])
     shares = "; ".join(
         f"{split} " + " / ".join(f"{x:.3f}" for x in share)
-        for split, share in class_shares(base).items()
+        for split, share in class_shares(labels).items()
     )
     out += [
         "",
