@@ -7,18 +7,25 @@ weights, configs and metrics only: images and labels never leave the node.
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medmerge_core.errors import InputError
-from medmerge_core.federation.audit import append_audit, config_digest
+from medmerge_core.errors import DataUnavailable, InputError
+from medmerge_core.federation.audit import append_audit, audit_failure, record_digest
+from medmerge_core.federation.config import SAFE_NAME
 from medmerge_core.federation.merge_rounds import sources_digest
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.transport import ModelInfo, compress, pack_counts
 from medmerge_core.models import StateDict
 
 app = ClientApp()
+log = logging.getLogger(__name__)
+Handler = Callable[[Message, Context], Message]
 
 
 def _node(context: Context, role: str | None = None) -> Node:
@@ -26,15 +33,47 @@ def _node(context: Context, role: str | None = None) -> Node:
 
 
 def _summary(content: RecordDict) -> dict:
-    """What a message carries, without its values: array keys, shapes, dtypes, bytes, metric
-    names and a hash of each config."""
+    """What a message carries: per array record its keys, shapes, dtypes and a SHA-256 of its
+    contents; the bytes; the metric values; a hash of each config. Never the arrays."""
     return {
-        "arrays": {name: {key: [list(array.shape), str(array.dtype)] for key, array in rec.items()}
+        "arrays": {name: {"sha256": record_digest(rec),
+                          "keys": {key: [list(a.shape), str(a.dtype)] for key, a in rec.items()}}
                    for name, rec in content.array_records.items()},
         "bytes": sum(rec.count_bytes() for rec in content.array_records.values()),
-        "metrics": {name: sorted(rec) for name, rec in content.metric_records.items()},
-        "configs": {name: config_digest(dict(rec)) for name, rec in content.config_records.items()},
+        "metrics": {name: dict(rec) for name, rec in content.metric_records.items()},
+        "configs": {name: record_digest(rec) for name, rec in content.config_records.items()},
     }  # fmt: skip
+
+
+def guarded(handler: Handler) -> Handler:
+    """A failure leaves this node as a generic reason ("site-2: data unavailable"); the detail
+    (paths, the exception) stays here, in this node's log and audit log."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            name = str(context.node_config.get("name", ""))
+            name = name if SAFE_NAME.match(name) else "node"
+            log.exception("%s: %s failed", name, msg.metadata.message_type)
+            audit_failure(context.node_config, context.run_config, msg.metadata.message_type,
+                          msg.metadata.run_id, exc)  # fmt: skip
+            raise SiteFailure(f"{name}: {_public_reason(exc)}") from None
+
+    return run
+
+
+class SiteFailure(RuntimeError):
+    """What the server and `flwr log` see of a failure at a site."""
+
+
+def _public_reason(exc: Exception) -> str:
+    if isinstance(exc, DataUnavailable | OSError):
+        return "data unavailable"
+    if isinstance(exc, InputError):
+        return "refused the message (see the site's log)"
+    return f"failed ({type(exc).__name__}; see the site's log)"
 
 
 def _reply(node: Node, msg: Message, content: RecordDict) -> Message:
@@ -45,19 +84,25 @@ def _reply(node: Node, msg: Message, content: RecordDict) -> Message:
 
 
 @app.query("info")
+@guarded
 def info(msg: Message, context: Context) -> Message:
     node = _node(context)
-    record = ConfigRecord({"role": node.settings.role, "name": node.name})
+    config = msg.content.config_records.get("config")
+    challenge = str(config.get("challenge", "")) if config is not None else ""
+    proof = node.identity_proof(challenge) if challenge else {}
+    record = ConfigRecord({**node.member().as_config(), **proof})
     return _reply(node, msg, RecordDict({"info": record}))
 
 
 @app.query("target")
+@guarded
 def target(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
     return _reply(node, msg, RecordDict({"info": ConfigRecord(node.target_info().as_config())}))
 
 
 @app.query("backbone")
+@guarded
 def backbone(msg: Message, context: Context) -> Message:
     node = _node(context, "institution")
     state, meta = node.backbone()
@@ -71,6 +116,7 @@ def backbone(msg: Message, context: Context) -> Message:
 
 
 @app.train("merge")
+@guarded
 def merge(msg: Message, context: Context) -> Message:
     names = [str(n) for n in msg.content["config"]["names"]]  # type: ignore[union-attr]
     sources = [msg.content[f"source-{i}"].to_torch_state_dict() for i in range(len(names))]
@@ -123,6 +169,7 @@ def _received(msg: Message) -> tuple[ArrayRecord, ModelInfo, int, StateDict | No
 
 
 @app.train()
+@guarded
 def train(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
     received, model, server_round, initial = _received(msg)
@@ -130,10 +177,9 @@ def train(msg: Message, context: Context) -> Message:
     state, examples, metrics = node.train(
         received.to_torch_state_dict(), model, server_round, local_norm
     )
-    reply = {k: state[k] for k in received}  # same keys, same order as sent
     content = RecordDict(
         {
-            "arrays": ArrayRecord(compress(reply, node.fp16)),
+            "arrays": ArrayRecord(compress(state, node.fp16)),  # the keys sent, in their order
             "metrics": MetricRecord({**metrics, "num-examples": examples}),
         }
     )
@@ -141,6 +187,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.train("probe")
+@guarded
 def probe(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
     sources, names = _sources(msg, context)
@@ -149,10 +196,9 @@ def probe(msg: Message, context: Context) -> Message:
     state, examples, metrics = node.probe_round(
         sources, names, received.to_torch_state_dict(), model, server_round, local_norm
     )
-    reply = {k: state[k] for k in received}  # same keys, same order as sent
     content = RecordDict(
         {
-            "arrays": ArrayRecord(compress(reply, node.fp16)),
+            "arrays": ArrayRecord(compress(state, node.fp16)),  # the keys sent, in their order
             "metrics": MetricRecord({**metrics, "num-examples": examples}),
         }
     )
@@ -160,6 +206,7 @@ def probe(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@guarded
 def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
     received, model, server_round, initial = _received(msg)

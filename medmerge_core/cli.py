@@ -1,4 +1,5 @@
-"""The `medmerge` command: `run CONFIG.yaml`, `pretrain`, `demo`, `evaluate` and `export`."""
+"""The `medmerge` command: `run CONFIG.yaml`, `pretrain`, `demo`, `evaluate`, `export` and
+`identity` (sign and show federation node identity tokens)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,73 @@ def _export(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {', '.join(str(p) for p in written)}", markup=False, soft_wrap=True)
 
 
+def _identity(args: argparse.Namespace, console: Console) -> None:
+    """`identity sign` writes an operator-signed token; `identity show` prints one's contents."""
+    from medmerge_core.federation.identity import (
+        IdentityError,
+        inspect_token,
+        read_token,
+        sign_identity,
+        verify_token,
+    )
+    from medmerge_core.io import atomic_write_text
+
+    if args.identity_command == "sign":
+        if args.out.is_dir():
+            raise InputError(f"--out: {args.out} is a folder; give the token file to write")
+        token = sign_identity(args.operator_key, args.node_key, args.name, args.role)
+        atomic_write_text(args.out, token + "\n")
+        identity = inspect_token(token)
+        console.print(
+            f"wrote {args.out}: {identity.name} ({identity.role}), key {identity.fingerprint}",
+            markup=False,
+            soft_wrap=True,
+        )
+        return
+    token = read_token(args.file)
+    if args.operator_pub is None:
+        identity, checked = inspect_token(token), "not checked (give --operator-pub)"
+    else:
+        try:
+            line = args.operator_pub.read_text(encoding="ascii")
+        except (OSError, UnicodeError) as exc:
+            raise IdentityError(f"--operator-pub: cannot read {args.operator_pub}") from exc
+        identity, checked = verify_token(token, line), "valid"
+    key_type = identity.public_key.split()[0]
+    for label, value in (
+        ("name", identity.name),
+        ("role", identity.role),
+        ("key", f"{key_type} {identity.fingerprint}"),
+        ("operator signature", checked),
+    ):
+        console.print(f"{label}: {value}", markup=False, soft_wrap=True)
+
+
+def _identity_parser(sub: Any) -> None:
+    ident = sub.add_parser("identity", help="sign or show a federation node's identity token")
+    isub = ident.add_subparsers(dest="identity_command", required=True, metavar="{sign,show}")
+    sign = isub.add_parser(
+        "sign", help="sign a hospital's name, role and SuperNode public key (operator only)"
+    )
+    sign.add_argument(
+        "--operator-key", type=Path, required=True, help="the operator's Ed25519 private key"
+    )
+    sign.add_argument(
+        "--node-key", type=Path, required=True, help="the hospital's SuperNode public key (.pub)"
+    )
+    sign.add_argument("--name", required=True, help="the node's name (a safe file name)")
+    sign.add_argument("--role", required=True, help="institution, coordinator or site")
+    sign.add_argument("--out", type=Path, required=True, help="the token file to write")
+    show = isub.add_parser("show", help="print a token's name, role and key fingerprint")
+    show.add_argument("file", type=Path)
+    show.add_argument(
+        "--operator-pub",
+        type=Path,
+        default=None,
+        help="the operator's public key file: also check the token's signature",
+    )
+
+
 def _data_argument(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument(
         "--data",
@@ -168,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(ex)
     ex.add_argument("--out", type=Path, required=True, help="folder to write into")
+    _identity_parser(sub)
     return parser
 
 
@@ -192,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args, console)
         elif args.command == "export":
             _export(args, console)
+        elif args.command == "identity":
+            _identity(args, console)
         else:
             from medmerge_core.demo import DemoSettings, run_demo
 

@@ -10,3 +10,7 @@ class InputError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss; the message names the stage, epoch and step."""
+
+
+class DataUnavailable(InputError):
+    """A node's private data could not be loaded: the detail (paths) stays at the node."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -34,13 +35,11 @@ def addressee(reply: Message, sent: Iterable[Message]) -> int:
     return reply.metadata.src_node_id
 
 
-def usable(
-    phase: str, reply: Message, sent: Iterable[Message], roles: Mapping[int, tuple[str, str]]
-) -> bool:
-    """False (and a log line naming the node) for an error reply; `roles`: node -> (role, name)."""
+def usable(phase: str, reply: Message, sent: Iterable[Message], roles: Mapping[int, Any]) -> bool:
+    """False (and a log line naming the node) for an error reply; `roles`: node -> `Member`."""
     if reply.has_error():
         node = addressee(reply, sent)
-        name = roles.get(node, ("?", "?"))[1]
+        name = roles[node].name if node in roles else "?"
         log.warning("%s: node %d (%s) failed: %s", phase, node, name, reply.error.reason)
         return False
     return True

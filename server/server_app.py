@@ -13,19 +13,23 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.identity import new_challenge
+from medmerge_core.federation.members import Member, admit, read_member
 from medmerge_core.federation.merge_rounds import ProbePlan
+from medmerge_core.federation.rounds import check_rule, read_metrics
 from medmerge_core.federation.run import FederationRun
 from medmerge_core.federation.transport import ModelInfo, compress
 from medmerge_core.federation.validation import accept_merged, check_backbone
 from medmerge_core.models import StateDict
-from server.messages import ask, usable
+from server.messages import addressee, ask, usable
 from server.strategy import MedMergeFedAvg, MergeProbeFedAvg
 
 log = logging.getLogger("flwr")
 app = ServerApp()
 
-Roles = dict[int, tuple[str, str]]  # node id -> (role, name)
+Roles = dict[int, Member]  # node id -> the member it was admitted as
 
 
 @app.main()
@@ -39,6 +43,9 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> list[dict[str, Any
     run = FederationRun(cfg)
     log.info("MedMerge federation: run folder %s", run.dir)
     roles = discover(grid, cfg)
+    sites = _sites(roles)
+    for warning in check_rule(cfg.aggregation, cfg.trim_fraction, len(sites), cfg.min_cosine):
+        log.warning("%s", warning)
     merged = run.load_merged()
     if merged is None:
         saved = run.load_sources()
@@ -48,33 +55,45 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> list[dict[str, Any
         learn = merge if cfg.merge_mode == "coordinator" else merge_federated
         merged = learn(grid, cfg, roles, *saved, run)
     state, info, releases = merged
-    strategy = MedMergeFedAvg(cfg, info, _sites(roles), run, releases)
+    strategy = MedMergeFedAvg(cfg, info, sites, run, releases)
     strategy.start(grid, ArrayRecord(state), cfg.rounds, cfg.timeout)
     return strategy.history
 
 
 def discover(grid: Grid, cfg: FederationConfig) -> Roles:
-    """Ask every node its role (the server never sees node configs)."""
+    """Ask every node who it is (the server never sees node configs) and admit it as a
+    `Member`: with `operator-key`, from the identity the operator signed for its SuperNode key
+    (proved against a fresh challenge); a malformed reply, a forged identity, a name two nodes
+    claim or a second coordinator is refused with a log line naming the node."""
     deadline = time.monotonic() + cfg.timeout
     while len(list(grid.get_node_ids())) < cfg.wait_nodes and time.monotonic() < deadline:
         time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
-    sent, replies = ask(grid, nodes, "query.info", RecordDict(), cfg.timeout)
-    roles = {
-        r.metadata.src_node_id: (str(r.content["info"]["role"]), str(r.content["info"]["name"]))
-        for r in replies
-        if usable("discover", r, sent, {})
-    }
-    log.info("nodes: %s", {n: f"{r} {name}" for n, (r, name) in sorted(roles.items())})
+    challenge = new_challenge() if cfg.operator_key else ""
+    content = RecordDict({"config": ConfigRecord({"challenge": challenge})})
+    sent, replies = ask(grid, nodes, "query.info", content, cfg.timeout)
+    claims: dict[int, Member] = {}
+    for reply in replies:
+        if not usable("discover", reply, sent, {}):
+            continue
+        node = addressee(reply, sent)
+        try:
+            claims[node] = read_member(reply.content["info"], cfg.operator_key, challenge)
+        except (InputError, KeyError, TypeError, ValueError) as exc:
+            log.warning("discover: node %d refused: %s", node, exc)
+    roles, refused = admit(claims)
+    for node, reason in refused.items():
+        log.warning("discover: node %d refused: %s", node, reason)
+    log.info("nodes: %s", {n: f"{m.role} {m.name}" for n, m in sorted(roles.items())})
     return roles
 
 
 def _with_role(roles: Roles, role: str) -> list[int]:
-    return [n for n, (r, _) in sorted(roles.items()) if r == role]
+    return [n for n, m in sorted(roles.items()) if m.role == role]
 
 
-def _sites(roles: Roles) -> dict[int, str]:
-    return {n: roles[n][1] for n in _with_role(roles, "site")}
+def _sites(roles: Roles) -> dict[int, Member]:
+    return {n: roles[n] for n in _with_role(roles, "site")}
 
 
 def collect(grid: Grid, cfg: FederationConfig, roles: Roles) -> tuple[list[StateDict], list[str]]:
@@ -84,11 +103,15 @@ def collect(grid: Grid, cfg: FederationConfig, roles: Roles) -> tuple[list[State
     sent, replies = ask(grid, institutions, "query.backbone", content, cfg.timeout)
     found: list[tuple[str, StateDict]] = []
     for reply in (r for r in replies if usable("collect", r, sent, roles)):
-        state = reply.content["arrays"].to_torch_state_dict()
+        node = addressee(reply, sent)
+        try:
+            state = reply.content["arrays"].to_torch_state_dict()
+        except (KeyError, TypeError) as exc:
+            log.warning("collect: rejected reply from node %d: no arrays (%r)", node, exc)
+            continue
         reason = check_backbone(state, cfg.arch, allow_fp16=cfg.fp16)
-        node = reply.metadata.src_node_id
         if reason is None:
-            found.append((str(reply.content["info"]["source"]), state))
+            found.append((roles[node].name, state))  # the admitted name, not a claimed one
         else:
             log.warning("collect: rejected backbone from node %d: %s", node, reason)
     if len(found) < 2:
@@ -111,13 +134,25 @@ def merge(grid: Grid, cfg: FederationConfig, roles: Roles, sources: list[StateDi
     sent, replies = ask(grid, coordinators[:1], "train.merge", content, cfg.timeout)
     if not replies or not usable("merge", replies[0], sent, roles):
         raise RuntimeError("merge: the coordinator did not return a merged model")
-    reply = replies[0].content
-    info = ModelInfo.from_config(reply.config_records["info"])
-    learned = reply.array_records["coefficients"].to_torch_state_dict()
+    try:
+        reply = replies[0].content
+        info = ModelInfo.from_config(reply.config_records["info"])
+        raw = reply.array_records["arrays"].to_torch_state_dict()
+        learned = reply.array_records["coefficients"].to_torch_state_dict()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuntimeError(f"merge: malformed reply from the coordinator ({exc!r})") from None
     coefficients = {k: v.numpy() for k, v in learned.items()}
-    state = accept_merged(reply.array_records["arrays"].to_torch_state_dict(), coefficients, info,
-                          len(names), allow_fp16=cfg.fp16)  # fmt: skip
-    metrics = dict(reply.metric_records["metrics"])
+    state = accept_merged(raw, coefficients, info, len(names), allow_fp16=cfg.fp16)
+    sent = tuple(compress(s, cfg.fp16) for s in sources)  # what the coordinator merged
+    reason = ProbePlan(sent, tuple(names), info, cfg.merge, cfg.seed).check_baked(
+        raw, coefficients, cfg.fp16
+    )
+    if reason is not None:
+        raise RuntimeError(f"merge: the coordinator's model is not the merge it reports: {reason}")
+    metrics = read_metrics(reply.metric_records.get("metrics", {}))
+    if isinstance(metrics, str):
+        log.warning("merge: the coordinator's metrics are left out: %s", metrics)
+        metrics = {}
     run.save_merged(state, info, coefficients, names, metrics)
     run.log({"phase": "merge", "sources": names, **metrics})
     log.info("merge: %s", metrics)
@@ -161,11 +196,13 @@ def merge_federated(
 def target_info(grid: Grid, cfg: FederationConfig, roles: Roles, sites: list[int]) -> ModelInfo:
     """The model the sites' target data needs: every site that answers must agree."""
     sent, replies = ask(grid, sites, "query.target", RecordDict(), cfg.timeout)
-    found = {
-        r.metadata.src_node_id: ModelInfo.from_config(r.content["info"])
-        for r in replies
-        if usable("merge", r, sent, roles)
-    }
+    found = {}
+    for reply in (r for r in replies if usable("merge", r, sent, roles)):
+        node = addressee(reply, sent)
+        try:
+            found[node] = ModelInfo.from_config(reply.content["info"])
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("merge: node %d described no usable target (%r)", node, exc)
     if not found:
         raise RuntimeError("merge: no site described its target data")
     if len(set(found.values())) > 1:

@@ -13,7 +13,7 @@ medmerge_core; these classes move it in and out of messages.
 from __future__ import annotations
 
 import logging
-import math
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -22,11 +22,21 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Result
+from flwr.serverapp.strategy import FedAvg, Result
 
 from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.members import Member
 from medmerge_core.federation.merge_rounds import ProbePlan, sources_digest
-from medmerge_core.federation.privacy import epsilon, private_mean
+from medmerge_core.federation.privacy import epsilon
+from medmerge_core.federation.rounds import (
+    Noise,
+    SiteReply,
+    aggregate_round,
+    mean_metrics,
+    read_counts,
+    read_examples,
+    read_metrics,
+)
 from medmerge_core.federation.run import FederationRun, round_table, table_text
 from medmerge_core.federation.transport import (
     ModelInfo,
@@ -35,9 +45,7 @@ from medmerge_core.federation.transport import (
     parameter_keys,
     restore_dtypes,
     transport_keys,
-    unpack_counts,
 )
-from medmerge_core.federation.validation import screen_replies
 from medmerge_core.inmerge import apply_inmerge
 from medmerge_core.metrics import pooled_metrics
 from medmerge_core.models import StateDict
@@ -52,39 +60,17 @@ def _metrics(record: MetricRecord | None, prefix: str) -> dict[str, float]:
     return {prefix + k: float(v) for k, v in record.items() if k != "num-examples"}  # type: ignore[arg-type]
 
 
-def _pooled(replies: Iterable[Message]) -> dict[str, float]:
-    """Accuracy, macro-F1 and AUROC of the union of the sites' test sets, from the confusion
-    counts and score histograms each site sends (`metrics.pooling_counts`)."""
-    sums: dict[str, np.ndarray] = {}
-    for msg in replies:
-        record = msg.content.metric_records.get("pooled")
-        if record is None:
-            continue
-        for key, value in unpack_counts(record).items():
-            sums[key] = sums[key] + value if key in sums else value
-    if not sums:
-        return {}
-    return pooled_metrics(sums["confusion"], sums["positive"], sums["negative"])
-
-
-def _aggregator(cfg: FederationConfig) -> FedAvg:
-    """Flower's own aggregation rule for the screened replies: FedAvg's example-weighted mean,
-    FedMedian's coordinate-wise median or FedTrimmedAvg's trimmed mean."""
-    if cfg.aggregation == "median":
-        return FedMedian(min_train_nodes=1)
-    if cfg.aggregation == "trimmed-mean":
-        return FedTrimmedAvg(min_train_nodes=1, beta=cfg.trim_fraction)
-    return FedAvg(min_train_nodes=1)
-
-
 class FederatedRounds(FedAvg):
     """The rounds both federated phases share: FedAvg over the site nodes with reply screening,
     fp16 transport, robust aggregation, DP-FedAvg, a checkpoint and a log line per round.
 
     `meta` gives the keys, shapes and dtypes of the state the server holds, `keys` the ones
-    that travel and `dp_keys` the ones DP clips and noises. The DP-noise generator and the count
-    of DP releases are the strategy's state (`state_dict`), so a resumed run draws the same
-    noise and accounts every release; `releases` starts a phase after an earlier phase's.
+    that travel and `dp_keys` the ones DP clips and noises (under DP the only ones a site sends
+    back). The DP-noise generator is seeded from the operating system's CSPRNG, never from the
+    run config every node holds, so no participant can regenerate the noise; its state and the
+    count of DP releases are the strategy's state (`state_dict`, in the server's private
+    checkpoint), so a resumed run draws the same noise and accounts every release; `releases`
+    starts a phase after an earlier phase's.
     """
 
     phase = "round"  # the metrics.jsonl phase of a round
@@ -95,16 +81,17 @@ class FederatedRounds(FedAvg):
     def __init__(
         self,
         cfg: FederationConfig,
-        sites: Mapping[int, str],
+        info: ModelInfo,
+        sites: Mapping[int, Member],
         run: FederationRun,
         meta: Mapping[str, torch.Tensor],
         norm_keys: Sequence[str],
         parameters: Sequence[str],
-        noise_seed: int,
         releases: int = 0,
     ) -> None:
         super().__init__(min_train_nodes=cfg.min_sites, min_evaluate_nodes=1, min_available_nodes=1)
         self.cfg = cfg
+        self.info = info
         self.sites = dict(sites)
         self.run = run
         self.meta = dict(meta)
@@ -112,9 +99,9 @@ class FederatedRounds(FedAvg):
         self.keys = transport_keys(self.meta, self.norm_keys, cfg.fedbn)
         params = set(parameters)
         self.dp_keys = [k for k in self.keys if k in params]  # what DP clips and noises
-        self.noise = torch.Generator().manual_seed(noise_seed)
+        self.private = cfg.dp != "none"
+        self.noise = torch.Generator().manual_seed(secrets.randbits(63))
         self.releases = releases  # rounds whose aggregate carried DP noise (all phases)
-        self._aggregator = _aggregator(cfg)
         self.history: list[dict[str, Any]] = []
         self._current: StateDict = {}
         self._extra: dict[str, ArrayRecord] = {}
@@ -129,7 +116,8 @@ class FederatedRounds(FedAvg):
         self.releases = int(state["releases"])
 
     def name(self, node_id: int) -> str:
-        return f"node {node_id} ({self.sites.get(node_id, '?')})"
+        member = self.sites.get(node_id)
+        return f"node {node_id} ({member.name if member else '?'})"
 
     # ------------------------------------------------------------------ the rounds
 
@@ -156,6 +144,8 @@ class FederatedRounds(FedAvg):
             self._extra = {"local-init": ArrayRecord({k: state[k] for k in self.norm_keys})}
         result = Result()
         for server_round in range(start + 1, num_rounds + 1):
+            if self._over_budget(server_round):
+                break
             began = time.perf_counter()
             messages = self.configure_train(
                 server_round, self._shared(state), self._config(train_config), grid
@@ -187,6 +177,25 @@ class FederatedRounds(FedAvg):
         self._finish(grid, state, evaluate_config, num_rounds, timeout)
         result.arrays = ArrayRecord(state)
         return result
+
+    def _over_budget(self, server_round: int) -> bool:
+        """True (with a log line and a metrics.jsonl record) when this round's DP release would
+        take epsilon past `dp-max-epsilon`: the run stops with the last model within budget."""
+        cfg = self.cfg
+        if not self.private or cfg.dp_max_epsilon <= 0:
+            return False
+        spent = epsilon(cfg.dp_noise_multiplier, self.releases, cfg.dp_delta)
+        upcoming = epsilon(cfg.dp_noise_multiplier, self.releases + 1, cfg.dp_delta)
+        if upcoming <= cfg.dp_max_epsilon:
+            return False
+        log.warning("%s: DP budget: round %d would take epsilon from %.3g to %.3g, past "
+                    "dp-max-epsilon %g; stopping with the model of round %d", self.title,
+                    server_round, spent, upcoming, cfg.dp_max_epsilon,
+                    server_round - 1)  # fmt: skip
+        self.run.log({"phase": "dp-budget", "stage": self.phase, "round": server_round,
+                      "dp_epsilon": spent, "dp_epsilon_next": upcoming,
+                      "dp_max_epsilon": cfg.dp_max_epsilon})  # fmt: skip
+        return True
 
     def _evaluate_round(
         self,
@@ -242,7 +251,7 @@ class FederatedRounds(FedAvg):
         for node in nodes:
             records = self._node_records(node)
             content = RecordDict({"arrays": payload, "config": config, **records})
-            self._addressed += self._construct_messages(content, [node], kind)
+            self._addressed.append(Message(content, dst_node_id=node, message_type=kind))
             for name, size in [("arrays", payload.count_bytes())] + [
                 (k, r.count_bytes()) for k, r in records.items()
             ]:
@@ -271,84 +280,121 @@ class FederatedRounds(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen every reply, average the accepted ones, restore dtypes, apply InMerge."""
-        by_name: dict[str, Message] = {}
-        states: dict[str, StateDict] = {}
+        """Check every reply's format, screen and combine the usable ones
+        (`rounds.aggregate_round`), restore dtypes, apply the post-processing (InMerge)."""
+        usable: dict[str, SiteReply] = {}
         rejected: dict[str, str] = {}
         for msg in replies:
-            name = self.name(addressee(msg, self._addressed))
+            node = addressee(msg, self._addressed)
+            name = self.name(node)
             if msg.has_error():
                 rejected[name] = f"error reply: {msg.error.reason}"
                 continue
-            content = msg.content
             self._round_log["bytes_train_up"] = self._round_log.get("bytes_train_up", 0) + sum(
-                r.count_bytes() for r in content.array_records.values()
+                r.count_bytes() for r in msg.content.array_records.values()
             )  # what came over the wire, accepted or not
-            metrics = list(content.metric_records.values())
-            if (
-                len(content.array_records) != 1
-                or len(metrics) != 1
-                or ("num-examples" not in metrics[0])
-            ):
-                rejected[name] = "reply needs one ArrayRecord and one MetricRecord (num-examples)"
-                continue
-            by_name[name] = msg
-            states[name] = next(iter(content.array_records.values())).to_torch_state_dict()
-        private = self.cfg.dp != "none"
-        accepted, bad = screen_replies(  # under DP clipping bounds each site, not screening
-            states,
-            self._current,
-            math.inf if private else self.cfg.outlier_factor,
-            self.cfg.fp16,
-            None if private else self.cfg.min_cosine,
+            reply = self._read_train_reply(msg.content, self.sites.get(node))
+            if isinstance(reply, str):
+                rejected[name] = reply
+            else:
+                usable[name] = reply
+        sent = self._current if not self.private else {k: self._current[k] for k in self.dp_keys}
+        cfg = self.cfg
+        outcome = aggregate_round(
+            usable,
+            sent,
+            rule=cfg.aggregation,
+            trim_fraction=cfg.trim_fraction,
+            max_share=cfg.max_weight_share,
+            outlier_factor=cfg.outlier_factor,
+            min_cosine=cfg.min_cosine,
+            allow_fp16=cfg.fp16,
+            min_sites=self.min_train_nodes,
+            dp=Noise(self.dp_keys, cfg.dp_clipping_norm, cfg.dp_noise_multiplier, self.noise)
+            if self.private
+            else None,
         )
-        rejected.update(bad)
+        rejected.update(outcome.rejected)
         for name, reason in rejected.items():
             log.warning("round %d: rejected reply from %s: %s", server_round, name, reason)
-        self._round_log.update(sites=len(accepted), rejected=sorted(rejected))
-        if len(accepted) < self.min_train_nodes:
-            self._skip(server_round, f"{len(accepted)} usable site replies, min-sites is "
-                                     f"{self.min_train_nodes}")  # fmt: skip
+        self._round_log.update(sites=len(outcome.accepted), rejected=sorted(rejected))
+        if outcome.state is None:
+            self._skip(server_round, f"{len(outcome.accepted)} usable site replies, min-sites "
+                                     f"is {self.min_train_nodes}")  # fmt: skip
             return None, None
-        clean = []
-        for name in accepted:
-            msg = by_name[name]
-            state = restore_dtypes(states[name], self.meta)
-            metrics = next(iter(msg.content.metric_records.values()))
-            content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
-            clean.append(Message(content=content, metadata=msg.metadata))  # reply left intact
-        if private:
-            state = private_mean(
-                [m.content["arrays"].to_torch_state_dict() for m in clean],  # type: ignore[union-attr]
-                self._current,
-                self.dp_keys,
-                self.cfg.dp_clipping_norm,
-                self.cfg.dp_noise_multiplier,
-                self.noise,
-            )
-            metrics = self.train_metrics_aggr_fn([m.content for m in clean], self.weighted_by_key)
+        if self.private:
             self.releases += 1
             self._round_log["dp_epsilon"] = epsilon(
-                self.cfg.dp_noise_multiplier, self.releases, self.cfg.dp_delta
+                cfg.dp_noise_multiplier, self.releases, cfg.dp_delta
             )
-        else:
-            arrays, metrics = self._aggregator.aggregate_train(server_round, clean)
-            if arrays is None:
-                return None, metrics
-            state = restore_dtypes(arrays.to_torch_state_dict(), self.meta)
-        return ArrayRecord(self._post_process(state)), metrics  # after the noise
+        state = {**self._current, **restore_dtypes(outcome.state, self.meta)}
+        return ArrayRecord(self._post_process(state)), MetricRecord(outcome.metrics)
+
+    def _read_train_reply(self, content: RecordDict, member: Member | None) -> SiteReply | str:
+        """A train reply as a `SiteReply`, or why its format is unusable: one ArrayRecord and
+        one MetricRecord, a plausible `num-examples` and plain finite metrics. Under DP only
+        the keys DP covers may come back (the site keeps its BN statistics)."""
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return "reply needs one ArrayRecord and one MetricRecord (num-examples)"
+        record = next(iter(content.metric_records.values()))
+        if "num-examples" not in record:
+            return "reply has no num-examples"
+        examples = read_examples(record["num-examples"], member and member.train_examples)
+        if isinstance(examples, str):
+            return examples
+        metrics = read_metrics(record)
+        if isinstance(metrics, str):
+            return metrics
+        arrays = next(iter(content.array_records.values()))
+        return SiteReply(arrays.to_torch_state_dict(), examples, metrics)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """The sites' example-weighted means (loss, local metrics), with accuracy, macro-F1 and
-        AUROC pooled over all the sites' test images in place of the means."""
-        replies = [m for m in replies if not m.has_error() and "metrics" in m.content]
-        if not replies:
+        AUROC pooled over all the sites' test images in place of the means. A reply whose
+        metrics or counts are malformed is left out, with a log line naming the site."""
+        usable: list[SiteReply] = []
+        sums: dict[str, np.ndarray] = {}
+        for msg in replies:
+            if msg.has_error():
+                continue
+            node = addressee(msg, self._addressed)
+            reply = self._read_evaluate_reply(msg.content, self.sites.get(node))
+            if isinstance(reply, str):
+                log.warning("round %d: evaluation of %s left out: %s", server_round,
+                            self.name(node), reply)  # fmt: skip
+                continue
+            usable.append(reply[0])
+            for key, value in reply[1].items():
+                sums[key] = sums[key] + value if key in sums else value
+        if not usable:
             return None
-        local = [RecordDict({"metrics": m.content["metrics"]}) for m in replies]
-        metrics = self.evaluate_metrics_aggr_fn(local, self.weighted_by_key)
-        return MetricRecord({**dict(metrics), **_pooled(replies)})
+        metrics = mean_metrics(usable, [float(r.examples) for r in usable])
+        if sums:
+            metrics.update(pooled_metrics(sums["confusion"], sums["positive"], sums["negative"]))
+        return MetricRecord(metrics)
+
+    def _read_evaluate_reply(
+        self, content: RecordDict, member: Member | None
+    ) -> tuple[SiteReply, dict[str, np.ndarray]] | str:
+        record = content.metric_records.get("metrics")
+        if record is None or "num-examples" not in record:
+            return "reply has no metrics with num-examples"
+        examples = read_examples(record["num-examples"], member and member.test_examples)
+        if isinstance(examples, str):
+            return examples
+        metrics = read_metrics(record)
+        if isinstance(metrics, str):
+            return metrics
+        counts: dict[str, np.ndarray] = {}
+        pooled = content.metric_records.get("pooled")
+        if pooled is not None:
+            read = read_counts(pooled, self.info.num_classes, examples)
+            if isinstance(read, str):
+                return read
+            counts = read
+        return SiteReply({}, examples, metrics), counts
 
 
 class MedMergeFedAvg(FederatedRounds):
@@ -360,13 +406,12 @@ class MedMergeFedAvg(FederatedRounds):
         self,
         cfg: FederationConfig,
         info: ModelInfo,
-        sites: Mapping[int, str],
+        sites: Mapping[int, Member],
         run: FederationRun,
         releases: int = 0,
     ) -> None:
         meta, self.conv_keys, norm = model_reference(info)
-        super().__init__(cfg, sites, run, meta, norm, parameter_keys(info), cfg.seed + 1, releases)
-        self.info = info
+        super().__init__(cfg, info, sites, run, meta, norm, parameter_keys(info), releases)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def state_dict(self) -> dict[str, Any]:
@@ -434,12 +479,11 @@ class MergeProbeFedAvg(FederatedRounds):
         self,
         cfg: FederationConfig,
         plan: ProbePlan,
-        sites: Mapping[int, str],
+        sites: Mapping[int, Member],
         run: FederationRun,
     ) -> None:
-        noise_seed = cfg.seed + 2  # noise independent of fine-tuning's (seed + 1)
         super().__init__(
-            cfg, sites, run, plan.initial, plan.norm_keys, plan.parameter_keys, noise_seed
+            cfg, plan.info, sites, run, plan.initial, plan.norm_keys, plan.parameter_keys
         )
         self.plan = plan
         sent = [compress(s, cfg.fp16) for s in plan.sources]

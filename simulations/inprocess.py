@@ -1,8 +1,9 @@
 """An in-process Grid: runs the ClientApp for each message right here, one node at a time.
 
 For tests, benchmarks and debugging: the ServerApp logic runs unchanged against it, every
-message can be inspected (`sent`, `received`), and a node can be made to fail on a chosen
-message (`fail`) to exercise the fault paths without starting real processes.
+message can be inspected (`sent`, `received`), a node can be made to fail on a chosen
+message (`fail`) to exercise the fault paths without starting real processes, and a node's
+replies can be rewritten (`tamper`) as a dishonest or broken node would send them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class InProcessGrid(Grid):
         node_configs: Sequence[Mapping[str, Any]],
         run_config: Mapping[str, Any],
         fail: Callable[[int, Message], bool] | None = None,
+        tamper: Callable[[int, Message], Message] | None = None,
     ) -> None:
         # Messages take their run id and sender from the process identity the ServerApp
         # runtime would have set; this grid is its own runtime, so it sets it.
@@ -39,6 +41,7 @@ class InProcessGrid(Grid):
             for i, cfg in enumerate(node_configs)
         }
         self.fail = fail
+        self.tamper = tamper
         self.sent: list[Message] = []
         self.received: list[Message] = []
         self._pending: dict[str, Message] = {}
@@ -73,6 +76,8 @@ class InProcessGrid(Grid):
             if self.fail is not None and self.fail(node, inbound):
                 raise RuntimeError(f"node {node} crashed (injected fault)")
             reply = self.app(inbound, self.contexts[node])
+            if self.tamper is not None:
+                reply = self.tamper(node, reply)
         except Exception as exc:  # a real SuperNode turns this into an error reply too
             error = Error(CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}")
             reply = Message(error, reply_to=inbound)

@@ -8,6 +8,7 @@ its private data and its checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,11 @@ DP_MODES: tuple[str, ...] = ("none", "server", "client")
 AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
 MERGE_MODES: tuple[str, ...] = ("coordinator", "federated")
 # Settings that may change between a run and its resumption without invalidating it.
-RESUMABLE_CHANGES: frozenset[str] = frozenset({"rounds", "timeout", "device", "output_dir"})
+RESUMABLE_CHANGES: frozenset[str] = frozenset(
+    {"rounds", "timeout", "device", "output_dir", "dp_max_epsilon"}
+)
+# Names that become a folder or file name (run-name, a node's name): one safe path component.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Run-config keys that were renamed: a one-line pointer instead of "unknown key".
 RENAMED_KEYS = {
     "local-epochs": "renamed ft-epochs",
@@ -78,6 +83,8 @@ class FederationConfig:
     inmerge_local: InMergeSettings | None = None
     min_sites: int = 2
     outlier_factor: float = 10.0
+    # No site's example count weighs more than this share of a round's total (mean only).
+    max_weight_share: float = 0.5
     min_cosine: float = 0.0  # reject an update pointing away from the others' median update
     aggregation: str = "mean"  # mean (FedAvg), median (FedMedian), trimmed-mean (FedTrimmedAvg)
     trim_fraction: float = 0.2  # trimmed-mean: the share cut at each end
@@ -87,9 +94,20 @@ class FederationConfig:
     dp_clipping_norm: float = 1.0
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 1e-5  # the delta at which the run reports its epsilon
+    # Stop (with the last model within budget) before a round would take epsilon past this;
+    # 0: no budget.
+    dp_max_epsilon: float = 0.0
+    # Under DP, replies carry only what the mechanism covers; true also sends the sites' exact
+    # train/validation/test metrics and pooled-evaluation counts (not covered by epsilon).
+    dp_release_metrics: bool = False
+    # The consortium operator's Ed25519 public key ("ssh-ed25519 AAAA..."): when set, a node's
+    # role and name come from an identity the operator signed for its SuperNode key
+    # (federation.identity), never from what the node says. Empty: self-declared (simulation).
+    operator_key: str = ""
     timeout: float = 1800.0
 
     def __post_init__(self) -> None:
+        check_name("run-name", self.run_name)
         bad = [r for r in self.sim_roles if r not in ROLES]
         if bad:
             raise InputError(f"sim-roles: unknown role '{bad[0]}'; expected {ROLES}")
@@ -105,6 +123,12 @@ class FederationConfig:
                 raise InputError("dp-clipping-norm: must be > 0 (and dp-noise-multiplier >= 0)")
             if not 0 < self.dp_delta < 1:
                 raise InputError(f"dp-delta: must be in (0, 1), got {self.dp_delta}")
+        if self.dp_max_epsilon < 0:
+            raise InputError(
+                f"dp-max-epsilon: must be >= 0 (0: no budget), got {self.dp_max_epsilon}"
+            )
+        if not 0 < self.max_weight_share <= 1:
+            raise InputError(f"max-weight-share: must be in (0, 1], got {self.max_weight_share}")
         if self.label_skew < 0:
             raise InputError(f"label-skew: must be >= 0 (0: stratified), got {self.label_skew}")
         if self.merge_mode not in MERGE_MODES:
@@ -159,13 +183,27 @@ class NodeSettings:
     state_dir: str | None = None  # a site's FedBN layers (site_state.site_state_dir)
     audit_dir: str | None = None  # the node's audit log (audit.audit_file)
     simulated: bool = False  # from a partition id: every node shares one disk
+    identity: str | None = None  # the operator-signed identity token file (federation.identity)
+    identity_key: str | None = None  # the SuperNode's private key, to prove the identity
+
+    def __post_init__(self) -> None:
+        check_name("node config name", self.name)
+
+
+def check_name(field_name: str, value: str) -> None:
+    """A name that becomes a path must be one safe component: no '/', '..' or absolute path."""
+    if not SAFE_NAME.match(value):
+        raise InputError(
+            f"{field_name}: '{value[:80]}' is not a safe name (letters, digits, '.', '_', '-'; "
+            "starting with a letter or digit; at most 64 characters)"
+        )
 
 
 def node_settings(node_config: Mapping[str, Any], cfg: FederationConfig) -> NodeSettings:
     """Deployment: keys `role`, `name`, `data`, `shard` ('i/k'), `checkpoint`, `device`,
-    `in-channels`, `state-dir`, `audit-dir`. Simulation: `partition-id` picks a role from
-    `sim-roles`; the target data is split between the coordinator and the sites, each
-    institution gets its own dataset."""
+    `in-channels`, `state-dir`, `audit-dir`, `identity`, `identity-key`. Simulation:
+    `partition-id` picks a role from `sim-roles`; the target data is split between the
+    coordinator and the sites, each institution gets its own dataset."""
     if "role" in node_config:
         role = str(node_config["role"])
         if role not in ROLES:
@@ -183,6 +221,8 @@ def node_settings(node_config: Mapping[str, Any], cfg: FederationConfig) -> Node
             in_channels=int(node_config.get("in-channels", 3)),
             state_dir=_opt_str(node_config.get("state-dir")),
             audit_dir=_opt_str(node_config.get("audit-dir")),
+            identity=_opt_str(node_config.get("identity")),
+            identity_key=_opt_str(node_config.get("identity-key")),
         )
     if "partition-id" not in node_config:
         raise InputError("node config: needs 'role' (deployment) or 'partition-id' (simulation)")

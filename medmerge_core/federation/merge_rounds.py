@@ -21,7 +21,7 @@ import torch
 
 from medmerge_core.federation.run import state_digest
 from medmerge_core.federation.transport import ModelInfo, model_reference
-from medmerge_core.merge import MergedModel
+from medmerge_core.merge import MergedModel, combine_source_major
 from medmerge_core.models import StateDict, fit_backbone
 from medmerge_core.probe import seeded_probe
 from medmerge_core.settings import ProbeSettings
@@ -98,3 +98,40 @@ class ProbePlan:
         return {k: v.detach().cpu() for k, v in baked.state_dict().items()}, (
             probe.coefficient_arrays()
         )
+
+    def check_baked(
+        self,
+        state: Mapping[str, torch.Tensor],
+        coefficients: Mapping[str, np.ndarray],
+        allow_fp16: bool = False,
+    ) -> str | None:
+        """Why a coordinator's merged model is not the bake of these sources by the coefficients
+        it returned (a coefficient set for other keys than the probe merges, or a merged tensor
+        that the sources and coefficients do not give), or None. The norm layers and the head
+        were learned on the coordinator's data and cannot be re-derived here."""
+        probe = self.probe()
+        expected = probe.coefficient_map()
+        if set(coefficients) != set(expected):
+            key = sorted(set(coefficients) ^ set(expected))[0]
+            return f"coefficients for '{key}' are missing or unexpected"
+        pairs = zip(probe.weight_keys, probe.bias_keys, strict=True)
+        for index, (weight, bias) in enumerate(pairs):
+            free = torch.as_tensor(np.asarray(coefficients[weight], dtype=np.float32))[:-1]
+            checks = [(weight, getattr(probe, f"source_w{index}"), free)]
+            if bias is not None:
+                own = coefficients.get(bias)
+                bias_free = free.flatten(1) if own is None else torch.as_tensor(own)[:-1].float()
+                checks.append((bias, getattr(probe, f"source_b{index}"), bias_free))
+            for key, stack, coef in checks:
+                want = combine_source_major(stack, coef).view(probe.shapes[key])
+                got = state[key].float()
+                if allow_fp16 and state[key].dtype == torch.float16:
+                    want = want.half().float()
+                scale = float(want.abs().max()) or 1.0
+                gap = float((got - want).abs().max())
+                if gap > (1e-3 if allow_fp16 else 1e-5) * scale:
+                    return (
+                        f"'{key}' is not the sources merged by the returned coefficients "
+                        f"(largest difference {gap:.3g})"
+                    )
+        return None

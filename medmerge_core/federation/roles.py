@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from medmerge_core.data.base import BatchLoader, TaskData
-from medmerge_core.errors import InputError
+from medmerge_core.errors import DataUnavailable, InputError
 from medmerge_core.federation.audit import audit_file
 from medmerge_core.federation.config import FederationConfig, NodeSettings, node_settings
 from medmerge_core.federation.data import load_node_data, parse_data_spec
+from medmerge_core.federation.identity import prove_identity, read_token
+from medmerge_core.federation.members import Member
 from medmerge_core.federation.merge_rounds import ProbePlan
 from medmerge_core.federation.privacy import clip_update
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
@@ -85,6 +87,8 @@ class Node:
     fedbn_dir: Path | None  # where a site keeps its own norm layers under FedBN
     fp16: bool  # replies travel as fp16
     dp_clip: float | None  # dp = "client": clip the update here, before it leaves
+    private: bool  # under DP a reply carries only the parameters DP covers (no BN statistics)
+    release_metrics: bool  # exact metrics and pooled counts leave (always without DP)
     audit_path: Path  # one line per handled message (federation.audit)
 
     @classmethod
@@ -112,6 +116,8 @@ class Node:
             fedbn_dir=site_state_dir(settings, cfg) if cfg.fedbn else None,
             fp16=cfg.fp16,
             dp_clip=cfg.dp_clipping_norm if cfg.dp == "client" else None,
+            private=cfg.dp != "none",
+            release_metrics=cfg.dp == "none" or cfg.dp_release_metrics,
             audit_path=audit_file(settings, cfg),
         )
 
@@ -126,8 +132,46 @@ class Node:
     @cached_property
     def task(self) -> TaskData:
         if self.data_spec is None:
-            raise InputError(f"node '{self.name}': node config has no 'data'")
-        return load_node_data(self.name, self.data_spec, self.settings.shard, self.seed)
+            raise DataUnavailable(f"node '{self.name}': node config has no 'data'")
+        try:
+            return load_node_data(self.name, self.data_spec, self.settings.shard, self.seed)
+        except (InputError, OSError) as exc:
+            raise DataUnavailable(str(exc)) from exc
+
+    def member(self) -> Member:
+        """Who this node says it is at discovery; a site also counts its training and test
+        images (loading its data, so a wrong data path fails here, not in round 1)."""
+        if self.settings.role != "site":
+            return Member(self.settings.role, self.name)
+        task = self.task
+        return Member("site", self.name, len(task.train), len(task.test))
+
+    def identity_proof(self, challenge: str) -> dict[str, str]:
+        """The operator-signed identity and its proof for `challenge` (empty without one)."""
+        token_path, key_path = self.settings.identity, self.settings.identity_key
+        if token_path is None:
+            return {}
+        if key_path is None:
+            raise InputError(f"node '{self.name}': node config identity needs identity-key")
+        token = read_token(Path(token_path).expanduser())
+        proof = prove_identity(token, Path(key_path).expanduser(), challenge)
+        return {"identity-token": token, "identity-proof": proof}
+
+    def _released(
+        self, state: Mapping[str, torch.Tensor], sent: Sequence[str], parameters: Sequence[str]
+    ) -> StateDict:
+        """What of a trained state leaves: the keys that were sent, and under DP only the
+        parameters the mechanism clips and noises (BN statistics stay here)."""
+        allowed = set(parameters) if self.private else set(sent)
+        return {k: state[k] for k in sent if k in allowed}
+
+    def _metrics_out(self, metrics: dict[str, float], stage: str) -> dict[str, float]:
+        """A stage's metrics as they leave; under DP without `dp-release-metrics` none do, and
+        this node logs them for itself."""
+        if self.release_metrics:
+            return metrics
+        log.info("%s %s (kept here, not sent): %s", self.name, stage, metrics)
+        return {}
 
     # ------------------------------------------------------------------ institution
 
@@ -294,8 +338,10 @@ class Node:
         meta, _, norm = model_reference(info)
         if self.fedbn_dir is not None:
             FedBNStore(self.fedbn_dir).save(server_round, {k: out[k] for k in norm})
-        out = self._clip(out, restore_dtypes(state, meta), parameter_keys(info))
-        return out, len(task.train), _fit_metrics(result)
+        parameters = parameter_keys(info)
+        out = self._clip(out, restore_dtypes(state, meta), parameters)
+        released = self._released(out, list(state), parameters)
+        return released, len(task.train), self._metrics_out(_fit_metrics(result), "training")
 
     def probe_round(
         self,
@@ -321,8 +367,10 @@ class Node:
         if self.fedbn_dir is not None:
             norm = model_reference(info)[2]
             self._probe_norms().save(server_round, {k: out[k] for k in norm})
-        out = self._clip(out, sent, probe.probe_parameter_keys())
-        return out, len(self.task.train), _fit_metrics(result)
+        parameters = probe.probe_parameter_keys()
+        out = self._clip(out, sent, parameters)
+        released = self._released(out, list(state), parameters)
+        return released, len(self.task.train), self._metrics_out(_fit_metrics(result), "probe")
 
     def evaluate(
         self,
@@ -342,4 +390,6 @@ class Node:
         if final and self.fedbn_dir is not None:
             own = _cpu(model.state_dict())
             FedBNStore(self.fedbn_dir).save_final(own, info, task.image_size)
+        if not self.release_metrics:
+            return len(task.test), self._metrics_out(metrics, "evaluation"), {}
         return len(task.test), metrics, counts
