@@ -1,14 +1,20 @@
-"""A real SuperLink and 4 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication.
+"""A real SuperLink and 4 SuperNodes on loopback with TLS and SuperNode authentication.
 
 Uses the deploy/ scripts exactly as a hospital consortium would (certificates, ECDSA keys,
 registration, node config files, start scripts) and runs the whole federation (collect, merge,
 one round) over the network with a tiny model. Success is the run's final status in
 `flwr ls --format json`, not the exit code of `flwr run`.
+
+Two loopback addresses stand for the SuperLink host's two sides: 127.0.0.2 is its "public"
+address, where only the Fleet API (for SuperNodes) listens, and 127.0.0.1 is the host itself,
+where the Control and ServerAppIo APIs listen. Only 127.0.0.0/8 addresses are ever used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import ipaddress
 import json
 import os
 import signal
@@ -17,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -26,14 +33,38 @@ from medmerge_core.federation.privacy import epsilon
 from medmerge_core.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"  # the SuperLink host itself: Control and ServerAppIo APIs
+PUBLIC = "127.0.0.2"  # the SuperLink's "public" address: the Fleet API only
 pytestmark = pytest.mark.network
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(*taken: int) -> int:
+    """A port that is free on both loopback addresses and not in `taken`."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind((PUBLIC, port))
+            except OSError:
+                continue
+        if port not in taken:
+            return port
+
+
+def flwr_env(tmp_path: Path, home: str) -> dict:
+    return {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "FLWR_HOME": str(tmp_path / home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def sh(*args: str, env: dict, timeout: float = 120) -> str:
@@ -45,15 +76,137 @@ def sh(*args: str, env: dict, timeout: float = 120) -> str:
     return done.stdout
 
 
-def wait_healthy(port: int, ca: Path, deadline: float) -> None:
+def wait_healthy(host: str, port: int, ca: Path, deadline: float) -> None:
     context = ssl.create_default_context(cafile=str(ca))
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context, timeout=2)
+            urllib.request.urlopen(f"https://{host}:{port}/health", context=context, timeout=2)
             return
         except OSError:
             time.sleep(0.5)
-    raise AssertionError("SuperLink did not become healthy")
+    raise AssertionError(f"SuperLink did not become healthy on {host}:{port}")
+
+
+def start_superlink(tmp_path: Path, env: dict, log: Path) -> tuple[subprocess.Popen, int, int]:
+    """deploy/start_superlink.sh with TLS (SAN 127.0.0.2 added) on a free Fleet port on
+    127.0.0.2 and a free control port on 127.0.0.1; returns (process, fleet, control port)."""
+    certs = tmp_path / "certs"
+    sh(str(DEPLOY / "make_certs.sh"), str(certs), f"IP:{PUBLIC}", env=env)
+    fleet = free_port()
+    control = free_port(fleet)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(DEPLOY / "start_superlink.sh"), str(certs), f"{PUBLIC}:{fleet}", str(control)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=tmp_path,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        wait_healthy(HOST, control, certs / "ca.crt", deadline)
+        wait_healthy(PUBLIC, fleet, certs / "ca.crt", deadline)  # through the Fleet gateway
+    except BaseException:
+        stop_group(proc)
+        raise
+    return proc, fleet, control
+
+
+def stop_group(proc: subprocess.Popen, others: tuple[int, ...] = ()) -> None:
+    """SIGTERM the process group (then SIGKILL), and SIGKILL any of `others` (processes it
+    started in their own session, such as flower-superexec) that outlived it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+    deadline = time.monotonic() + 10
+    for pid in others:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it, including those that left its session."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def listening_sockets(pids: set[int] | None = None) -> set[tuple[str, int]]:
+    """(address, port) of each listening TCP socket in /proc/net/tcp{,6}: those that `pids`
+    hold, or all of them."""
+    inodes = set()
+    for pid in pids or ():
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                if (target := os.readlink(fd)).startswith("socket:["):
+                    inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            (ip, port), state, inode = fields[1].split(":"), fields[3], fields[9]
+            if state != "0A" or (pids is not None and inode not in inodes):
+                continue
+            raw = bytes.fromhex(ip)  # host byte order (little-endian), 32 bits at a time
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(raw)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            found.add((str(addr), int(port, 16)))
+    return found
+
+
+def run_all(commands: dict[str, list[str]], env: dict, timeout: float = 60) -> dict:
+    """Run `flwr` commands concurrently; name -> (exit code, stdout + stderr)."""
+    procs = {
+        name: subprocess.Popen(
+            [str(BIN / "flwr"), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for name, args in commands.items()
+    }
+    results, deadline = {}, time.monotonic() + timeout
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            msg = f"flwr {commands[name]} did not finish in {timeout} s\n{out}"
+            raise AssertionError(msg) from None
+        results[name] = (proc.returncode, out)
+    return results
+
+
+def http_status(host: str, port: int, ca: Path, method: str, path: str) -> tuple[int, bytes]:
+    """One raw HTTPS request; http.client sends the path byte for byte (no normalising)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection(host, port, context=context, timeout=10)
+    try:
+        conn.request(method, path, body=b"", headers={"content-type": "application/protobuf"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
 
 
 class Consortium:
@@ -62,18 +215,12 @@ class Consortium:
 
     def __init__(self, tmp_path: Path, nodes: dict[str, list[str]]) -> None:
         self.tmp = tmp_path
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}:{os.environ['PATH']}",
-            "FLWR_HOME": str(tmp_path / "flwr"),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "OMP_NUM_THREADS": "1",
-        }
+        self.env = flwr_env(tmp_path, "flwr")
         self.nodes = nodes
         self.logs = tmp_path / "logs"
         self.logs.mkdir()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.operator_key = ""  # set on entry: every run admits nodes by signed identity
 
     def _start(self, name: str, cmd: list[str]) -> None:
         out = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
@@ -87,54 +234,55 @@ class Consortium:
         )
 
     def __enter__(self) -> Consortium:
-        deploy, env, tmp = ROOT / "deploy", self.env, self.tmp
+        env, tmp = self.env, self.tmp
         certs, keys, configs = tmp / "certs", tmp / "keys", tmp / "nodes"
         names = list(self.nodes)
-        sh(str(deploy / "make_certs.sh"), str(certs), env=env)
-        sh(str(deploy / "make_node_keys.sh"), str(keys), *names, env=env)
+        sh(str(DEPLOY / "make_node_keys.sh"), str(keys), *names, env=env)
+        # The operator signs each hospital's identity for its SuperNode key; the run config
+        # carries the operator's public key, so roles and names come from these tokens.
+        operator = tmp / "operator"
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "operator", "-f", str(operator),
+           env=env)  # fmt: skip
+        self.operator_key = operator.with_suffix(".pub").read_text().strip()
         for name, pairs in self.nodes.items():
+            role = next(p for p in pairs if p.startswith("role=")).removeprefix("role=")
+            token = tmp / "tokens" / f"{name}.token"
+            sh(str(BIN / "medmerge"), "identity", "sign", "--operator-key", str(operator),
+               "--node-key", str(keys / f"{name}.pub"), "--name", name, "--role", role,
+               "--out", str(token), env=env)  # fmt: skip
             sh(
-                str(deploy / "write_node_config.sh"),
+                str(DEPLOY / "write_node_config.sh"),
                 str(configs / f"{name}.toml"),
                 f"name={name}",
                 f"audit-dir={tmp / 'audit'}",  # the node's own disk, not the tester's home
+                f"identity={token}",
+                f"identity-key={keys / name}",
                 *pairs,
                 env=env,
             )
-        port = free_port()
-        self._start(
-            "superlink",
-            [
-                str(deploy / "start_superlink.sh"),
-                str(certs),
-                "--port",
-                str(port),
-                "--fleet-api-address",
-                f"127.0.0.1:{free_port()}",
-                "--control-api-address",
-                f"127.0.0.1:{free_port()}",
-            ],
+        # The Fleet API on the "public" 127.0.0.2; Control and ServerAppIo on 127.0.0.1.
+        self.procs["superlink"], fleet, control = start_superlink(
+            tmp, env, self.logs / "superlink.log"
         )
         try:
-            wait_healthy(port, certs / "ca.crt", time.monotonic() + 60)
             sh(
-                str(deploy / "write_connection.sh"),
+                str(DEPLOY / "write_connection.sh"),
                 "hospitals",
-                f"127.0.0.1:{port}",
+                f"{HOST}:{control}",  # the operator, on the SuperLink host
                 str(certs / "ca.crt"),
                 env=env,
             )
-            sh(str(deploy / "register_nodes.sh"), "hospitals", str(keys), *names, env=env)
+            sh(str(DEPLOY / "register_nodes.sh"), "hospitals", str(keys), *names, env=env)
             for name in names:
                 self._start(
                     name,
                     [
-                        str(deploy / "start_supernode.sh"),
+                        str(DEPLOY / "start_supernode.sh"),
                         str(configs / f"{name}.toml"),
-                        f"127.0.0.1:{port}",
+                        f"{PUBLIC}:{fleet}",  # SuperNodes reach only the Fleet API
                         str(certs / "ca.crt"),
                         str(keys / name),
-                        str(free_port()),
+                        str(free_port(fleet, control)),
                     ],
                 )
         except BaseException:
@@ -161,6 +309,7 @@ class Consortium:
         return sh(str(BIN / "flwr"), *args, env=self.env, timeout=timeout)
 
     def start_run(self, overrides: str) -> int:
+        overrides += f' operator-key="{self.operator_key}"'
         out = self.flwr("run", str(ROOT), "hospitals", "--format", "json", "-c", overrides)
         return int(json.loads(out)["run-id"])
 
@@ -269,3 +418,152 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path) -
     assert "site-2" in rejected
     assert rounds[1]["rejected"] == []
     assert (tmp_path / "runs" / "federation" / "final.pt").exists()
+
+
+def test_an_outsider_with_the_ca_certificate_reaches_only_the_fleet_api(tmp_path) -> None:
+    """The security review's attack, replayed: a machine holding only the public CA
+    certificate tries to list runs, read a run's logs and register its own SuperNode key,
+    against the SuperLink's public address (127.0.0.2) on the Fleet port (only Fleet calls
+    are forwarded: 404) and on the control port number (nothing listens: refused). The
+    operator on the SuperLink host (127.0.0.1) does the same with success."""
+    started = time.monotonic()
+    env = flwr_env(tmp_path, "operator")
+    proc, fleet, control = start_superlink(tmp_path, env, tmp_path / "superlink.log")
+    pids: set[int] = set()
+    try:
+        pids = descendants(proc.pid)  # the script, flower-superlink, gateway, superexec
+        ca = tmp_path / "outsider" / "ca.crt"  # all the outsider holds
+        ca.parent.mkdir()
+        ca.write_bytes((tmp_path / "certs" / "ca.crt").read_bytes())
+        sh(str(DEPLOY / "make_node_keys.sh"), str(tmp_path / "keys"), "intruder", env=env)
+        outsider = flwr_env(tmp_path, "outsider")
+        for name, port in (("public-fleet", fleet), ("public-control", control)):
+            sh(str(DEPLOY / "write_connection.sh"), name, f"{PUBLIC}:{port}", str(ca), env=outsider)
+        sh(
+            str(DEPLOY / "write_connection.sh"),
+            "operator",
+            f"{HOST}:{control}",
+            str(tmp_path / "certs" / "ca.crt"),
+            env=env,
+        )
+
+        # Where things listen: the Control/ServerAppIo port on 127.0.0.1 only, the Fleet
+        # gateway on 127.0.0.2 only, and nothing else in the SuperLink's process tree.
+        assert listening_sockets(pids) == {(HOST, control), (PUBLIC, fleet)}
+        everywhere = listening_sockets()
+        assert {a for a, p in everywhere if p == control} == {HOST}, everywhere
+        assert {a for a, p in everywhere if p == fleet} == {PUBLIC}, everywhere
+        with pytest.raises(ConnectionRefusedError), socket.create_connection((PUBLIC, control), 5):
+            pass
+
+        key = str(tmp_path / "keys" / "intruder.pub")
+        attempts = {
+            (conn, what): args
+            for conn in ("public-fleet", "public-control")
+            for what, args in {
+                "ls": ["ls", conn, "--format", "json"],
+                "log": ["log", "1", conn, "--show"],
+                "register": ["supernode", "register", key, conn, "--name", "intruder"],
+            }.items()
+        }
+        outside = run_all({k: v for k, v in attempts.items()}, outsider)
+        inside = run_all(
+            {
+                "ls": ["ls", "operator", "--format", "json"],
+                "log": ["log", "1", "operator", "--show"],
+            },
+            env,
+        )
+        for (conn, what), (code, out) in outside.items():
+            # failed: a non-zero exit, or (with --format json) exit 0 and "success": false
+            assert code != 0 or json.loads(out)["success"] is False, (conn, what, out)
+            assert "registered successfully" not in out and "Run ID not found" not in out
+            if conn == "public-fleet":  # refused by the gateway, not by TLS or a timeout
+                assert "404" in out, (conn, what, out)
+
+        # The operator, on the host: the Control API answers (so `flwr log 1` fails above
+        # for the address, not because run 1 does not exist) and no SuperNode got registered.
+        code, out = inside["ls"]
+        assert code == 0 and json.loads(out)["runs"] == [], out
+        assert "Run ID not found" in inside["log"][1], inside["log"]
+        nodes = json.loads(
+            sh(str(BIN / "flwr"), "supernode", "list", "operator", "--format", "json", env=env)
+        )
+        assert nodes["nodes"] == [], nodes
+
+        # The gateway forwards literal Fleet calls only: no Control or Runtime API, no docs,
+        # no dot segments, percent-encoding or query strings (a Fleet call reaches the
+        # SuperLink, whose SuperNode authentication refuses it: 401).
+        for method, path in [
+            ("POST", "/v1/control/list-runs"),
+            ("POST", "/v1/control/register-node"),
+            ("POST", "/v1/runtime/get-nodes"),
+            ("GET", "/docs"),
+            ("GET", "/openapi.json"),
+            ("POST", "/v1/fleet/../control/list-runs"),
+            ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+            ("POST", "/v1/fleet/%2E%2E%2Fcontrol%2Flist-runs"),
+            ("POST", "//v1/control/list-runs"),
+            ("POST", "/v1/fleet/get-run?x=/v1/control/list-runs"),
+        ]:
+            assert http_status(PUBLIC, fleet, ca, method, path) == (404, b"Not Found"), path
+        assert http_status(PUBLIC, fleet, ca, "POST", "/v1/fleet/send-node-heartbeat")[0] == 401
+    finally:
+        stop_group(proc, tuple(pids - {proc.pid}))
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids - {proc.pid})
+    assert time.monotonic() - started < 60  # the brief: keep this test fast
+
+
+def test_write_connection_replaces_its_section(tmp_path) -> None:
+    """Running write_connection.sh again with the same NAME replaces [superlink.NAME]
+    (a duplicate table would make config.toml unreadable for `flwr`); the rest stays."""
+    env = flwr_env(tmp_path, "flwr")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read here\n")
+    write = str(DEPLOY / "write_connection.sh")
+    sh(write, "hospitals", f"{HOST}:9093", str(ca), env=env)
+    sh(write, "backup", f"{HOST}:9193", str(ca), env=env)
+    sh(write, "hospitals", f"{HOST}:19093", str(ca), env=env)
+    sh(write, "hospitals", f"{HOST}:29093", str(ca), env=env)
+    config = tmp_path / "flwr" / "config.toml"
+    text = config.read_text()
+    assert text.count("[superlink.hospitals]") == 1 and "\n\n\n" not in text, text
+    assert tomllib.loads(text)["superlink"] == {
+        "default": "hospitals",
+        "backup": {"address": f"{HOST}:9193", "root-certificates": str(ca)},
+        "hospitals": {"address": f"{HOST}:29093", "root-certificates": str(ca)},
+    }
+    listed = sh(str(BIN / "flwr"), "config", "list", env=env)  # flwr itself parses it
+    assert "hospitals (default)" in listed and "backup" in listed, listed
+    for bad in (["a b", f"{HOST}:1", str(ca)], ["x", f"{HOST}:1", str(tmp_path / "none")]):
+        done = subprocess.run([write, *bad], env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert config.read_text() == text  # a refused call leaves the file as it was
+
+
+def test_start_superlink_refuses_bad_arguments_in_one_line(tmp_path) -> None:
+    """Usage errors are one line, exit 2, and nothing starts: above all, no extra argument
+    may move the SuperLink off 127.0.0.1 or turn TLS off."""
+    env = flwr_env(tmp_path, "flwr")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (certs / name).write_text("")
+    script = str(DEPLOY / "start_superlink.sh")
+    for args in (
+        [],
+        [str(certs)],
+        [str(tmp_path / "none"), f"{PUBLIC}:9092"],
+        [str(certs), "9092"],
+        [str(certs), f"{PUBLIC}:99999"],
+        [str(certs), f"{PUBLIC}:9092", "9092"],
+        [str(certs), f"{PUBLIC}:9092", "--host", "0.0.0.0"],
+        [str(certs), f"{PUBLIC}:9092", "9093", "--hos=0.0.0.0"],
+        [str(certs), f"{PUBLIC}:9092", "--port", "9000"],
+        [str(certs), f"{PUBLIC}:9092", "--insecure"],
+        [str(certs), f"{PUBLIC}:9092", "--control-api-address", "0.0.0.0:9093"],
+        [str(certs), f"{PUBLIC}:9092", "--allow-runtime-dependency-installation"],
+    ):
+        done = subprocess.run([script, *args], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stdout == "", (args, done.stderr)

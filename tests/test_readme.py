@@ -107,4 +107,4 @@ def test_the_cheap_commands_run_as_written(tmp_path, monkeypatch) -> None:
     assert ran == 3
     assert (tmp_path / "runs/demo/target_eval.json").is_file()
     assert (tmp_path / "export/model.safetensors").is_file()
-    assert (tmp_path / "nodes/site-1.toml").read_text().count("=") == 3
+    assert (tmp_path / "nodes/site-1.toml").read_text().count("=") == 5  # with its identity

@@ -10,8 +10,15 @@ No Flower imports here, so every role, check and file format is testable with pl
   `evaluate` (site);
 - `merge_rounds`: the federated merge probe (`merge-mode = "federated"`): `ProbePlan`, the
   server's start, keys and bake, and the digest by which sites cache the sources;
+- `members`: `Member`, a node as admitted at discovery (role, name, data sizes); duplicate
+  names and coordinators refused;
+- `identity`: operator-signed node identities and the node's proof of its SuperNode key;
+- `rounds`: one round's arithmetic at the server: each reply's format checked, screening, the
+  weight cap, mean / median / trimmed mean or DP-FedAvg (`aggregate_round`);
 - `validation`: reply screening (`screen_replies`): keys, shapes, dtypes, NaN/Inf and
-  update-norm outliers;
+  update-norm outliers; the coordinator's merged model and coefficients;
+- `privacy`: DP-FedAvg's clipping and noised mean, and its accountant;
+- `audit`: a node's audit log (hashes of what it sent and received, metric values, failures);
 - `transport`: `ModelInfo`, the keys that travel (FedBN), fp16 compression and dtype
   restoration after FedAvg;
 - `site_state`: `FedBNStore`, a site's private norm layers per round on its own disk;
