@@ -345,8 +345,11 @@ class FederatedRounds(FedAvg):
         metrics = read_metrics(record)
         if isinstance(metrics, str):
             return metrics
-        arrays = next(iter(content.array_records.values()))
-        return SiteReply(arrays.to_torch_state_dict(), examples, metrics)
+        try:
+            state = next(iter(content.array_records.values())).to_torch_state_dict()
+        except Exception as exc:  # a malformed array must not end the ServerApp
+            return f"arrays unreadable ({type(exc).__name__})"
+        return SiteReply(state, examples, metrics)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

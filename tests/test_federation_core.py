@@ -12,7 +12,7 @@ import torch
 from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig, node_settings
 from medmerge_core.federation.data import MIN_SHARD, dirichlet_shards, shard_task
-from medmerge_core.federation.roles import Node
+from medmerge_core.federation.roles import Node, solo_threads
 from medmerge_core.federation.run import FederationRun
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
 from medmerge_core.federation.transport import (
@@ -223,3 +223,15 @@ def test_merge_mode_rounds_and_label_skew_are_checked() -> None:
         FederationConfig.from_run_config({"merge-rounds": 0})
     with pytest.raises(InputError, match="label-skew: must be >= 0"):
         FederationConfig.from_run_config({"label-skew": -1.0})
+
+
+def test_solo_work_gets_the_cores_the_other_nodes_leave_free(monkeypatch) -> None:
+    """The coordinator probes while every other node waits: all the cores. The simulated
+    institutions pretrain side by side: the cores shared. `node-threads` overrides both."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    cfg = FederationConfig()  # 2 institutions, 1 coordinator, 3 sites
+    roles = [node_settings({"partition-id": i, "num-partitions": 6}, cfg) for i in range(3)]
+    assert [solo_threads(s, cfg) for s in roles] == [4, 4, 8]
+    deployed = node_settings({"role": "institution", "name": "a"}, cfg)
+    assert solo_threads(deployed, cfg) == 8  # its own machine
+    assert solo_threads(deployed, FederationConfig(node_threads=3)) == 3

@@ -23,7 +23,7 @@ AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
 MERGE_MODES: tuple[str, ...] = ("coordinator", "federated")
 # Settings that may change between a run and its resumption without invalidating it.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
-    {"rounds", "timeout", "device", "output_dir", "dp_max_epsilon"}
+    {"rounds", "timeout", "device", "output_dir", "dp_max_epsilon", "node_threads"}
 )
 # Names that become a folder or file name (run-name, a node's name): one safe path component.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -62,6 +62,10 @@ class FederationConfig:
     label_skew: float = 0.0
     # Deployment: how many nodes to wait for before starting (0: every one already there).
     wait_nodes: int = 0
+    # CPU threads for a node's work that the others wait on (the coordinator's probe, an
+    # institution's pretraining); 0: the cores its process may use, shared in simulation among
+    # the nodes of its role (federation.roles.solo_threads).
+    node_threads: int = 0
     # Phase 1: institutions pretrain when they have data and no checkpoint yet.
     pretrain: StageSettings = field(default_factory=lambda: StageSettings(epochs=2, lr=1e-3))
     # Phase 2: the MedMerge probe at the coordinator; BN and head at merge-lr, merge-weight-decay.
@@ -135,7 +139,7 @@ class FederationConfig:
             raise InputError(f"merge-mode: expected one of {MERGE_MODES}, got '{self.merge_mode}'")
         if self.merge_rounds < 1:
             raise InputError(f"merge-rounds: must be >= 1, got {self.merge_rounds}")
-        for name in ("rounds", "wait_nodes"):
+        for name in ("rounds", "wait_nodes", "node_threads"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', '-')}: must be >= 0")
         if self.min_sites < 1 or self.batch_size < 1:

@@ -7,9 +7,11 @@ call `backbone` (institution), `merge` (coordinator), `train` / `evaluate` (site
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -90,6 +92,7 @@ class Node:
     private: bool  # under DP a reply carries only the parameters DP covers (no BN statistics)
     release_metrics: bool  # exact metrics and pooled counts leave (always without DP)
     audit_path: Path  # one line per handled message (federation.audit)
+    solo_threads: int  # CPU threads for work the other nodes wait on (merge, pretraining)
 
     @classmethod
     def from_configs(
@@ -119,6 +122,7 @@ class Node:
             private=cfg.dp != "none",
             release_metrics=cfg.dp == "none" or cfg.dp_release_metrics,
             audit_path=audit_file(settings, cfg),
+            solo_threads=solo_threads(settings, cfg),
         )
 
     @property
@@ -137,6 +141,16 @@ class Node:
             return load_node_data(self.name, self.data_spec, self.settings.shard, self.seed)
         except (InputError, OSError) as exc:
             raise DataUnavailable(str(exc)) from exc
+
+    @contextlib.contextmanager
+    def _solo(self) -> Iterator[None]:
+        """Torch's CPU threads raised to `solo_threads` for work the other nodes wait on."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(before, self.solo_threads))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def member(self) -> Member:
         """Who this node says it is at discovery; a site also counts its training and test
@@ -190,16 +204,17 @@ class Node:
                 f"institution '{self.name}': set node config checkpoint=PATH "
                 "(where the backbone pretrained on its data is saved)"
             )
-        metrics = pretrain_source(
-            self.arch,
-            self.task,
-            Path(ckpt).expanduser(),
-            self.pretrain,
-            self.runtime,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            show_progress=False,
-        )
+        with self._solo():
+            metrics = pretrain_source(
+                self.arch,
+                self.task,
+                Path(ckpt).expanduser(),
+                self.pretrain,
+                self.runtime,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                show_progress=False,
+            )
         log.info("institution %s pretrained: %s", self.name, metrics)
         state = load_source(ckpt, self.arch, self.task.in_channels)
         return _cpu(state), {"source": self.name}
@@ -212,8 +227,9 @@ class Node:
         """Learn the MedMerge coefficients on local target data and bake a plain model: (its
         state, its description, the coefficients [d, ...] per merged key, metrics)."""
         info = self.target_info()
-        probe, result = self._train_probe(self._probe(sources, names, info, self.seed), self.seed,
-                                          "merge probe")  # fmt: skip
+        with self._solo():
+            probe, result = self._train_probe(self._probe(sources, names, info, self.seed),
+                                              self.seed, "merge probe")  # fmt: skip
         model = self.runtime.model(probe.bake())
         task = self.task
         test = evaluate(model, BatchLoader(task.test, EVAL_BATCH_SIZE), self.runtime,
@@ -393,3 +409,14 @@ class Node:
         if not self.release_metrics:
             return len(task.test), self._metrics_out(metrics, "evaluation"), {}
         return len(task.test), metrics, counts
+
+
+def solo_threads(settings: NodeSettings, cfg: FederationConfig) -> int:
+    """Threads for a node's solo work: `node-threads`, else the cores this process may use,
+    shared in simulation among the nodes of its role that work at the same time (the
+    institutions pretrain side by side; the coordinator probes alone)."""
+    if cfg.node_threads > 0:
+        return cfg.node_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    together = cfg.sim_roles.count(settings.role) if settings.simulated else 1
+    return max(1, (cores or 1) // max(1, together))
