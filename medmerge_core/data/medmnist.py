@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medmerge_core.data.base import ArraySplit, TaskData
+from medmerge_core.data.labels import check_labels
 from medmerge_core.errors import InputError
 
 MEDMNIST_SIZES: tuple[int, ...] = (28, 64, 128, 224)
@@ -99,6 +100,7 @@ _CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "organcmnist": _ORGAN,
     "organsmnist": _ORGAN,
 }
+_MULTILABEL_FLAGS = frozenset({"chestmnist"})  # the others of the table: one class per image
 
 
 def medmnist_class_names(flag: str, count: int) -> tuple[str, ...]:
@@ -151,7 +153,10 @@ def load_medmnist(
     flag_or_path: a path to an .npz file (read as is; ``size`` is then ignored), or a flag such
     as "breastmnist", looked up as ``medmnist_filename(flag, size)`` in root or, when root is
     None, in ``default_medmnist_roots()``.
-    Labels (N,1) give multi-class int64 [N]; (N,L) with L > 1 give multi-label float32 [N,L].
+    Labels (N,1) give multi-class int64 [N]; (N,L) with L > 1 give multi-label float32 [N,L]
+    (for a known flag, its own kind: chestmnist is multi-label, the others multi-class).
+    The labels are checked against the classes (data.labels.check_labels): a label outside
+    them, a row of the wrong width or a val/test class that the train split lacks is an error.
     """
     text = str(flag_or_path)
     if isinstance(flag_or_path, Path) or text.endswith(".npz") or os.sep in text:
@@ -283,30 +288,35 @@ def _check_labels(path: Path, split: str, labels: np.ndarray, n: int) -> np.ndar
 def _task_labels(
     path: Path, flag: str, raw: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Per-split labels (int64 [N], or float32 [N,L] when L > 1) and the number of classes."""
+    """Per-split labels (int64 [N], or float32 [N,L] for multi-label) and the number of classes
+    (labels), checked against the flag's classes, or for an unknown flag against those of the
+    val and test labels (`check_labels`)."""
     widths = {labels.shape[1] for labels in raw.values()}
     if len(widths) != 1:
         raise InputError(f"{path}: splits have different label widths {sorted(widths)}")
-    width = widths.pop()
-    if width > 1:
-        return {s: _multilabel(path, s, y) for s, y in raw.items()}, width
-    labels = {s: _multiclass(path, s, y) for s, y in raw.items()}
-    count = max(int(y.max()) for y in labels.values()) + 1
     known = _CLASS_NAMES.get(flag)
-    if known is None:
-        return labels, count
-    if count > len(known):
-        raise InputError(f"{path}: labels go up to {count - 1} but {flag} has {len(known)} classes")
-    return labels, len(known)
+    multilabel = widths.pop() > 1 if known is None else flag in _MULTILABEL_FLAGS
+    read = _multilabel if multilabel else _multiclass
+    labels = {s: read(path, s, y) for s, y in raw.items()}
+    checked = check_labels(
+        labels,
+        known,
+        multilabel=multilabel,
+        where={s: f"{path}: {s}_labels" for s in labels},
+        what=flag if known is not None else path.name,
+    )
+    if not multilabel:
+        labels = {s: y.reshape(len(y)) for s, y in labels.items()}  # width 1, checked
+    return labels, checked.num_classes
 
 
 def _multiclass(path: Path, split: str, labels: np.ndarray) -> np.ndarray:
-    values = labels[:, 0]
-    if values.dtype.kind == "f" and not np.all(np.isfinite(values) & (values == np.round(values))):
+    """int64 class ids, [N, 1] ([N, L] when a row has several values: check_labels says so)."""
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels) & (labels == np.round(labels))):
         raise InputError(f"{path}: {split}_labels: class labels must be whole numbers")
-    if values.min() < 0:
-        raise InputError(f"{path}: {split}_labels: negative class label {values.min()}")
-    return values.astype(np.int64)
+    if labels.min() < 0:
+        raise InputError(f"{path}: {split}_labels: negative class label {labels.min()}")
+    return labels.astype(np.int64)
 
 
 def _multilabel(path: Path, split: str, labels: np.ndarray) -> np.ndarray:

@@ -3,8 +3,10 @@
 `load_task(spec, image_size=..., seed=..., run_dir=...)` validates the spec against
 FORMAT_OPTIONS (unknown or ill-typed keys are one-line errors naming the key), reads the
 format's label files into a Catalog, splits it (official, seeded grouped random, or a split
-CSV from an earlier run), decodes the images once at image_size (through the cache when
-`cache_dir` is set) and writes split.csv / skipped_images.csv into the run folder.
+CSV from an earlier run), checks its labels against its classes (data.labels.check_labels, as
+MedMNIST's reader does: before the label budget and before anything is written), decodes the
+images once at image_size (through the cache when `cache_dir` is set) and writes split.csv /
+skipped_images.csv into the run folder.
 
 `label_budget` (every format) keeps a seeded, class-stratified fraction or count of the
 TRAINING rows only (splits.label_budget_index, drawn with the data seed: the spec's `seed`, else
@@ -31,6 +33,7 @@ from medmerge_core.data.base import ArraySplit, TaskData
 from medmerge_core.data.cache import materialize
 from medmerge_core.data.formats import aptos, chexpert, generic, ham10000, isic2019, nih, rsna
 from medmerge_core.data.formats.common import Catalog, Option, Record
+from medmerge_core.data.labels import check_labels
 from medmerge_core.data.splits import (
     SPLIT_CSV,
     SPLITS,
@@ -253,6 +256,7 @@ def build_task(
             catalog.val_fraction, seed,
         )  # fmt: skip
         how = catalog.notes.get("split", "random")
+    without_training_rows = _check_catalog_labels(catalog, final)
     budget = opts.get("label_budget")
     if budget is not None:  # before decoding: a small budget decodes only the kept images
         train = [i for i, f in enumerate(final) if f == "train"]
@@ -273,6 +277,8 @@ def build_task(
         **catalog.notes, "format": catalog.name, "root": str(catalog.root), "split": how,
         "seed": seed, "color": made.mode, "cache": made.status,
     }  # fmt: skip
+    if without_training_rows:
+        notes["classes_without_training_rows"] = without_training_rows
     if opts["skip_bad_images"] or made.skipped:
         _report_skipped(made.skipped, run_dir, notes)
     splits = {}
@@ -293,6 +299,25 @@ def build_task(
                     notes["deduplicated_ham10000"])  # fmt: skip
     return TaskData(catalog.name, splits["train"], splits["val"], splits["test"],
                     catalog.class_names, catalog.multilabel, notes)  # fmt: skip
+
+
+def _check_catalog_labels(catalog: Catalog, final: list[str]) -> list[str]:
+    """`check_labels` on the splits as assigned, before a label budget and before split.csv:
+    training rows that an earlier budget left `unused` count as training rows. A val/test class
+    without training rows is warned about (see data.labels); its names are returned."""
+    chosen = {s: [i for i, f in enumerate(final) if f == s] for s in SPLITS}
+    chosen["train"] += [i for i, f in enumerate(final) if f == UNUSED]
+    records = catalog.records
+    checked = check_labels(
+        {s: [records[i].label for i in index] for s, index in chosen.items()},
+        catalog.class_names,
+        multilabel=catalog.multilabel,
+        where={s: f"{catalog.name}: {s} split" for s in SPLITS},
+        what=catalog.name,
+        rows={s: [records[i].where for i in index] for s, index in chosen.items()},
+        missing_from_train="warn",
+    )
+    return [catalog.class_names[c] for c in checked.without_training_rows]
 
 
 def _check_unique(records: tuple[Record, ...]) -> None:
