@@ -2,9 +2,11 @@
 
 A *source* is a backbone state dict (every key except the classification head) produced from a
 torchvision weights enum, a local checkpoint, a pretrained CIFAR-10 ResNet file (`cifar10:`),
+the ImageNet EfficientNet-Lite0 of the `imagenet` extra (`imagenet:efficientnet_lite0`),
 `zeros` (the paper's Fig. 4 ablation) or a seeded random init. All sources of one merge share
 one architecture. Besides torchvision's models, the CIFAR ResNets `cifar_resnet{20,32,44,56}`
-(medmerge_core.cifar_resnet) are built and loaded the same way.
+(medmerge_core.cifar_resnet) and `efficientnet_lite0` (medmerge_core.efficientnet_lite) are
+built and loaded the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ from medmerge_core.cifar_resnet import (
     CIFAR_ARCHS,
     cifar_resnet,
     resolve_cifar10_source,
+)
+from medmerge_core.data.base import normalization
+from medmerge_core.efficientnet_lite import (
+    CHECKPOINT_MEAN,
+    CHECKPOINT_STD,
+    IMAGENET_PREFIX,
+    LITE_ARCHS,
+    STEM_NORM,
+    checkpoint_state,
+    efficientnet_lite,
+    fold_input_normalization,
 )
 from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_torch_save, load_torch_file
@@ -47,6 +60,7 @@ KNOWN_ARCHS: tuple[str, ...] = (
     "efficientnet_b0",
     "mobilenet_v3_large",
     *CIFAR_ARCHS,
+    *LITE_ARCHS,
 )
 
 
@@ -75,16 +89,23 @@ def stem_conv_name(model: nn.Module) -> str:
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """A randomly initialised CNN (torchvision or CIFAR ResNet), new C-class head, 1/3-ch stem."""
-    cifar = arch in CIFAR_ARCHS
-    if not cifar and arch not in torchvision.models.list_models(module=torchvision.models):
+    """A randomly initialised CNN (torchvision, CIFAR ResNet or EfficientNet-Lite), new C-class
+    head, 1/3-ch stem."""
+    cifar, lite = arch in CIFAR_ARCHS, arch in LITE_ARCHS
+    known = cifar or lite or arch in torchvision.models.list_models(module=torchvision.models)
+    if not known:
         raise InputError(f"model.arch: unknown torchvision classification model '{arch}'")
     if in_channels not in (1, 3):
         raise InputError(f"in_channels: must be 1 or 3, got {in_channels}")
     if num_classes < 1:
         raise InputError(f"num_classes: must be >= 1, got {num_classes}")
     # Built as published (CIFAR: 10 classes, RGB), then head and stem are swapped alike.
-    model = cifar_resnet(arch) if cifar else torchvision.models.get_model(arch, weights=None)
+    if cifar:
+        model: nn.Module = cifar_resnet(arch)
+    elif lite:
+        model = efficientnet_lite(arch)
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
     head = head_name(model)
     old = model.get_submodule(head)
     _set_module(model, head, nn.Linear(old.in_features, num_classes))
@@ -221,7 +242,7 @@ def fit_backbone(
 
 def is_source_spec(text: str) -> bool:
     """Whether `load_source` reads `text` as a spec rather than as a checkpoint path."""
-    prefixes = ("random:", "torchvision:", CIFAR10_PREFIX)
+    prefixes = ("random:", "torchvision:", CIFAR10_PREFIX, IMAGENET_PREFIX)
     return text in ("zeros", "random") or text.startswith(prefixes)
 
 
@@ -230,6 +251,10 @@ def _load_torchvision_weights(name: str, arch: str, in_channels: int) -> StateDi
     if arch in CIFAR_ARCHS:
         raise InputError(
             f"source '{name}': torchvision has no {arch} weights; use cifar10:resnetNN"
+        )
+    if arch in LITE_ARCHS:
+        raise InputError(
+            f"source '{name}': torchvision has no {arch} weights; use {IMAGENET_PREFIX}{arch}"
         )
     try:
         enum = torchvision.models.get_model_weights(arch)
@@ -254,12 +279,34 @@ def _load_torchvision_weights(name: str, arch: str, in_channels: int) -> StateDi
     return state
 
 
+def _load_imagenet_source(
+    spec: str, arch: str, in_channels: int, reference: nn.Module
+) -> StateDict:
+    """`imagenet:efficientnet_lite0`: the TF ImageNet checkpoint of the `imagenet` extra, its
+    stem adapted to `in_channels` and its input normalisation folded into the stem, so that it
+    sees the project's inputs (data.base.normalize_batch: ImageNet statistics, their mean for
+    gray) as the checkpoint saw its own ((pixel - 127) / 128); see efficientnet_lite."""
+    name = spec.removeprefix(IMAGENET_PREFIX)
+    if name not in LITE_ARCHS:
+        raise InputError(
+            f"source '{spec}': unknown ImageNet model '{name}'; expected one of "
+            f"{', '.join(IMAGENET_PREFIX + a for a in LITE_ARCHS)}"
+        )
+    if arch != name:
+        raise InputError(f"source '{spec}' is an {name} but model.arch is {arch}")
+    state = fit_backbone(checkpoint_state(spec), arch, in_channels, f"source '{spec}'", reference)
+    expected = (CHECKPOINT_MEAN[:in_channels], CHECKPOINT_STD[:in_channels])
+    stem = stem_conv_name(reference) + ".weight"
+    return fold_input_normalization(state, stem, STEM_NORM, expected, normalization(in_channels))
+
+
 def load_source(spec: str, arch: str, in_channels: int = 3) -> StateDict:
     """Backbone state dict for a source spec.
 
     Specs: `zeros`; `random` or `random:SEED`; `torchvision:ENUM` (e.g.
     `torchvision:DenseNet121_Weights.IMAGENET1K_V1`); `cifar10:resnet20` / `cifar10:resnet56`
-    (a pretrained file found by cifar_resnet.resolve_cifar10_source); otherwise a checkpoint path.
+    (a pretrained file found by cifar_resnet.resolve_cifar10_source); `imagenet:efficientnet_lite0`
+    (the `imagenet` extra's checkpoint, normalisation folded in); otherwise a checkpoint path.
     """
     reference = build_model(arch, 2, in_channels)
     keys = backbone_keys(reference)
@@ -285,6 +332,8 @@ def load_source(spec: str, arch: str, in_channels: int = 3) -> StateDict:
         return _load_torchvision_weights(spec.removeprefix("torchvision:"), arch, in_channels)
     if spec.startswith(CIFAR10_PREFIX):
         return _load_checkpoint(resolve_cifar10_source(spec, arch), arch, reference, in_channels)
+    if spec.startswith(IMAGENET_PREFIX):
+        return _load_imagenet_source(spec, arch, in_channels, reference)
     return _load_checkpoint(Path(spec).expanduser(), arch, reference, in_channels)
 
 
