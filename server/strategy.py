@@ -34,8 +34,7 @@ from medmerge_core.federation.rounds import (
     aggregate_round,
     mean_metrics,
     read_counts,
-    read_examples,
-    read_metrics,
+    read_report,
 )
 from medmerge_core.federation.run import FederationRun, round_table, table_text
 from medmerge_core.federation.transport import (
@@ -336,20 +335,15 @@ class FederatedRounds(FedAvg):
         the keys DP covers may come back (the site keeps its BN statistics)."""
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             return "reply needs one ArrayRecord and one MetricRecord (num-examples)"
-        record = next(iter(content.metric_records.values()))
-        if "num-examples" not in record:
-            return "reply has no num-examples"
-        examples = read_examples(record["num-examples"], member and member.train_examples)
-        if isinstance(examples, str):
-            return examples
-        metrics = read_metrics(record)
-        if isinstance(metrics, str):
-            return metrics
+        report = read_report(next(iter(content.metric_records.values())),
+                             member and member.train_examples)  # fmt: skip
+        if isinstance(report, str):
+            return report
         try:
             state = next(iter(content.array_records.values())).to_torch_state_dict()
         except Exception as exc:  # a malformed array must not end the ServerApp
             return f"arrays unreadable ({type(exc).__name__})"
-        return SiteReply(state, examples, metrics)
+        return SiteReply(state, *report)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -382,14 +376,12 @@ class FederatedRounds(FedAvg):
         self, content: RecordDict, member: Member | None
     ) -> tuple[SiteReply, dict[str, np.ndarray]] | str:
         record = content.metric_records.get("metrics")
-        if record is None or "num-examples" not in record:
-            return "reply has no metrics with num-examples"
-        examples = read_examples(record["num-examples"], member and member.test_examples)
-        if isinstance(examples, str):
-            return examples
-        metrics = read_metrics(record)
-        if isinstance(metrics, str):
-            return metrics
+        if record is None:
+            return "reply has no metrics"
+        report = read_report(record, member and member.test_examples)
+        if isinstance(report, str):
+            return report
+        examples, metrics = report
         counts: dict[str, np.ndarray] = {}
         pooled = content.metric_records.get("pooled")
         if pooled is not None:

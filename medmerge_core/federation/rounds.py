@@ -90,6 +90,17 @@ def read_metrics(record: Mapping[str, Any]) -> dict[str, float] | str:
     return out
 
 
+def read_report(record: Mapping[str, Any], cap: int | None) -> tuple[int, dict[str, float]] | str:
+    """A reply's metric record as (example count, metrics), or why it is unusable."""
+    if "num-examples" not in record:
+        return "reply has no num-examples"
+    examples = read_examples(record["num-examples"], cap)
+    if isinstance(examples, str):
+        return examples
+    metrics = read_metrics(record)
+    return metrics if isinstance(metrics, str) else (examples, metrics)
+
+
 def read_counts(
     record: Mapping[str, Any], num_classes: int, examples: int
 ) -> dict[str, np.ndarray] | str:
