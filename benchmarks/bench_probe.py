@@ -25,7 +25,7 @@ from rich.table import Table
 
 from medmerge_core.data.base import ArraySplit, BatchLoader
 from medmerge_core.data.synthetic import make_task
-from medmerge_core.demo import DemoSettings, pretrain_demo_sources
+from medmerge_core.experiment.demo import DemoSettings, pretrain_demo_sources
 from medmerge_core.merge import MergedModel
 from medmerge_core.models import build_model, load_source, split_head
 from medmerge_core.probe import learn_merge

@@ -397,7 +397,7 @@ def ft_throughput(ctx: Context, section: Section) -> None:
 
 
 def demo(ctx: Context, section: Section) -> None:
-    from medmerge_core.demo import DemoSettings, run_demo
+    from medmerge_core.experiment.demo import DemoSettings, run_demo
 
     out = ctx.out / "demo"
     shutil.rmtree(out, ignore_errors=True)  # a finished demo folder would resume in no time

@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         if args.command == "run":
-            from medmerge_core.config import load_config
-            from medmerge_core.experiment import run_experiment
+            from medmerge_core.experiment.config import load_config
+            from medmerge_core.experiment.run_folder import ExperimentRun
+            from medmerge_core.experiment.runner import run_experiment
             from medmerge_core.report import detail_table, table1
 
             config = load_config(args.config, _variables(args.set))
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             target = str(config.data.get("task") or config.data.get("flag") or config.name)
             console.print(table1(target, [results]))
             console.print(detail_table([results]))
-            console.print(f"run folder: {Path(config.output_dir) / config.name}")
+            console.print(f"run folder: {ExperimentRun.of(config).dir}")
         elif args.command == "pretrain":
             _pretrain(args, console)
         elif args.command == "evaluate":
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "identity":
             _identity(args, console)
         else:
-            from medmerge_core.demo import DemoSettings, run_demo
+            from medmerge_core.experiment.demo import DemoSettings, run_demo
 
             settings = DemoSettings.quick() if args.quick else DemoSettings()
             run_demo(args.out, settings, device=args.device, show_progress=not args.no_progress)

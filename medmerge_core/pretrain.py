@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 
-from medmerge_core.config import differences
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import InputError
 from medmerge_core.io import load_torch_file
 from medmerge_core.models import StateDict, backbone_keys, build_model, save_checkpoint
 from medmerge_core.provenance import environment
-from medmerge_core.settings import CHECKPOINT_MINUTES, StageSettings
+from medmerge_core.settings import CHECKPOINT_MINUTES, StageSettings, differences
 from medmerge_core.train import Runtime, evaluate, fit
 
 

@@ -10,15 +10,16 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from medmerge_core.experiment.pipelines import REGISTRY
 from medmerge_core.io import atomic_write
 from medmerge_core.merge import preferred_source
 
-PIPELINE_LABELS = {"ft": "FT", "lp_ft": "LP-FT", "average_ft": "Avg+FT", "medmerge": "MedMerge"}
-
 
 def method_label(method: str) -> str:
+    """A method id as tables and figures name it: 'lp_ft:a' -> 'LP-FT a' (the registry's
+    label; an unregistered pipeline by its id)."""
     pipeline, _, source = method.partition(":")
-    label = PIPELINE_LABELS.get(pipeline, pipeline)
+    label = REGISTRY[pipeline].label if pipeline in REGISTRY else pipeline
     return f"{label} {source}" if source else label
 
 

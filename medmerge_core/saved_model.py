@@ -2,10 +2,11 @@
 
 A model is named by a run folder (`medmerge run` / `medmerge demo`, with a method id) or by a
 checkpoint file. Its preprocessing (image size, channels, normalisation) is read from the
-checkpoint, where experiment.run_experiment, the one place final models are saved, records it
-(`usage_record`); older checkpoints fall back to their run folder's config.yaml, to a pretrained
-source's recorded settings, and to the project's only normalisation (ImageNet statistics; their
-mean for grayscale), so nothing is guessed.
+checkpoint, where a run folder (`ExperimentRun.save_method`, the one place final models are
+saved) records it (`ExperimentRun.usage_record`); older checkpoints fall back to their run
+folder's config.yaml, to a pretrained source's recorded settings, and to the project's only
+normalisation (ImageNet statistics; their mean for grayscale), so nothing is guessed. A run
+folder is read through `ExperimentRun`.
 
 `medmerge evaluate` scores it here (`evaluate_saved`); `medmerge export` writes it out
 (export.py).
@@ -21,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from rich.table import Table
 from rich.text import Text
 from torch import nn
@@ -34,7 +34,8 @@ from medmerge_core.data.base import (
     preprocessing_record,
 )
 from medmerge_core.errors import InputError
-from medmerge_core.io import load_torch_file, read_jsonl
+from medmerge_core.experiment.run_folder import ExperimentRun, file_stem
+from medmerge_core.io import load_torch_file
 from medmerge_core.metrics import clinical_report
 from medmerge_core.models import (
     StateDict,
@@ -47,28 +48,6 @@ from medmerge_core.models import (
 from medmerge_core.train import EVAL_BATCH_SIZE, Runtime, predict, probabilities, scored
 
 SPLIT_CHOICES = ("test", "val", "train", "all")
-
-
-def usage_record(task: TaskData, run_dir: Path | None = None) -> dict[str, Any]:
-    """The checkpoint fields a user of a final model needs: its preprocessing, its classes and
-    the software that made it (the run's last environment.jsonl entry)."""
-    environment = read_jsonl(Path(run_dir) / "environment.jsonl") if run_dir else []
-    return {
-        "preprocessing": preprocessing_record(task.image_size, task.in_channels),
-        "class_names": [str(c) for c in task.class_names],
-        "multilabel": bool(task.multilabel),
-        "software": _software(environment[-1]) if environment else None,
-    }
-
-
-def _software(entry: Mapping[str, Any]) -> dict[str, Any]:
-    packages = entry.get("packages") or {}
-    return {
-        "medmerge-federation": packages.get("medmerge-federation"),
-        "git_commit": entry.get("git_commit"),
-        "torch": packages.get("torch"),
-        "torchvision": packages.get("torchvision"),
-    }
 
 
 @dataclass(frozen=True)
@@ -112,27 +91,18 @@ class SavedModel:
 
 def resolve_checkpoint(target: Path, method: str | None) -> tuple[Path, Path | None, str | None]:
     """(checkpoint file, its run folder or None, method id or None) for RUN_OR_CHECKPOINT."""
-    from medmerge_core.experiment import file_stem, load_results  # experiment imports this
-
     target = Path(target)
     if target.is_file():
         if method is not None:
             raise InputError(f"--method: {target} is a checkpoint file, not a run folder")
-        parent = target.parent
-        in_run = parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file()
-        return target, parent.parent if in_run else None, None
+        run = ExperimentRun.holding(target)
+        return target, run.dir if run is not None else None, None
     if not target.is_dir():
         raise InputError(f"{target}: no such run folder or checkpoint file")
-    folder = target / "checkpoints"
-    stems = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
-    if not stems:
+    run = ExperimentRun(target)
+    ids = run.models()
+    if not ids:
         raise InputError(f"{target}: not a run folder with models (no checkpoints/*.pt)")
-    try:
-        recorded = list(load_results(target))
-    except (OSError, ValueError):
-        recorded = []
-    ids = [m for m in recorded if file_stem(m) in stems]
-    ids += [s for s in stems if s not in {file_stem(m) for m in ids}]
     available = ", ".join(ids)
     if method is None:
         if len(ids) > 1:
@@ -148,7 +118,7 @@ def resolve_checkpoint(target: Path, method: str | None) -> tuple[Path, Path | N
                 f"--method: '{method}' is ambiguous in {target}; pick one of {', '.join(matches)}"
             )
         chosen = matches[0]
-    return folder / f"{file_stem(chosen)}.pt", target, chosen
+    return run.checkpoint_path(chosen), target, chosen
 
 
 def load_saved_model(target: Path, method: str | None = None) -> SavedModel:
@@ -168,7 +138,8 @@ def load_saved_model(target: Path, method: str | None = None) -> SavedModel:
         if key not in state:
             raise InputError(f"{path}: not a full {arch} model ('{key}' missing)")
     num_classes, in_channels = int(state[head].shape[0]), int(state[stem].shape[1])
-    config = _run_config(run_dir) if run_dir is not None else {}
+    run = ExperimentRun(run_dir) if run_dir is not None else None
+    config = run.config() if run is not None else {}
     settings = meta.get("settings") if isinstance(meta.get("settings"), Mapping) else {}
     task = settings.get("task") if isinstance(settings.get("task"), Mapping) else {}
     pre = meta.get("preprocessing") if isinstance(meta.get("preprocessing"), Mapping) else {}
@@ -186,11 +157,12 @@ def load_saved_model(target: Path, method: str | None = None) -> SavedModel:
         )
     default_mean, default_std = normalization(in_channels)
     class_names = meta.get("class_names") or task.get("classes")
-    class_names = class_names or _results_classes(run_dir, method_id)
+    if not class_names and run is not None and method_id is not None:
+        class_names = run.classes(method_id)
     if class_names is not None and len(class_names) != num_classes:
         class_names = None  # a record of another task: the head is the truth
     multilabel = meta.get("multilabel", task.get("multilabel"))
-    software = meta.get("software") or (_run_software(run_dir) if run_dir else None)
+    software = meta.get("software") or (run.software() if run is not None else None)
     return SavedModel(
         checkpoint=path,
         arch=arch,
@@ -207,33 +179,6 @@ def load_saved_model(target: Path, method: str | None = None) -> SavedModel:
         seed=int(config.get("seed", settings.get("seed", 0)) or 0),
         software=software,
     )
-
-
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML ({type(exc).__name__})") from exc
-    return data if isinstance(data, dict) else {}
-
-
-def _results_classes(run_dir: Path | None, method: str | None) -> list[str] | None:
-    """Class names from the run's clinical report (written since before checkpoints had them)."""
-    if run_dir is None or method is None:
-        return None
-    from medmerge_core.experiment import load_results  # experiment imports this module
-
-    try:
-        clinical = load_results(run_dir).get(method, {}).get("clinical") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    return clinical.get("classes")
-
-
-def _run_software(run_dir: Path) -> dict[str, Any] | None:
-    environment = read_jsonl(run_dir / "environment.jsonl")
-    return _software(environment[-1]) if environment else None
 
 
 # -- evaluate -----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ dataclasses that check themselves. The same coercer reads any settings dataclass
 mapping (`build`: the YAML config), from a flat mapping with dashed keys (`from_flat`: Flower's
 run config, `merge-coef-lr`), and from the command line (`add_arguments` / `from_arguments`:
 the study drivers). A setting therefore has one name, one default and one check everywhere.
+`differences` compares two recorded settings, so a resumed run (an experiment's or a
+federation's run folder, a pretrained source) names what changed.
 """
 
 from __future__ import annotations
@@ -354,6 +356,21 @@ def _flat_message(message: str, keys: Mapping[str, tuple[str, ...]]) -> str:
     where, sep, problem = message.partition(": ")
     by_path = {".".join(path): key for key, path in keys.items()}
     return f"{by_path[where]}{sep}{problem}" if where in by_path else message
+
+
+def differences(
+    saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) of every setting that differs, in `now`'s
+    order; nested mappings are compared key by key."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in [*now, *(k for k in saved if k not in now)]:
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append((f"{prefix}{key}", old, new))
+    return out
 
 
 # ----------------------------------------------------------------------------- argparse

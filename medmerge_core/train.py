@@ -36,7 +36,7 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 StepHook = Callable[[nn.Module, int], None]
 AfterStep = Callable[[], None]
 # After each epoch: the epoch's record (stage, epoch, train_loss, val_*) and the model in
-# training, e.g. to log them to TensorBoard (tracking.py); it must not change either.
+# training, e.g. to log them to TensorBoard (experiment/tracking.py); it must not change either.
 EpochHook = Callable[[dict[str, Any], nn.Module], None]
 
 # A training step whose loss or gradients are not finite is skipped (no optimiser update, the

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.data.synthetic import make_task
-from medmerge_core.demo import DemoSettings, pretrain_demo_sources
+from medmerge_core.experiment.demo import DemoSettings, pretrain_demo_sources
 from medmerge_core.io import atomic_write_json
 from medmerge_core.models import build_model, load_source
 from medmerge_core.pretrain import pretrain_source

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from medmerge_core.config import PIPELINES
 from medmerge_core.data.splits import check_label_budget
 from medmerge_core.errors import InputError
+from medmerge_core.experiment.pipelines import pipeline_ids
 from medmerge_core.settings import (
     add_arguments,
     from_arguments,
@@ -91,8 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> StudySettings:
     p.add_argument(
         "--pipelines",
         nargs="+",
-        choices=PIPELINES,
-        default=list(PIPELINES),
+        choices=pipeline_ids(),
+        default=list(pipeline_ids()),
         help="run only these pipelines (finished runs of the others are still reported)",
     )
     p.add_argument(

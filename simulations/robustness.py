@@ -26,10 +26,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from medmerge_core.config import ExperimentConfig, ModelConfig
 from medmerge_core.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from medmerge_core.data.base import ArraySplit, BatchLoader, TaskData
-from medmerge_core.experiment import load_results, run_experiment
+from medmerge_core.experiment.config import ExperimentConfig, ModelConfig
+from medmerge_core.experiment.run_folder import ExperimentRun
+from medmerge_core.experiment.runner import run_experiment
 from medmerge_core.inmerge import inmerge_
 from medmerge_core.io import atomic_write_json, load_torch_file
 from medmerge_core.models import build_model, load_source
@@ -87,7 +88,8 @@ def corrupted_tests(test: ArraySplit) -> dict[str, ArraySplit]:
 
 
 def _fine_tuned(run_dir: Path) -> dict[str, Any]:
-    return load_torch_file(run_dir / "checkpoints" / "ft_init.pt", "unreadable fine-tuned model")
+    path = ExperimentRun(run_dir).checkpoint_path("ft:init")
+    return load_torch_file(path, "unreadable fine-tuned model")
 
 
 def evaluate_conditions(
@@ -166,7 +168,7 @@ def run_all(
                 config = make_config(s, dataset, variant, seed)
                 run_dir = s.run_root / config.name
                 if s.report_only and not all(
-                    "ft:init" in load_results(s.run_root / make_config(s, dataset, v, seed).name)
+                    "ft:init" in ExperimentRun.of(make_config(s, dataset, v, seed)).results()
                     for v in VARIANTS
                 ):
                     continue  # report only seeds where both variants finished

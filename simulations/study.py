@@ -16,12 +16,14 @@ from typing import Any
 from rich.console import Console
 
 from medmerge_core.cifar_resnet import CIFAR10_PREFIX
-from medmerge_core.config import PIPELINES, ExperimentConfig, ModelConfig
 from medmerge_core.data.base import TaskData
 from medmerge_core.data.splits import check_label_budget
 from medmerge_core.data.synthetic import make_task
 from medmerge_core.errors import InputError
-from medmerge_core.experiment import load_results, planned_methods, run_experiment
+from medmerge_core.experiment.config import ExperimentConfig, ModelConfig
+from medmerge_core.experiment.pipelines import REGISTRY, pipeline_ids, planned_methods
+from medmerge_core.experiment.run_folder import ExperimentRun
+from medmerge_core.experiment.runner import run_experiment
 from medmerge_core.io import atomic_write_json
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
@@ -67,12 +69,22 @@ class RunSpec:
     ablation: bool = False
 
 
+def runnable(sources: Sequence[str], *, merges_only: bool = False) -> tuple[str, ...]:
+    """The registered pipelines that `sources` are enough for (only those over all sources
+    with `merges_only`), in run order."""
+    return tuple(
+        p.id
+        for p in REGISTRY.values()
+        if p.min_sources <= len(sources) and not (merges_only and p.per_source)
+    )
+
+
 def plan(studies: Sequence[str]) -> list[RunSpec]:
-    """Runs in priority order: the main comparison, then the paper's ablations, then 3 sources."""
+    """Runs in priority order: the main comparison (every pipeline), then the paper's
+    ablations, then 3 sources (the merges; C alone: the per-source baselines)."""
     specs = []
     if "main" in studies:
-        pipelines = ("ft", "lp_ft", "average_ft", "medmerge")
-        specs.append(RunSpec("main", "A + B", ("A", "B"), pipelines))
+        specs.append(RunSpec("main", "A + B", ("A", "B"), runnable(("A", "B"))))
     if "ablations" in studies:
         specs += [
             RunSpec(
@@ -99,9 +111,13 @@ def plan(studies: Sequence[str]) -> list[RunSpec]:
         ]
     if "three" in studies:
         specs += [
-            RunSpec("source_c", "C alone", ("C",), ("ft", "lp_ft"), ablation=True),
+            RunSpec("source_c", "C alone", ("C",), runnable(("C",)), ablation=True),
             RunSpec(
-                "three", "A + B + C", ("A", "B", "C"), ("average_ft", "medmerge"), ablation=True
+                "three",
+                "A + B + C",
+                ("A", "B", "C"),
+                runnable(("A", "B", "C"), merges_only=True),
+                ablation=True,
             ),
         ]
     return specs
@@ -120,7 +136,8 @@ class StudySettings:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ablation_seeds: tuple[int, ...] | None = None  # None: the main seeds
     studies: tuple[str, ...] = STUDIES
-    pipelines: tuple[str, ...] = PIPELINES  # run only these; finished others are still reported
+    # run only these (default: every registered one); finished others are still reported
+    pipelines: tuple[str, ...] = field(default_factory=pipeline_ids)
     target: str = "breastmnist"
     sources: tuple[tuple[str, str], ...] = DEFAULT_SOURCES  # (name, spec) for A, B, C
     label_budget: float | int | None = None  # of the target's training labels, per seed
@@ -148,9 +165,9 @@ class StudySettings:
                 raise InputError(f"--source {name}={spec}: @{init} must name another source")
         if self.label_budget is not None:
             check_label_budget(self.label_budget, "--label-budget")
-        if unknown := set(self.pipelines) - set(PIPELINES):
+        if unknown := set(self.pipelines) - set(pipeline_ids()):
             raise InputError(
-                f"--pipelines: unknown {sorted(unknown)}; expected some of {PIPELINES}"
+                f"--pipelines: unknown {sorted(unknown)}; expected some of {pipeline_ids()}"
             )
 
     @property
@@ -302,10 +319,10 @@ def run_all(s: StudySettings, console: Console) -> dict[str, dict[int, dict[str,
     collected: dict[str, dict[int, dict[str, Any]]] = {}
     for spec in plan(s.studies):
         for seed in s.seeds_for(spec):
-            run_dir = s.run_root / f"{spec.group}-seed{seed}"
+            run = ExperimentRun(s.run_root / f"{spec.group}-seed{seed}")
             pipelines = tuple(p for p in spec.pipelines if p in s.pipelines)
             if s.report_only or not pipelines or any(n not in sources for n in spec.sources):
-                results = load_results(run_dir)
+                results = run.results()
             else:
                 console.print(f"[bold]{spec.group}[/] seed {seed}: {spec.label}")
                 config = make_config(

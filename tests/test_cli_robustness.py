@@ -9,12 +9,12 @@ import stat
 import pytest
 import torch
 
-import medmerge_core.demo as demo
-import medmerge_core.experiment as experiment
+import medmerge_core.experiment.demo as demo
+import medmerge_core.experiment.runner as runner
 import medmerge_core.pretrain as pretrain
 from medmerge_core.cli import main
-from medmerge_core.config import load_config
 from medmerge_core.errors import InputError
+from medmerge_core.experiment.config import load_config
 from medmerge_core.io import atomic_torch_save, atomic_write_text, load_torch_file
 from medmerge_core.settings import StageSettings
 from medmerge_core.train import Runtime
@@ -34,7 +34,7 @@ def config_file(tmp_path, monkeypatch):
     def no_run(*args, **kwargs):
         pytest.fail("the run started")
 
-    monkeypatch.setattr(experiment, "run_experiment", no_run)
+    monkeypatch.setattr(runner, "run_experiment", no_run)
     path = tmp_path / "c.yaml"
     path.write_text(CONFIG)
     return path
@@ -93,7 +93,7 @@ def test_set_on_the_command_line_reaches_the_run(config_file, monkeypatch) -> No
         seen["config"] = config
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(runner, "run_experiment", fake_run)
     argv = ["run", str(config_file), "--set", "source_b=zeros", "--set", "ft.epochs=5"]
     assert main_no_escape(argv) == 130
     assert seen["config"].ft.epochs == 5 and seen["config"].sources["b"] == "zeros"
@@ -143,7 +143,7 @@ def commands(config_file, tmp_path, monkeypatch):
         def boom(*args, **kwargs):
             raise exc
 
-        monkeypatch.setattr(experiment, "run_experiment", boom)
+        monkeypatch.setattr(runner, "run_experiment", boom)
         monkeypatch.setattr(pretrain, "pretrain_source", boom)
         monkeypatch.setattr(demo, "run_demo", boom)
 

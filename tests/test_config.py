@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medmerge_core.config import config_from_dict, load_config
 from medmerge_core.errors import InputError
+from medmerge_core.experiment.config import config_from_dict, load_config
 
 BASE = {
     "name": "t",

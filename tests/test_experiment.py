@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import medmerge_core.experiment as experiment
+import medmerge_core.experiment.run_folder as run_folder
+import medmerge_core.experiment.runner as runner
 from medmerge_core.cli import main
-from medmerge_core.config import config_from_dict
 from medmerge_core.errors import InputError
+from medmerge_core.experiment.config import config_from_dict
+from medmerge_core.experiment.run_folder import ExperimentRun
 from medmerge_core.io import read_jsonl
 from medmerge_core.models import build_model, save_checkpoint
 
@@ -38,24 +40,24 @@ def make_config(tmp_path, **overrides):
 def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_path, monkeypatch):
     config = make_config(tmp_path)
     # A crash once MedMerge's stages are done but before its model is saved ...
-    save = experiment.save_checkpoint
+    save = run_folder.save_checkpoint
 
     def crash_at_medmerge(path, *args, method, **kwargs):
         if method == "medmerge":
             raise KeyboardInterrupt
         save(path, *args, method=method, **kwargs)
 
-    monkeypatch.setattr(experiment, "save_checkpoint", crash_at_medmerge)
+    monkeypatch.setattr(run_folder, "save_checkpoint", crash_at_medmerge)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run_experiment(config, task=tiny_task, show_progress=False)
+        runner.run_experiment(config, task=tiny_task, show_progress=False)
     run = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in (run / "state").iterdir()) == ["medmerge.ft.pt",
                                                                  "medmerge.probe.pt"]  # fmt: skip
     # ... resumes without training anything again.
-    monkeypatch.setattr(experiment, "save_checkpoint", save)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save)
     with monkeypatch.context() as patched:
         patched.setattr(torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("retrained"))
-        results = experiment.run_experiment(config, task=tiny_task, show_progress=False)
+        results = runner.run_experiment(config, task=tiny_task, show_progress=False)
     assert list(results) == ["ft:a", "ft:b", "lp_ft:a", "lp_ft:b", "average_ft", "medmerge"]
     for name in (
         "config.yaml",
@@ -86,7 +88,7 @@ def test_all_pipelines_write_a_complete_run_folder_and_resume(tiny_task, tmp_pat
     final = run / "checkpoints" / "medmerge.pt"
     intact = torch.load(final, weights_only=True)["state_dict"]
     final.write_bytes(final.read_bytes()[:1000])
-    again = experiment.run_experiment(config, task=tiny_task, show_progress=False)
+    again = runner.run_experiment(config, task=tiny_task, show_progress=False)
     rebuilt = torch.load(final, weights_only=True)["state_dict"]
     assert all(torch.equal(intact[k], rebuilt[k]) for k in intact)
     assert again["medmerge"]["test"] == results["medmerge"]["test"]
@@ -96,31 +98,31 @@ def test_rolling_checkpoints_follow_the_interval_and_it_may_change_on_resume(
     tiny_task, tmp_path, monkeypatch
 ) -> None:
     writes: list[str] = []
-    real = experiment.fit.__globals__["atomic_torch_save"]
+    real = runner.fit.__globals__["atomic_torch_save"]
 
     def counting(obj, path):
         writes.append("finished" if obj.get("finished") else "rolling")
         real(obj, path)
 
-    monkeypatch.setitem(experiment.fit.__globals__, "atomic_torch_save", counting)
+    monkeypatch.setitem(runner.fit.__globals__, "atomic_torch_save", counting)
     three = {"epochs": 3, "lr": 1e-4}
-    experiment.run_experiment(make_config(tmp_path, pipelines=["ft"], sources={
+    runner.run_experiment(make_config(tmp_path, pipelines=["ft"], sources={
         "a": "random:1"}, ft=three), task=tiny_task, show_progress=False)  # fmt: skip
     assert writes == ["finished"]  # a short stage: no resume checkpoint within 10 minutes
     writes.clear()
     every = make_config(tmp_path, name="every", pipelines=["ft"], sources={"a": "random:1"},
                         ft=three, checkpoint_minutes=0)  # fmt: skip
-    experiment.run_experiment(every, task=tiny_task, show_progress=False)
+    runner.run_experiment(every, task=tiny_task, show_progress=False)
     assert writes == ["rolling", "rolling", "finished"]  # after every epoch but the last
     moved = make_config(tmp_path, name="every", pipelines=["ft"], sources={"a": "random:1"},
                         ft=three, checkpoint_minutes=30, device="cpu")  # fmt: skip
-    experiment.run_experiment(moved, task=tiny_task, show_progress=False)  # not refused
+    runner.run_experiment(moved, task=tiny_task, show_progress=False)  # not refused
 
 
 def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> None:
-    experiment.prepare_run_dir(make_config(tmp_path))
+    ExperimentRun.prepare(make_config(tmp_path))
     with pytest.raises(InputError, match=r"made by a different config \(ft.lr, seed differ\)"):
-        experiment.prepare_run_dir(make_config(tmp_path, seed=3, ft={"epochs": 1, "lr": 1e-3}))
+        ExperimentRun.prepare(make_config(tmp_path, seed=3, ft={"epochs": 1, "lr": 1e-3}))
 
 
 @pytest.mark.parametrize(
@@ -135,7 +137,7 @@ def test_a_different_config_cannot_reuse_a_run_folder(tiny_task, tmp_path) -> No
 def test_a_bad_input_leaves_no_run_folder_behind(tmp_path, override, message) -> None:
     config = make_config(tmp_path, **override)
     with pytest.raises(InputError, match=message):
-        experiment.run_experiment(config, show_progress=False)
+        runner.run_experiment(config, show_progress=False)
     assert not (tmp_path / "runs").exists()  # a corrected rerun is not refused
 
 
@@ -143,7 +145,7 @@ def test_the_data_split_files_reach_the_run_folder(tmp_path) -> None:
     config = make_config(tmp_path, pipelines=["ft"], ft={"epochs": 0, "lr": 1e-4},
                          data={"format": "synthetic", "task": "target", "n_train": 16,
                                "n_val": 8, "n_test": 8, "label_budget": 8})  # fmt: skip
-    experiment.run_experiment(config, show_progress=False)
+    runner.run_experiment(config, show_progress=False)
     split = (tmp_path / "runs" / "tiny" / "split.csv").read_text()
     assert split.count(",unused") == 8 and (tmp_path / "runs/tiny/config.yaml").exists()
     (env,) = read_jsonl(tmp_path / "runs/tiny/environment.jsonl")  # what produced the results
@@ -178,7 +180,7 @@ def test_cli_reports_a_config_typo_on_one_line(tmp_path, capsys) -> None:
 def test_the_full_demo_config_is_valid(tmp_path) -> None:
     """The README's first command runs the full demo, which CI cannot afford: its config must at
     least build and round-trip through the YAML config (the quick demo runs below)."""
-    from medmerge_core.demo import DemoSettings, demo_config
+    from medmerge_core.experiment.demo import DemoSettings, demo_config
 
     config = demo_config(tmp_path, DemoSettings(), tmp_path / "g.pt", tmp_path / "r.pt")
     assert config.merge.steps == 300 and config.merge.trains and config.ft.epochs == 5
@@ -186,7 +188,7 @@ def test_the_full_demo_config_is_valid(tmp_path) -> None:
 
 
 def test_quick_demo_runs_end_to_end(tmp_path) -> None:
-    from medmerge_core.demo import DemoSettings, run_demo
+    from medmerge_core.experiment.demo import DemoSettings, run_demo
 
     results = run_demo(tmp_path / "demo", DemoSettings.quick(), device="cpu", show_progress=False)
     assert set(results) == {

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from medmerge_core.cli import main
-from medmerge_core.config import config_from_dict
 from medmerge_core.data.base import GRAY_MEAN, GRAY_STD, normalize_batch, preprocessing_record
 from medmerge_core.data.synthetic import make_task
 from medmerge_core.errors import InputError
-from medmerge_core.experiment import run_experiment
+from medmerge_core.experiment.config import config_from_dict
+from medmerge_core.experiment.runner import run_experiment
 from medmerge_core.io import atomic_torch_save, load_torch_file
 from medmerge_core.models import build_model, save_checkpoint
 from medmerge_core.saved_model import load_saved_model, to_channels

@@ -383,8 +383,9 @@ def test_federated_probe_with_one_site_and_one_round_equals_the_coordinators(tmp
     ]
     merged = {}
     for mode in ("coordinator", "federated"):
+        same_threads = {"node-threads": torch.get_num_threads()}  # as the site's, bit for bit
         rc = probe_config(tmp_path / mode, rounds=0, **{"merge-mode": mode, "merge-rounds": 1,
-                                                       "min-sites": 1})  # fmt: skip
+                                                       "min-sites": 1, **same_threads})  # fmt: skip
         grid = InProcessGrid(client_app, one, rc)
         run_federation(grid, rc)
         assert len(_types(grid, "train.merge" if mode == "coordinator" else "train.probe")) == 1

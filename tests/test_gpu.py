@@ -47,15 +47,9 @@ def bf16_runtime() -> Runtime:
 
 def every_pipeline() -> tuple[list[str], Callable[..., list[tuple[str, str, str]]]]:
     """The `medmerge run` pipelines in run order, and the function that plans their methods."""
-    try:  # the experiment package: every pipeline declared once in its registry
-        from medmerge_core.experiment.pipelines import pipeline_ids, planned_methods
+    from medmerge_core.experiment.pipelines import pipeline_ids, planned_methods
 
-        return list(pipeline_ids()), planned_methods
-    except ImportError:  # the single experiment module of earlier versions
-        from medmerge_core.config import PIPELINES  # type: ignore[attr-defined]
-        from medmerge_core.experiment import planned_methods  # type: ignore[attr-defined]
-
-        return list(PIPELINES), planned_methods
+    return list(pipeline_ids()), planned_methods
 
 
 @contextlib.contextmanager
@@ -76,8 +70,8 @@ def exact_fp32() -> Iterator[None]:
 def test_every_pipeline_runs_on_cuda_with_bf16_autocast_and_channels_last(
     tiny_task: TaskData, tmp_path: Path
 ) -> None:
-    from medmerge_core.config import config_from_dict
     from medmerge_core.experiment import run_experiment
+    from medmerge_core.experiment.config import config_from_dict
 
     bf16_runtime()
     pipelines, planned_methods = every_pipeline()

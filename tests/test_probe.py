@@ -99,8 +99,8 @@ def test_merged_tensors_stay_fp32_under_autocast() -> None:
 
 
 def test_every_pipeline_runs_with_channels_last_and_bf16_autocast(tiny_task, tmp_path) -> None:
-    from medmerge_core.config import config_from_dict
     from medmerge_core.experiment import run_experiment
+    from medmerge_core.experiment.config import config_from_dict
 
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -205,7 +205,7 @@ def test_federation_probe_keys_reach_the_probe_settings() -> None:
 
 
 def test_the_old_merge_lr_key_points_to_its_replacement() -> None:
-    from medmerge_core.config import config_from_dict
+    from medmerge_core.experiment.config import config_from_dict
 
     with pytest.raises(InputError, match=r"merge.lr: .*merge.coef_lr.*lp.lr"):
         config_from_dict(

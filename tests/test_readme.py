@@ -13,7 +13,7 @@ import yaml
 
 from medmerge_core.cli import build_parser
 from medmerge_core.cli import main as cli_main
-from medmerge_core.config import config_from_dict
+from medmerge_core.experiment.config import config_from_dict
 from simulations import federated_probe, label_efficiency, reproduce
 
 README = Path(__file__).resolve().parents[1] / "README.md"

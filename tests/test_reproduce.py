@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from medmerge_core.errors import InputError
-from medmerge_core.experiment import load_results
+from medmerge_core.experiment.run_folder import ExperimentRun
 from medmerge_core.io import read_jsonl
 from simulations import federated_probe, label_efficiency, reproduce, robustness, study
 from simulations.common import median_range, paired_difference, update_section
@@ -95,11 +95,11 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     # --pipelines runs only MedMerge; the full command then adds the rest to the same folders.
     assert reproduce.main([*argv, "--pipelines", "medmerge"]) == 0
     run_root = tmp_path / "runs" / "breastmnist-resnet18-16-labels0.5"
-    assert set(load_results(run_root / "main-seed0")) == {"medmerge"}
+    assert set(ExperimentRun(run_root / "main-seed0").results()) == {"medmerge"}
     assert not (run_root / "source_c-seed0").exists()
     assert "Cost of the MedMerge probe" not in results.read_text()  # no LP-FT to compare with
     assert reproduce.main(argv) == 0
-    assert len(load_results(run_root / "main-seed0")) == 6
+    assert len(ExperimentRun(run_root / "main-seed0").results()) == 6
     text = results.read_text()
     assert "<!-- reproduce-breastmnist-resnet18-16-labels0.5:start -->" in text
     assert "stands in for ImageNet" in text and "python -m simulations.reproduce" in text

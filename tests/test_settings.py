@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from medmerge_core.config import config_from_dict
 from medmerge_core.errors import InputError
+from medmerge_core.experiment.config import config_from_dict
 from medmerge_core.settings import (
     InMergeSettings,
     ProbeSettings,

@@ -15,12 +15,13 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-import medmerge_core.experiment as experiment
+import medmerge_core.experiment.runner as runner
 import medmerge_core.progress as progress
 import medmerge_core.report as report
 import medmerge_core.train as train
 from medmerge_core.data.base import BatchLoader
 from medmerge_core.errors import InputError
+from medmerge_core.experiment.run_folder import ExperimentRun
 from medmerge_core.io import _umask
 from medmerge_core.models import build_model
 from medmerge_core.settings import StageSettings
@@ -115,7 +116,7 @@ def test_tracking_is_validated_once_and_before_the_run_folder(
     config = make_config(tmp_path, pipelines=["ft"], tracking="tensorboard")
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
     with pytest.raises(InputError) as error:
-        experiment.run_experiment(config, task=tiny_task, show_progress=False)
+        runner.run_experiment(config, task=tiny_task, show_progress=False)
     message = str(error.value)
     assert "\n" not in message and message.startswith("tracking: tensorboard is not installed")
     assert "pip install -e '.[tracking]'" in message
@@ -131,7 +132,7 @@ def test_tensorboard_events_hold_every_stage_metric_and_the_coefficients(
     # merge.steps 3 with 2 batches per epoch: 2 probe epochs
     plain = make_config(tmp_path, pipelines=["medmerge"])
     config = make_config(tmp_path, pipelines=["medmerge"], tracking="tensorboard")
-    results = experiment.run_experiment(config, task=tiny_task, show_progress=False)
+    results = runner.run_experiment(config, task=tiny_task, show_progress=False)
     events = tmp_path / "runs" / "tiny" / "tensorboard" / "medmerge"
     assert list(events.glob("events.out.tfevents.*"))
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "histograms": 0})
@@ -151,14 +152,14 @@ def test_tensorboard_events_hold_every_stage_metric_and_the_coefficients(
     assert last_a.num == last_b.num == kernels  # every kernel, once per source
     assert last_a.sum + last_b.sum == pytest.approx(kernels, rel=1e-4)  # d = 2: w and 1 - w
     # tracking cannot change a result: switching it on or off resumes the same folder
-    experiment.check_run_dir(plain)
+    ExperimentRun.check(plain)
 
 
 def test_every_single_label_method_gets_a_confusion_figure(
     tiny_task, tmp_path, monkeypatch, caplog
 ) -> None:
     pytest.importorskip("matplotlib")
-    experiment.run_experiment(
+    runner.run_experiment(
         make_config(tmp_path, pipelines=["ft"]), task=tiny_task, show_progress=False
     )
     run = tmp_path / "runs" / "tiny"
@@ -173,7 +174,7 @@ def test_every_single_label_method_gets_a_confusion_figure(
         raise RuntimeError("plotting needs matplotlib")
 
     monkeypatch.setattr(report, "pyplot", no_matplotlib)
-    results = experiment.run_experiment(
+    results = runner.run_experiment(
         make_config(tmp_path, name="bare", pipelines=["ft"]), task=tiny_task, show_progress=False
     )
     assert set(results) == {"ft:a", "ft:b"} and "no ft_a.png" in caplog.text

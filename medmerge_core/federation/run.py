@@ -15,7 +15,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from medmerge_core.config import differences
 from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig
 from medmerge_core.federation.transport import ModelInfo
@@ -27,6 +26,7 @@ from medmerge_core.io import (
 )
 from medmerge_core.models import StateDict
 from medmerge_core.probe import write_merge_report
+from medmerge_core.settings import differences
 
 
 class FederationRun:

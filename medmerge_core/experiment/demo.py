@@ -13,9 +13,11 @@ from typing import Any
 
 from rich.console import Console
 
-from medmerge_core.config import ExperimentConfig, ModelConfig
 from medmerge_core.data.synthetic import make_task
-from medmerge_core.experiment import run_experiment
+from medmerge_core.experiment.config import ExperimentConfig, ModelConfig
+from medmerge_core.experiment.pipelines import REGISTRY
+from medmerge_core.experiment.run_folder import ExperimentRun
+from medmerge_core.experiment.runner import run_experiment
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
 from medmerge_core.report import detail_table, table1
@@ -134,14 +136,15 @@ def run_demo(
 
     target = make_task("target", image_size=s.image_size, seed=s.seed, n_train=s.target_train)
     config = demo_config(out, s, generic_ckpt, related_ckpt, device)
+    *others, last = [REGISTRY[p].label for p in config.pipelines]
     console.print(
-        f"[bold]3/3[/] FT, LP-FT, Avg+FT and MedMerge on '{target.name}' "
+        f"[bold]3/3[/] {', '.join(others)} and {last} on '{target.name}' "
         f"({len(target.train)} train / {len(target.val)} val / {len(target.test)} test)"
     )
     results = run_experiment(config, task=target, show_progress=show_progress)
     console.print(table1(target.name, [results], title="Demo: test accuracy / macro-F1"))
     console.print(detail_table([results]))
-    run_dir = out / config.name
+    run_dir = ExperimentRun.of(config).dir
     if (run_dir / "coefficients.png").exists():
         console.print(f"what the merge learned, kernel by kernel: {run_dir / 'coefficients.png'}")
     console.print(f"run folder: {run_dir}")

@@ -1,11 +1,13 @@
-"""The YAML experiment config: typed dataclasses, checked key by key with one-line errors."""
+"""The YAML experiment config: typed dataclasses, checked key by key with one-line errors.
+
+`pipelines:` is checked against the registry (`pipelines.REGISTRY`), whose every pipeline is
+the default."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ from typing import Any
 import yaml
 
 from medmerge_core.errors import InputError
+from medmerge_core.experiment.pipelines import check_pipelines, pipeline_ids
+from medmerge_core.experiment.tracking import TRACKING_KINDS, TrackingKind
 from medmerge_core.settings import (
     CHECKPOINT_MINUTES,
     InMergeSettings,
@@ -20,9 +24,7 @@ from medmerge_core.settings import (
     StageSettings,
     build,
 )
-from medmerge_core.tracking import TRACKING_KINDS, TrackingKind
 
-PIPELINES: tuple[str, ...] = ("ft", "lp_ft", "average_ft", "medmerge")
 # Keys that changed meaning: a one-line pointer instead of a silent new behaviour.
 RENAMED = {
     "merge.lr": "no longer a key: the coefficients train at merge.coef_lr (no weight decay), "
@@ -42,7 +44,7 @@ class ExperimentConfig:
     data: dict[str, Any]
     sources: dict[str, str]
     model: ModelConfig = field(default_factory=ModelConfig)
-    pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))
+    pipelines: list[str] = field(default_factory=lambda: list(pipeline_ids()))
     seed: int = 0
     output_dir: str = "runs"
     batch_size: int = 32
@@ -60,12 +62,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise InputError(f"name: '{self.name}' may use only letters, digits, '_', '.', '-'")
-        for pipeline in self.pipelines:
-            if pipeline not in PIPELINES:
-                raise InputError(f"pipelines: unknown '{pipeline}'; expected one of {PIPELINES}")
-        needs_two = {"average_ft", "medmerge"} & set(self.pipelines)
-        if needs_two and len(self.sources) < 2:
-            raise InputError(f"sources: {sorted(needs_two)} need at least 2 sources")
+        check_pipelines(self.pipelines, self.sources)
         if not self.sources:
             raise InputError("sources: at least one source is required")
         from medmerge_core.data.registry import validate_spec
@@ -166,21 +163,6 @@ def _name_override(exc: InputError, overrides: dict[str, str]) -> InputError:
         if where.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{where}."):
             return _SetError(f"--set {key}={text}: {message}")
     return exc
-
-
-def differences(
-    saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = ""
-) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, current value) of every setting that differs, in `now`'s
-    order; nested mappings are compared key by key."""
-    out: list[tuple[str, Any, Any]] = []
-    for key in [*now, *(k for k in saved if k not in now)]:
-        old, new = saved.get(key), now.get(key)
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            out += differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            out.append((f"{prefix}{key}", old, new))
-    return out
 
 
 def config_from_dict(
