@@ -183,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         help="largest request forwarded (Flower sends arrays in 5 MiB chunks)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",  # one log file, timestamps
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     try:
         host, port = split_address(args.listen)

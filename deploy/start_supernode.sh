@@ -1,21 +1,52 @@
 #!/usr/bin/env bash
 # Start one hospital's SuperNode from its node config file (written by write_node_config.sh).
 # Usage: deploy/start_supernode.sh NODE_CONFIG.toml SUPERLINK_FLEET_ADDRESS CA_CERT PRIVATE_KEY PORT
-#   e.g. deploy/start_supernode.sh nodes/site-1.toml 10.0.0.5:9092 certs/ca.crt keys/site-1 9094
+#   e.g. LOG_FILE=/var/log/medmerge/supernode.log deploy/start_supernode.sh \
+#        /etc/medmerge/node.toml 10.0.0.5:9092 /etc/medmerge/ca.crt /etc/medmerge/keys/site-1 9094
 # SUPERLINK_FLEET_ADDRESS is the SuperLink's public Fleet address (FLEET_ADDRESS of
-# start_superlink.sh). PORT is this node's own ClientApp API, on 127.0.0.1.
+# start_superlink.sh). PORT is this node's own ClientApp API, on 127.0.0.1 only. LOG_FILE
+# (environment, optional) appends the SuperNode's and its ClientApps' output to that file.
+# The SuperNode only connects out, to the Fleet address; it retries for as long as the
+# SuperLink is away (a restart) and, with the same key, comes back as the same node. One
+# SuperNode per key: a second start with the same PRIVATE_KEY is refused.
 # Telemetry is off. Runtime dependency installation is off: flower-supernode only installs
 # with --allow-runtime-dependency-installation, which this script never passes (the variable
 # below is the SuperLink's switch, set here too in case a later Flower reads it).
 set -euo pipefail
 usage="usage: start_supernode.sh NODE_CONFIG.toml SUPERLINK_FLEET_ADDRESS CA_CERT PRIVATE_KEY PORT"
-[ $# -eq 5 ] || { echo "start_supernode.sh: $usage" >&2; exit 2; }
-config=$1; superlink=$2; ca=$3; key=$4; port=$5
-[ -r "$config" ] || { echo "start_supernode.sh: cannot read node config $config" >&2; exit 2; }
+die() { echo "start_supernode.sh: $*" >&2; exit 2; }
+[ $# -eq 5 ] || die "$usage"
+config=$(realpath -m -- "$1"); superlink=$2; ca=$(realpath -m -- "$3"); key=$(realpath -m -- "$4")
+port=$5
+[ -r "$config" ] || die "cannot read node config $config"
+[[ $superlink =~ ^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]+$ ]] \
+  || die "SUPERLINK_FLEET_ADDRESS must be HOST:PORT or [IPV6]:PORT, got '$superlink'"
+[ -r "$ca" ] || die "cannot read CA certificate $ca"
+[ -r "$key" ] || die "cannot read SuperNode private key $key (make it with deploy/make_node_keys.sh)"
+[[ $port =~ ^[0-9]{1,5}$ ]] || die "PORT must be a port number, got '$port'"
+(( 10#$port >= 1 && 10#$port <= 65535 )) || die "PORT $port is not between 1 and 65535"
+for key_name in role name; do
+  grep -q "^$key_name=\"" "$config" \
+    || die "$config has no $key_name: write it with deploy/write_node_config.sh"
+done
+if [ -n "${LOG_FILE:-}" ]; then
+  LOG_FILE=$(realpath -m -- "$LOG_FILE")
+  mkdir -p "$(dirname "$LOG_FILE")"
+  : >> "$LOG_FILE" || die "cannot write LOG_FILE $LOG_FILE"
+fi
+supernode=$(command -v flower-supernode) || die "flower-supernode is not on PATH"
+
+exec 9<"$key"
+flock -n 9 || die "another SuperNode is running with $key"
+if [ -n "${LOG_FILE:-}" ]; then
+  exec >>"$LOG_FILE" 2>&1
+fi
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1  # no call to PyPI at start-up either
 # The node config file holds one `key = value` per line; flower-supernode takes them joined.
 node_config=$(grep -v '^\s*#' "$config" | grep '=' | paste -sd ' ' -)
-exec flower-supernode --superlink "$superlink" --root-certificates "$ca" \
+echo "start_supernode.sh: $(date -u +%FT%TZ) $(grep -o '^name="[^"]*"' "$config") to $superlink"
+# exec: flower-supernode keeps the key's lock (fd 9) for as long as it runs.
+exec "$supernode" --superlink "$superlink" --root-certificates "$ca" \
   --auth-supernode-private-key "$key" --port "$port" \
   --node-config "$node_config"

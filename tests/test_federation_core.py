@@ -128,6 +128,7 @@ def test_write_node_config_checks_every_key_before_writing(tmp_path) -> None:
             str(out),
             "role=site",
             "name=s1",
+            "data=synthetic:target",  # a site needs data
             "state-dir=/srv/medmerge",
             "audit-dir=/srv/audit",
             "in-channels=1",

@@ -1,9 +1,10 @@
-"""A real SuperLink and 4 SuperNodes on loopback with TLS and SuperNode authentication.
+"""A real SuperLink and its SuperNodes on loopback with TLS and SuperNode authentication.
 
-Uses the deploy/ scripts exactly as a hospital consortium would (certificates, ECDSA keys,
-registration, node config files, start scripts) and runs the whole federation (collect, merge,
-one round) over the network with a tiny model. Success is the run's final status in
-`flwr ls --format json`, not the exit code of `flwr run`.
+Uses the deploy/ scripts exactly as a hospital consortium would (certificates, one ECDSA key
+per hospital, registration, node config files, the start scripts with their state folder and
+log files) and runs the whole federation (collect, merge, rounds) over the network with a tiny
+model, also through a SuperLink crash and a ServerApp crash. Success is the run's final status
+in `flwr ls --format json`, not the exit code of `flwr run`.
 
 Two loopback addresses stand for the SuperLink host's two sides: 127.0.0.2 is its "public"
 address, where only the Fleet API (for SuperNodes) listens, and 127.0.0.1 is the host itself,
@@ -87,17 +88,27 @@ def wait_healthy(host: str, port: int, ca: Path, deadline: float) -> None:
     raise AssertionError(f"SuperLink did not become healthy on {host}:{port}")
 
 
-def start_superlink(tmp_path: Path, env: dict, log: Path) -> tuple[subprocess.Popen, int, int]:
-    """deploy/start_superlink.sh with TLS (SAN 127.0.0.2 added) on a free Fleet port on
-    127.0.0.2 and a free control port on 127.0.0.1; returns (process, fleet, control port)."""
+def start_superlink(
+    tmp_path: Path, env: dict, log: Path, ports: tuple[int, int] | None = None
+) -> tuple[subprocess.Popen, int, int]:
+    """deploy/start_superlink.sh with TLS (SAN 127.0.0.2 added) and its state in
+    tmp_path/state, on a free Fleet port on 127.0.0.2 and a free control port on 127.0.0.1
+    (or on `ports`, to restart it); it logs to `log` (LOG_FILE). Returns (process, fleet,
+    control port)."""
     certs = tmp_path / "certs"
-    sh(str(DEPLOY / "make_certs.sh"), str(certs), f"IP:{PUBLIC}", env=env)
-    fleet = free_port()
-    control = free_port(fleet)
-    with open(log, "w") as out:
+    sh(str(DEPLOY / "make_certs.sh"), str(certs), f"IP:{PUBLIC}", env=env)  # idempotent
+    fleet, control = ports or (free_port(), 0)
+    control = control or free_port(fleet)
+    with open(log.with_suffix(".stdout"), "a") as out:  # only what comes before LOG_FILE
         proc = subprocess.Popen(
-            [str(DEPLOY / "start_superlink.sh"), str(certs), f"{PUBLIC}:{fleet}", str(control)],
-            env=env,
+            [
+                str(DEPLOY / "start_superlink.sh"),
+                str(certs),
+                f"{PUBLIC}:{fleet}",
+                str(tmp_path / "state"),
+                str(control),
+            ],
+            env={**env, "LOG_FILE": str(log)},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -223,21 +234,24 @@ class Consortium:
         self.operator_key = ""  # set on entry: every run admits nodes by signed identity
 
     def _start(self, name: str, cmd: list[str]) -> None:
-        out = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(
-            cmd,
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=self.tmp,
-        )
+        """Start a deploy script that logs to logs/NAME.log itself (LOG_FILE)."""
+        with open(self.logs / f"{name}.stdout", "a") as out:  # what comes before LOG_FILE
+            self.procs[name] = subprocess.Popen(
+                cmd,
+                env={**self.env, "LOG_FILE": str(self.logs / f"{name}.log")},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.tmp,
+            )
 
     def __enter__(self) -> Consortium:
         env, tmp = self.env, self.tmp
         certs, keys, configs = tmp / "certs", tmp / "keys", tmp / "nodes"
         names = list(self.nodes)
-        sh(str(DEPLOY / "make_node_keys.sh"), str(keys), *names, env=env)
+        for name in names:  # each hospital makes its own key and sends only the public one
+            sent = sh(str(DEPLOY / "make_node_keys.sh"), str(keys), name, env=env).strip()
+            assert sent == str(keys / f"{name}.pub"), sent
         # The operator signs each hospital's identity for its SuperNode key; the run config
         # carries the operator's public key, so roles and names come from these tokens.
         operator = tmp / "operator"
@@ -264,7 +278,13 @@ class Consortium:
         self.procs["superlink"], fleet, control = start_superlink(
             tmp, env, self.logs / "superlink.log"
         )
+        self.ports = (fleet, control)
         try:
+            # The SuperExec, its own service, starts the ServerApps.
+            self._start(
+                "superexec",
+                [str(DEPLOY / "start_superexec.sh"), str(certs), str(tmp / "state"), str(control)],
+            )
             sh(
                 str(DEPLOY / "write_connection.sh"),
                 "hospitals",
@@ -301,9 +321,35 @@ class Consortium:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def kill(self, name: str) -> None:
-        """SIGKILL a SuperNode and its ClientApp processes: no goodbye to the SuperLink."""
+        """SIGKILL a process group (a SuperNode and its ClientApps; the SuperLink script, the
+        SuperLink and its Fleet gateway): no goodbye to anyone."""
         os.killpg(self.procs[name].pid, signal.SIGKILL)
         self.procs[name].wait(timeout=15)
+
+    def restart_superlink(self) -> None:
+        """start_superlink.sh again, on the same state folder and ports."""
+        self.procs["superlink"], *_ = start_superlink(
+            self.tmp, self.env, self.logs / "superlink.log", self.ports
+        )
+
+    def serverapps(self) -> list[int]:
+        """PIDs of the flwr-serverapp processes the SuperExec started."""
+        found = []
+        for pid in descendants(self.procs["superexec"].pid):
+            with contextlib.suppress(OSError):
+                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+        return found
+
+    def node_ids(self) -> dict[str, str]:
+        listing = json.loads(self.flwr("supernode", "list", "hospitals", "--format", "json"))
+        return {n["node-id"]: n["status"] for n in listing["nodes"]}
+
+    def status(self, run_id: int) -> str:
+        listing = json.loads(
+            self.flwr("ls", "hospitals", "--run-id", str(run_id), "--format", "json")
+        )
+        return listing["runs"][0]["status"]
 
     def flwr(self, *args: str, timeout: float = 120) -> str:
         return sh(str(BIN / "flwr"), *args, env=self.env, timeout=timeout)
@@ -313,8 +359,9 @@ class Consortium:
         out = self.flwr("run", str(ROOT), "hospitals", "--format", "json", "-c", overrides)
         return int(json.loads(out)["run-id"])
 
-    def wait_for_log(self, name: str, text: str, deadline: float) -> None:
-        while text not in (self.logs / f"{name}.log").read_text():
+    def wait_for_log(self, name: str, text: str, deadline: float, count: int = 1) -> None:
+        log = self.logs / f"{name}.log"
+        while (log.read_text() if log.exists() else "").count(text) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"'{text}' never appeared in {name}'s log\n{self.tail()}")
             time.sleep(0.2)
@@ -418,6 +465,79 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path) -
     assert "site-2" in rejected
     assert rounds[1]["rejected"] == []
     assert (tmp_path / "runs" / "federation" / "final.pt").exists()
+
+
+def test_a_superlink_and_a_serverapp_killed_mid_run_lose_no_round(tmp_path) -> None:
+    """The SuperLink (its script, flower-superlink and the Fleet gateway) is SIGKILLed while
+    site-1 trains round 1 and restarted on the same state folder: the SuperNodes reconnect by
+    themselves as the same nodes (no registration again, the same node ids, never restarted),
+    and the same run carries on, with site-1's round-1 reply that crossed the restart. Then the
+    run's ServerApp is SIGKILLed in round 2: the operator stops the run and submits the same
+    run config again, which resumes after round 1. Every round is in metrics.jsonl once."""
+    started = time.monotonic()
+    nodes = {**INSTITUTIONS, "site-1": ["role=site", "data=synthetic:target"]}
+    metrics = tmp_path / "runs" / "federation" / "metrics.jsonl"
+
+    def phases() -> list[tuple[str, int | None]]:
+        records = read_jsonl(metrics) if metrics.exists() else []
+        return [(r["phase"], r.get("round")) for r in records]
+
+    def health(*args: str) -> subprocess.CompletedProcess:
+        check = [str(DEPLOY / "health_check.sh"), "superlink", str(tmp_path / "certs"), *args]
+        return subprocess.run(check, capture_output=True, text=True, timeout=60)
+
+    with Consortium(tmp_path, nodes) as consortium:
+        config = tiny_run(tmp_path, rounds=2, **{"wait-nodes": 3, "merge-mode": '"federated"',
+                                                 "merge-rounds": 1})  # fmt: skip
+        first = consortium.start_run(config)
+        consortium.wait_for_log("site-1", "Receiving: train message", time.monotonic() + 600)
+        registered = consortium.node_ids()
+        assert sorted(registered.values()) == ["online"] * 3, registered
+        supernodes = {n: consortium.procs[n].pid for n in nodes}
+
+        fleet, control = consortium.ports
+        state = str(tmp_path / "state")
+        consortium.kill("superlink")
+        down = health(state, str(control), f"{PUBLIC}:{fleet}")
+        assert down.returncode == 1 and "FAIL SuperLink answers" in down.stdout, down.stdout
+        assert "ok   SuperExec runs" in down.stdout, down.stdout  # it waits for the SuperLink
+        time.sleep(3)  # a crash, then a supervisor's restart
+        consortium.restart_superlink()
+        up = health(state, str(control), f"{PUBLIC}:{fleet}")
+        assert up.returncode == 0 and "FAIL" not in up.stdout, up.stdout
+        # The keys are in the database: registering them again changes nothing.
+        again = sh(str(DEPLOY / "register_nodes.sh"), "hospitals", str(tmp_path / "keys"), *nodes,
+                   env=consortium.env)  # fmt: skip
+        assert again.count("already registered") == 3, again
+        assert set(consortium.node_ids()) == set(registered)
+        assert consortium.status(first) == "running"
+
+        # The same run finishes round 1 with site-1's reply, and starts round 2.
+        consortium.wait_for_log("site-1", "Receiving: train message", time.monotonic() + 600, 2)
+        assert ("round", 1) in phases(), (phases(), consortium.tail())
+        (serverapp,) = consortium.serverapps()
+        os.kill(serverapp, signal.SIGKILL)
+        consortium.flwr("stop", str(first), "hospitals")
+        assert consortium.status(first) == "finished:stopped"
+        # That ServerApp rode through the SuperLink's restart: it retried, then went on.
+        first_log = consortium.flwr("log", str(first), "hospitals", "--show")
+        assert "Connection successful after" in first_log, first_log[-3000:]
+
+        second = consortium.start_run(config)  # the same run config: it resumes
+        assert consortium.final_status(second) == ["finished:completed"], consortium.tail()
+        after = consortium.node_ids()
+        assert set(after) == set(registered) and sorted(after.values()) == ["online"] * 3, after
+        assert {n: consortium.procs[n].pid for n in nodes} == supernodes
+        assert all(consortium.procs[n].poll() is None for n in nodes)
+        logs = {n: (tmp_path / "logs" / f"{n}.log").read_text() for n in nodes}
+    assert phases() == [("probe-round", 1), ("merge", None), ("round", 1), ("round", 2),
+                        ("final", None)]  # fmt: skip
+    (round_1,) = [r for r in read_jsonl(metrics) if r["phase"] == "round" and r["round"] == 1]
+    assert round_1["sites"] == 1 and round_1["rejected"] == [], round_1
+    for name, text in logs.items():  # reconnected without re-registration: never refused
+        assert "Connection successful after" in text and " 401" not in text, (name, text[-3000:])
+    assert (tmp_path / "runs" / "federation" / "final.pt").exists()
+    print(f"restart test: {time.monotonic() - started:.0f} s")
 
 
 def test_an_outsider_with_the_ca_certificate_reaches_only_the_fleet_api(tmp_path) -> None:
@@ -550,20 +670,140 @@ def test_start_superlink_refuses_bad_arguments_in_one_line(tmp_path) -> None:
     for name in ("ca.crt", "server.pem", "server.key"):
         (certs / name).write_text("")
     script = str(DEPLOY / "start_superlink.sh")
+    state = str(tmp_path / "state")
     for args in (
         [],
         [str(certs)],
-        [str(tmp_path / "none"), f"{PUBLIC}:9092"],
-        [str(certs), "9092"],
-        [str(certs), f"{PUBLIC}:99999"],
-        [str(certs), f"{PUBLIC}:9092", "9092"],
-        [str(certs), f"{PUBLIC}:9092", "--host", "0.0.0.0"],
-        [str(certs), f"{PUBLIC}:9092", "9093", "--hos=0.0.0.0"],
-        [str(certs), f"{PUBLIC}:9092", "--port", "9000"],
-        [str(certs), f"{PUBLIC}:9092", "--insecure"],
-        [str(certs), f"{PUBLIC}:9092", "--control-api-address", "0.0.0.0:9093"],
-        [str(certs), f"{PUBLIC}:9092", "--allow-runtime-dependency-installation"],
+        [str(certs), f"{PUBLIC}:9092"],  # no STATE_DIR: the state would be lost
+        [str(tmp_path / "none"), f"{PUBLIC}:9092", state],
+        [str(certs), "9092", state],
+        [str(certs), f"{PUBLIC}:99999", state],
+        [str(certs), f"{PUBLIC}:9092", "9093"],  # the old argument order
+        [str(certs), f"{PUBLIC}:9092", state, "9092"],
+        [str(certs), f"{PUBLIC}:9092", state, "--host", "0.0.0.0"],
+        [str(certs), f"{PUBLIC}:9092", state, "9093", "--hos=0.0.0.0"],
+        [str(certs), f"{PUBLIC}:9092", state, "--port", "9000"],
+        [str(certs), f"{PUBLIC}:9092", state, "--insecure"],
+        [str(certs), f"{PUBLIC}:9092", state, "--control-api-address", "0.0.0.0:9093"],
+        [str(certs), f"{PUBLIC}:9092", state, "--allow-runtime-dependency-installation"],
+        [str(certs), f"{PUBLIC}:9092", state, "--database", ":flwr-in-memory:"],
+        [str(certs), f"{PUBLIC}:9092", state, "--isolation=subprocess"],
     ):
         done = subprocess.run([script, *args], env=env, capture_output=True, text=True, timeout=30)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert done.stderr.count("\n") == 1 and done.stdout == "", (args, done.stderr)
+    assert not (tmp_path / "state").exists()  # refused before anything was made
+
+
+def test_write_node_config_refuses_a_bad_pair_in_one_line_and_writes_nothing(tmp_path) -> None:
+    """What a hospital can get wrong in its node config is caught when it is written: the
+    role, the name, a quote, a relative path, data or a checkpoint that is not there."""
+    data = tmp_path / "site1.npz"
+    data.write_bytes(b"")
+    script = str(DEPLOY / "write_node_config.sh")
+    good = ["role=site", "name=site-1", f"data={data}"]
+    out = tmp_path / "nodes" / "site-1.toml"
+    for pairs in (
+        ["role=hospital", "name=site-1", f"data={data}"],
+        ["name=site-1", f"data={data}"],
+        ["role=site", f"data={data}"],
+        ["role=site", "name=../site-1", f"data={data}"],
+        ["role=site", 'name=site"1', f"data={data}"],
+        ["role=site", "name=site-1"],  # a site needs data
+        ["role=site", "name=site-1", "data=site1.npz"],
+        ["role=site", "name=site-1", f"data={tmp_path / 'none.npz'}"],
+        ["role=site", "name=site-1", f"data={tmp_path}"],
+        ["role=institution", "name=a"],
+        ["role=institution", "name=a", f"checkpoint={tmp_path / 'none.pt'}"],
+        ["role=institution", "name=a", "checkpoint=a.pt", "data=synthetic:related_a"],
+        [*good, "state-dir=state"],
+        [*good, "audit-dir=audit"],
+        [*good, "identity=tokens/site-1.token", f"identity-key={tmp_path}/k"],
+        [*good, f"identity={tmp_path}/t"],  # and no identity-key to prove it
+        [*good, "shard=2/2"],
+        [*good, "device=gpu"],
+        [*good, "in-channels=three"],
+        [*good, "role=site"],
+        [*good, "colour=red"],
+    ):
+        done = subprocess.run([script, str(out), *pairs], capture_output=True, text=True)
+        assert done.returncode == 2, (pairs, done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stdout == "", (pairs, done.stderr)
+        assert not out.parent.exists(), pairs
+    for pairs in (  # specs need no file; an institution with data pretrains into checkpoint
+        ["role=site", "name=site-1", "data=synthetic:target", "shard=0/2"],
+        ["role=institution", "name=a", "checkpoint=random:1"],
+        ["role=institution", "name=a", "checkpoint=torchvision:DEFAULT"],
+        ["role=institution", "name=a", f"checkpoint={tmp_path}/a.pt", "data=synthetic:related_a"],
+        [*good, f"identity={tmp_path}/t", f"identity-key={tmp_path}/k", "device=cuda:1"],
+    ):
+        sh(script, str(out), *pairs, env=os.environ.copy())
+        text = out.read_text()
+        assert all(f'{p.split("=", 1)[0]}="{p.split("=", 1)[1]}"' in text for p in pairs), text
+        sh(script, str(out), *pairs, env=os.environ.copy())
+        assert out.read_text() == text  # idempotent
+
+
+def test_each_hospital_makes_its_own_key_once(tmp_path) -> None:
+    """make_node_keys.sh KEY_DIR NAME prints the public key to send; a second run keeps the
+    key; a key that is not ECDSA P-384 is refused. make_certs.sh keeps its CA the same way."""
+    env = os.environ.copy()
+    keys = tmp_path / "keys"
+    sent = sh(str(DEPLOY / "make_node_keys.sh"), str(keys), "site-1", env=env).strip()
+    assert sent == str(keys / "site-1.pub") and (keys / "site-1").stat().st_mode & 0o077 == 0
+    key = (keys / "site-1").read_bytes()
+    assert sh(str(DEPLOY / "make_node_keys.sh"), str(keys), "site-1", env=env).strip() == sent
+    assert (keys / "site-1").read_bytes() == key
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "ed"), env=env)
+    done = subprocess.run([str(DEPLOY / "make_node_keys.sh"), str(keys), "ed"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "not an ECDSA P-384 key" in done.stderr, done.stderr
+    certs = tmp_path / "certs"
+    sh(str(DEPLOY / "make_certs.sh"), str(certs), f"IP:{PUBLIC}", env=env)
+    made = {p.name: p.read_bytes() for p in certs.iterdir()}
+    sh(str(DEPLOY / "make_certs.sh"), str(certs), f"IP:{PUBLIC}", env=env)
+    assert {p.name: p.read_bytes() for p in certs.iterdir()} == made
+    sh(str(DEPLOY / "make_certs.sh"), str(certs), f"IP:{PUBLIC}", "DNS:superlink", env=env)
+    assert (certs / "ca.crt").read_bytes() == made["ca.crt"]  # the same CA, a new server cert
+    assert (certs / "server.pem").read_bytes() != made["server.pem"]
+
+
+def test_a_second_supernode_or_superexec_on_the_same_key_or_state_is_refused(tmp_path) -> None:
+    """Two SuperNodes with one key would take each other's messages, and two SuperExecs would
+    both start ServerApps: the start scripts hold a lock and refuse a second start in one line.
+    Nothing listens on the SuperLink address here; both retry until they are stopped."""
+    env = flwr_env(tmp_path, "flwr")
+    sh(str(DEPLOY / "make_certs.sh"), str(tmp_path / "certs"), env=env)
+    sh(str(DEPLOY / "make_node_keys.sh"), str(tmp_path / "keys"), "site-1", env=env)
+    config = tmp_path / "site-1.toml"
+    sh(str(DEPLOY / "write_node_config.sh"), str(config), "role=site", "name=site-1",
+       "data=synthetic:target", env=env)  # fmt: skip
+    closed = free_port()
+    node = [str(DEPLOY / "start_supernode.sh"), str(config), f"{HOST}:{closed}",
+            str(tmp_path / "certs" / "ca.crt"), str(tmp_path / "keys" / "site-1")]  # fmt: skip
+    exe = [str(DEPLOY / "start_superexec.sh"), str(tmp_path / "certs"), str(tmp_path / "state"),
+           str(closed)]  # fmt: skip
+    first = {
+        "supernode": [*node, str(free_port(closed))],
+        "superexec": exe,
+    }
+    procs = {}
+    try:
+        for name, cmd in first.items():
+            log = tmp_path / f"{name}.log"
+            procs[name] = subprocess.Popen(cmd, env={**env, "LOG_FILE": str(log)},
+                                           start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        for name in procs:  # each has written its first line (and holds its lock)
+            log = tmp_path / f"{name}.log"
+            while not (log.exists() and "Connection attempt failed" in log.read_text()):
+                assert time.monotonic() < deadline and procs[name].poll() is None, name
+                time.sleep(0.2)
+        for cmd, text in (([*node, str(free_port(closed))], "another SuperNode is running"),
+                          (exe, "another SuperExec is running")):  # fmt: skip
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+            assert done.returncode == 2 and text in done.stderr, done.stderr
+            assert done.stderr.count("\n") == 1
+    finally:
+        for proc in procs.values():
+            stop_group(proc)
