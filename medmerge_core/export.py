@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from medmerge_core.cifar_resnet import CIFAR_ARCHS
+from medmerge_core.efficientnet_lite import LITE_ARCHS
 from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_write, atomic_write_json
 from medmerge_core.models import head_name, stem_conv_name
@@ -27,19 +28,25 @@ EXPORT_FORMAT = "medmerge-export/1"
 ONNX_OPSET = 17
 
 
+def _builder(arch: str) -> str:
+    """The call that rebuilds `arch` (the project's own modules, else torchvision's)."""
+    if arch in CIFAR_ARCHS:
+        return "medmerge_core.cifar_resnet.cifar_resnet(arch, num_classes, in_channels)"
+    if arch in LITE_ARCHS:
+        return "medmerge_core.efficientnet_lite.efficientnet_lite(arch, num_classes, in_channels)"
+    return "torchvision.models.get_model(arch, num_classes=num_classes)"
+
+
 def model_description(saved: SavedModel, model: nn.Module, onnx_file: str | None) -> dict[str, Any]:
     """model.json: what plain torch / torchvision code needs to rebuild and feed the model
     (`model` is `saved.build()`)."""
     stem_name = stem_conv_name(model)
     stem: nn.Conv2d = model.get_submodule(stem_name)
-    cifar = saved.arch in CIFAR_ARCHS
     software = dict(saved.software) if saved.software else None
     return {
         "format": EXPORT_FORMAT,
         "arch": saved.arch,
-        "builder": "medmerge_core.cifar_resnet.cifar_resnet(arch, num_classes, in_channels)"
-        if cifar
-        else "torchvision.models.get_model(arch, num_classes=num_classes)",
+        "builder": _builder(saved.arch),
         "num_classes": saved.num_classes,
         "class_names": list(saved.class_names) if saved.class_names else None,
         "multilabel": saved.multilabel,

@@ -370,6 +370,7 @@ def test_export_round_trips_and_onnx_gives_the_outputs(tmp_path) -> None:
     meta = json.loads((out / "model.json").read_text())
     assert (meta["arch"], meta["in_channels"], meta["image_size"]) == (ARCH, 1, 32)
     assert meta["state_dict"]["head"] == "classifier" and meta["stem"]["module"] == "conv_stem"
+    assert meta["builder"].startswith("medmerge_core.efficientnet_lite.efficientnet_lite(")
     x = torch.randn(5, 1, 32, 32)
     with torch.no_grad():
         expected = load_saved_model(checkpoint).build()(x)
@@ -380,3 +381,18 @@ def test_export_round_trips_and_onnx_gives_the_outputs(tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     (got,) = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x.numpy()})
     assert np.abs(got - expected.numpy()).max() <= 1e-4
+
+
+def test_the_federation_runs_on_it(tmp_path) -> None:
+    """Collect, the coordinator's merge (re-baked and checked at the server), one round of
+    fine-tuning with InMerge on the aggregate, on EfficientNet-Lite0 at 16x16 gray images."""
+    from client.client_app import app as client_app
+    from server.server_app import run_federation
+    from simulations.inprocess import InProcessGrid
+    from tests.helpers import nodes, run_config
+
+    rc = run_config(tmp_path, arch=ARCH, rounds=1)
+    (record,) = run_federation(InProcessGrid(client_app, nodes(tmp_path), rc), rc)
+    assert record["sites"] == 3 and record["rejected"] == [] and record["inmerge_kernels"] > 0
+    final = torch.load(tmp_path / "federation/final.pt", weights_only=True)
+    assert final["arch"] == ARCH and final["in-channels"] == 1
