@@ -245,9 +245,10 @@ def check_rule(rule: str, trim_fraction: float, sites: int, min_cosine: float) -
         raise InputError(f"aggregation: 'median' needs 3 or more sites (of 2 it is the mean); "
                          f"{sites} discovered")  # fmt: skip
     if rule == "trimmed-mean" and int(trim_fraction * sites) == 0:
-        need = f"{math.ceil(1 / trim_fraction)} sites" if trim_fraction > 0 else "trim-fraction > 0"
+        need = (f"{math.ceil(1 / trim_fraction)} sites or more" if trim_fraction > 0
+                else "a trim-fraction above 0")  # fmt: skip
         raise InputError(f"aggregation: 'trimmed-mean' with trim-fraction {trim_fraction:g} trims "
-                         f"nothing at {sites} sites; it needs {need} or more")  # fmt: skip
+                         f"nothing at {sites} sites; it needs {need}")  # fmt: skip
     if min_cosine > -1.0 and sites < 3:
         return [f"min-cosine: the direction screen needs 3 or more sites, not {sites}; skipped"]
     return []
