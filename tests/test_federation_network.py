@@ -541,8 +541,10 @@ def test_a_superlink_and_a_serverapp_killed_mid_run_lose_no_round(tmp_path) -> N
                         ("final", None)]  # fmt: skip
     (round_1,) = [r for r in read_jsonl(metrics) if r["phase"] == "round" and r["round"] == 1]
     assert round_1["sites"] == 1 and round_1["rejected"] == [], round_1
-    for name, text in logs.items():  # reconnected without re-registration: never refused
-        assert "Connection successful after" in text and " 401" not in text, (name, text[-3000:])
+    # Reconnected without re-registration: never refused. (Whether a SuperNode logs a retry
+    # depends on whether it called the Fleet API during the few seconds of the outage.)
+    for name, text in logs.items():
+        assert " 401" not in text, (name, text[-3000:])
     assert (tmp_path / "runs" / "federation" / "final.pt").exists()
     print(f"restart test: {time.monotonic() - started:.0f} s")
 
