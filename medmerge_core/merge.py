@@ -168,6 +168,8 @@ class MergedModel(nn.Module):
     `model` is the target-task model (built by models.build_model, so its head is new). Its
     merged tensors are replaced on every forward by ones computed from the source stacks with
     torch.func.functional_call, so autograd reaches the coefficients and never the sources.
+    With `learn_coefficients=False` the coefficients stay at `init` and only BN and the head
+    train: the control that tells what the learnt coefficients add.
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class MergedModel(nn.Module):
         freeze_bn: bool = False,
         init: Sequence[float] | None = None,
         constraint: Constraint = "none",
+        learn_coefficients: bool = True,
     ) -> None:
         super().__init__()
         if constraint not in CONSTRAINTS:
@@ -222,7 +225,7 @@ class MergedModel(nn.Module):
             self.bias_keys.append(bias)
             shape = coefficient_shape(state[weight].shape, granularity)
             free = torch.stack([torch.full(shape, v) for v in stored])
-            self.coefficients.append(nn.Parameter(free))
+            self.coefficients.append(nn.Parameter(free, requires_grad=learn_coefficients))
             self.register_buffer(
                 f"source_w{index}", source_major([s[weight] for s in sources]), persistent=False
             )
@@ -234,7 +237,8 @@ class MergedModel(nn.Module):
                 if granularity == "parameter":
                     self.coefficients.append(
                         nn.Parameter(
-                            torch.stack([torch.full(state[bias].shape, v) for v in stored])
+                            torch.stack([torch.full(state[bias].shape, v) for v in stored]),
+                            requires_grad=learn_coefficients,
                         )
                     )
                 targets.append(bias)
@@ -288,10 +292,10 @@ class MergedModel(nn.Module):
         w towards 0, i.e. towards the last source), then BN and head with the LP settings."""
         coef_ids = {id(p) for p in self.coefficients}
         others = [p for p in self.parameters() if p.requires_grad and id(p) not in coef_ids]
-        return [
-            {"params": list(self.coefficients), "lr": coef_lr, "weight_decay": 0.0},
-            {"params": others, "lr": lr, "weight_decay": weight_decay},
-        ]
+        learned = [p for p in self.coefficients if p.requires_grad]  # none when held fixed
+        coefficient_group = [{"params": learned, "lr": coef_lr, "weight_decay": 0.0}]
+        return [*(coefficient_group if learned else []),
+                {"params": others, "lr": lr, "weight_decay": weight_decay}]  # fmt: skip
 
     def merged_tensors(self) -> dict[str, torch.Tensor]:
         """The merged conv/linear tensors, computed with a few vectorised ops per layer.

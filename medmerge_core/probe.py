@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_savez, atomic_write_json
 from medmerge_core.merge import MergedModel, coefficient_summary
 from medmerge_core.models import StateDict, build_model
@@ -37,16 +38,33 @@ class LearnedMerge:
 
 
 def probe_model(
-    model: nn.Module, sources: Sequence[StateDict], names: Sequence[str], settings: ProbeSettings
+    model: nn.Module,
+    sources: Sequence[StateDict],
+    names: Sequence[str],
+    settings: ProbeSettings,
+    held_at: Sequence[float] | None = None,
 ) -> MergedModel:
-    """The probe around `model` (whose head is new), at the merge's initialisation."""
+    """The probe around `model` (whose head is new), at the merge's initialisation; with
+    `held_at` (one weight per source, summing to 1) its coefficients stay there."""
+    if held_at is None:
+        return MergedModel(
+            model,
+            sources,
+            names,
+            granularity=settings.granularity,
+            freeze_bn=settings.freeze_bn,
+            constraint=settings.constraint,
+        )
+    if len(held_at) != len(sources) or abs(sum(held_at) - 1.0) > 1e-6:
+        raise InputError(f"merge weights {list(held_at)}: expected one per source, summing to 1")
     return MergedModel(
         model,
         sources,
         names,
         granularity=settings.granularity,
         freeze_bn=settings.freeze_bn,
-        constraint=settings.constraint,
+        init=list(held_at[:-1]),
+        learn_coefficients=False,
     )
 
 
@@ -123,15 +141,17 @@ def learn_merge(
     runtime: Runtime,
     *,
     report_dir: Path | None = None,
+    held_at: Sequence[float] | None = None,
     **options: Any,
 ) -> LearnedMerge:
     """Build the probe around `model` (a new head), train it (`train_probe`, which takes
     `options`: checkpoint, metrics_log, on_epoch_end, ...), write its report, bake it.
     Resumable through a checkpoint like any `fit` stage; `on_epoch_end` gets the probe (a
-    `MergedModel`, whose current coefficients a tracker can read) after each epoch.
+    `MergedModel`, whose current coefficients a tracker can read) after each epoch. With
+    `held_at` the coefficients stay at those per-source weights and only BN and the head train.
     """
     merged, result = train_probe(
-        probe_model(model, sources, names, settings),
+        probe_model(model, sources, names, settings, held_at),
         train,
         val,
         settings,

@@ -182,6 +182,8 @@ class FitResult:
             "val": self.best_val,
             "seconds": self.seconds,
             "skipped_steps": self.skipped_steps,
+            # optimiser steps attempted, so a study can put every method's budget side by side
+            "steps": sum(record.get("steps", 0) for record in self.history),
         }
 
 
@@ -455,10 +457,11 @@ def fit(
             if set_epoch is not None:
                 set_epoch(epoch)  # the same batch order whether or not this run resumed
             limit = None if stage.steps is None else stage.steps - epoch * steps_per_epoch
-            total, count, skipped = 0.0, 0, train_step.skipped
+            total, count, skipped, taken = 0.0, 0, train_step.skipped, 0
             for step, (x, y) in enumerate(train_batches):
                 if limit is not None and step >= limit:
                     break
+                taken += 1
                 if before_step is not None:
                     before_step(model, epoch)
                 loss = train_step(x, y, epoch, step)
@@ -472,6 +475,7 @@ def fit(
                 "epoch": epoch,
                 "train_loss": total / count if count else math.nan,  # nan: every step skipped
                 "skipped_steps": train_step.skipped - skipped,
+                "steps": taken,
             }
             record.update({f"val_{k}": v for k, v in val.items()})
             result.history.append(record)

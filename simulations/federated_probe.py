@@ -212,7 +212,8 @@ def merge_record(folder: Path) -> dict[str, Any]:
 
 def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) -> str:
     lines = [
-        f"## Federated merge learning on {s.target} ({s.arch}, {s.image_size}x{s.image_size}, "
+        f"## Proxy study: federated merge learning on {s.target} "
+        f"({s.arch}, {s.image_size}x{s.image_size}, "
         f"{s.sites} sites)",
         "",
         f"The training labels of {s.target} are split over {s.sites} sites: stratified (iid) and "

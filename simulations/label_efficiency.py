@@ -183,7 +183,8 @@ def results_section(
             )
     sources = "; ".join(f"{n} = {describe_source(v)}" for n, v in base.sources if n in ("A", "B"))
     out = [
-        f"## Label efficiency on {base.target} ({base.arch}, {base.image_size}x{base.image_size})",
+        f"## Proxy study: label efficiency on {base.target} "
+        f"({base.arch}, {base.image_size}x{base.image_size})",
         "",
         f"Sources: {sources}. Protocol as in the main study (see its section): LP "
         f"{base.lp.epochs} epochs at lr {base.lp.lr:g}, probe {base.merge.steps} steps "

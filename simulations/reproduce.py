@@ -27,7 +27,7 @@ from rich.console import Console
 
 from medmerge_core.data.splits import check_label_budget
 from medmerge_core.errors import InputError
-from medmerge_core.experiment.pipelines import pipeline_ids
+from medmerge_core.experiment.pipelines import default_pipelines, pipeline_ids
 from medmerge_core.settings import (
     add_arguments,
     from_arguments,
@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> StudySettings:
         "--pipelines",
         nargs="+",
         choices=pipeline_ids(),
-        default=list(pipeline_ids()),
+        default=list(default_pipelines()),
         help="run only these pipelines (finished runs of the others are still reported)",
     )
     p.add_argument(

@@ -225,7 +225,8 @@ def results_section(
     if skipped:
         deviations.append(f"studies not run in this invocation: {', '.join(skipped)}")
     out = [
-        f"## MedMerge reproduction at MedMNIST scale ({s.arch}, {s.image_size}x{s.image_size})",
+        "## Proxy study: the MedMerge protocol at MedMNIST scale "
+        f"({s.arch}, {s.image_size}x{s.image_size})",
         "",
         "**Substitution.** The paper's datasets (ISIC-2019, APTOS, RSNA at 224x224) and ImageNet "
         "weights are not available here (no internet). This study runs the paper's protocol at "

@@ -202,7 +202,7 @@ def _corrupted_mean(run: Mapping[str, Any], metric: str) -> float:
 def results_section(s: RobustnessSettings, collected: Mapping[str, Any]) -> str:
     """The RESULTS.md section: setup, one table per dataset, and what the numbers show."""
     out = [
-        "## InMerge robustness study (issue 4, part 4)",
+        "## Proxy study: InMerge robustness (issue 4, part 4)",
         "",
         f"{s.arch} at {s.image_size}x{s.image_size} on real MedMNIST images (official splits), "
         f"fine-tuned from `{Path(s.init).name if '/' in s.init else s.init}` by the core FT "

@@ -21,7 +21,12 @@ from medmerge_core.data.splits import check_label_budget
 from medmerge_core.data.synthetic import make_task
 from medmerge_core.errors import InputError
 from medmerge_core.experiment.config import ExperimentConfig, ModelConfig
-from medmerge_core.experiment.pipelines import REGISTRY, pipeline_ids, planned_methods
+from medmerge_core.experiment.pipelines import (
+    REGISTRY,
+    default_pipelines,
+    pipeline_ids,
+    planned_methods,
+)
 from medmerge_core.experiment.run_folder import ExperimentRun
 from medmerge_core.experiment.runner import run_experiment
 from medmerge_core.io import atomic_write_json
@@ -70,12 +75,12 @@ class RunSpec:
 
 
 def runnable(sources: Sequence[str], *, merges_only: bool = False) -> tuple[str, ...]:
-    """The registered pipelines that `sources` are enough for (only those over all sources
+    """The default pipelines that `sources` are enough for (only those over all sources
     with `merges_only`), in run order."""
     return tuple(
         p.id
         for p in REGISTRY.values()
-        if p.min_sources <= len(sources) and not (merges_only and p.per_source)
+        if p.default and p.min_sources <= len(sources) and not (merges_only and p.per_source)
     )
 
 
@@ -137,7 +142,7 @@ class StudySettings:
     ablation_seeds: tuple[int, ...] | None = None  # None: the main seeds
     studies: tuple[str, ...] = STUDIES
     # run only these (default: every registered one); finished others are still reported
-    pipelines: tuple[str, ...] = field(default_factory=pipeline_ids)
+    pipelines: tuple[str, ...] = field(default_factory=default_pipelines)
     target: str = "breastmnist"
     sources: tuple[tuple[str, str], ...] = DEFAULT_SOURCES  # (name, spec) for A, B, C
     label_budget: float | int | None = None  # of the target's training labels, per seed

@@ -396,3 +396,42 @@ def test_the_federation_runs_on_it(tmp_path) -> None:
     assert record["sites"] == 3 and record["rejected"] == [] and record["inmerge_kernels"] > 0
     final = torch.load(tmp_path / "federation/final.pt", weights_only=True)
     assert final["arch"] == ARCH and final["in-channels"] == 1
+
+
+@needs_checkpoint
+@pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
+def test_medmerge_run_trains_every_method_on_the_imagenet_source(tmp_path, rgb) -> None:
+    """`medmerge run` with the ImageNet source merged with a second one: the baselines, the
+    controls and MedMerge on a gray and on an RGB target (the stem adapts to the gray one)."""
+    import yaml
+
+    from medmerge_core.io import atomic_savez
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        shape = (n, 28, 28, 3) if rgb else (n, 28, 28)
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1).astype(np.uint8)
+    atomic_savez(tmp_path / "target.npz", arrays)
+    methods = ["ft", "lp_ft", "average_ft", "average_probe", "interpolate", "medmerge"]
+    config = {
+        "name": "lite",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"format": "medmnist", "path": str(tmp_path / "target.npz")},
+        "sources": {"a": "imagenet:efficientnet_lite0", "b": "random:1"},
+        "model": {"arch": ARCH, "image_size": 16},
+        "pipelines": methods,
+        "lp": {"epochs": 1, "lr": 1e-3},
+        "ft": {"epochs": 1, "lr": 1e-4},
+        "merge": {"steps": 1},
+        "batch_size": 12,
+        "device": "cpu",
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "runs/lite/results.json").read_text(encoding="utf-8"))
+    assert sorted(results) == sorted(["ft:a", "ft:b", "lp_ft:a", "lp_ft:b", *methods[2:]])
+    assert all(math.isfinite(r["test"]["loss"]) for r in results.values())
+    saved = load_torch_file(tmp_path / "runs/lite/checkpoints/medmerge.pt", "checkpoint")
+    assert saved["arch"] == ARCH and saved["in_channels"] == (3 if rgb else 1)

@@ -236,3 +236,13 @@ def test_solo_work_gets_the_cores_the_other_nodes_leave_free(monkeypatch) -> Non
     deployed = node_settings({"role": "institution", "name": "a"}, cfg)
     assert solo_threads(deployed, cfg) == 8  # its own machine
     assert solo_threads(deployed, FederationConfig(node_threads=3)) == 3
+
+
+def test_the_pyproject_run_config_is_federation_config_defaults() -> None:
+    """Each default is declared twice (the app's run config and the dataclass): kept equal."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    run_config = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]
+    assert FederationConfig.from_run_config(run_config["config"]) == FederationConfig()

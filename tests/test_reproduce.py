@@ -174,7 +174,7 @@ def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> No
     ]
     assert label_efficiency.main(argv) == 0
     text = results.read_text()
-    assert "## Label efficiency on pneumoniamnist" in text
+    assert "## Proxy study: label efficiency on pneumoniamnist" in text
     assert "| 0.5 (8 images) | 1 (16 images) |" in text
     assert re.search(r"\| FT A \| \S+ ± \S+ \(n=3\) \| \S+ ± \S+ \(n=2\) \|", text)
     assert "budget 0.5, MedMerge − LP-FT A:" in text
@@ -318,7 +318,8 @@ def test_federated_probe_study_tiny_end_to_end(data_root: Path, tmp_path: Path) 
     ]  # fmt: skip
     federated_probe.main(argv)
     text = results.read_text()
-    assert "## Federated merge learning on breastmnist (resnet18, 16x16, 2 sites)" in text
+    title = "## Proxy study: federated merge learning on breastmnist (resnet18, 16x16, 2 sites)"
+    assert title in text
     for partition in ("iid", "dirichlet"):
         for condition in federated_probe.CONDITIONS:
             assert f"| {partition} | {condition} | 2 |" in text

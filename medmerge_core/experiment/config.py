@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from medmerge_core.errors import InputError
-from medmerge_core.experiment.pipelines import check_pipelines, pipeline_ids
+from medmerge_core.experiment.pipelines import check_pipelines, default_pipelines
 from medmerge_core.experiment.tracking import TRACKING_KINDS, TrackingKind
 from medmerge_core.settings import (
     CHECKPOINT_MINUTES,
@@ -44,7 +44,7 @@ class ExperimentConfig:
     data: dict[str, Any]
     sources: dict[str, str]
     model: ModelConfig = field(default_factory=ModelConfig)
-    pipelines: list[str] = field(default_factory=lambda: list(pipeline_ids()))
+    pipelines: list[str] = field(default_factory=lambda: list(default_pipelines()))
     seed: int = 0
     output_dir: str = "runs"
     batch_size: int = 32
@@ -55,6 +55,8 @@ class ExperimentConfig:
     lp: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-4))
     ft: StageSettings = field(default_factory=lambda: StageSettings(epochs=10, lr=1e-5))
     merge: ProbeSettings = field(default_factory=ProbeSettings)  # BN + head: the LP settings
+    # FT once per rate, keeping the best on validation (empty: ft.lr alone)
+    ft_lr_choices: list[float] = field(default_factory=list)
     inmerge: InMergeSettings | None = None
     checkpoint_minutes: float = CHECKPOINT_MINUTES  # resume checkpoint interval; 0: each epoch
     tracking: TrackingKind = "none"  # tensorboard: event files per method (the tracking extra)
@@ -68,6 +70,9 @@ class ExperimentConfig:
         from medmerge_core.data.registry import validate_spec
 
         validate_spec(self.data, where="data")
+        rates = self.ft_lr_choices
+        if any(not lr > 0 for lr in rates) or len(set(rates)) < len(rates):
+            raise InputError(f"ft_lr_choices: expected distinct rates > 0, got {rates}")
         for key in ("batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise InputError(f"{key}: must be >= 1")

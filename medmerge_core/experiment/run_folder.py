@@ -207,6 +207,23 @@ class ExperimentRun:
         for stage_file in (self.dir / "state").glob(f"{name}.*.pt"):
             stage_file.unlink()  # the method is done: its best model is in checkpoints/
 
+    def save_derived(
+        self, results: dict[str, Any], method: str, pipeline: str, entry: Mapping[str, Any]
+    ) -> None:
+        """A derived method's results.json entry (it has no model of its own)."""
+        results[method] = {"method": method, "pipeline": pipeline, "source": "",
+                           "derived": True, **entry}  # fmt: skip
+        atomic_write_json(self.dir / "results.json", results)
+
+    def probabilities(self, method: str) -> tuple[np.ndarray, np.ndarray]:
+        """The test probabilities and labels that a finished method saved."""
+        path = self.dir / "predictions" / f"{file_stem(method)}.npz"
+        try:
+            with np.load(path) as saved:
+                return saved["probabilities"], saved["labels"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(f"{path}: unreadable predictions ({exc})") from exc
+
     def _confusion_figure(self, method: str, clinical: Mapping[str, Any]) -> None:
         """The clinical report's confusion matrix as a PNG (counts and row-normalised);
         skipped with a warning without matplotlib (the `plots` extra), like the other

@@ -8,14 +8,17 @@ composes, on this run's task, sources and device) and leaves what it made in the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +30,7 @@ from medmerge_core.experiment.tracking import NoTracker, Tracker, check_tracking
 from medmerge_core.inmerge import training_hook
 from medmerge_core.models import StateDict, build_model, load_source, split_head
 from medmerge_core.probe import UNIFORM, learn_merge
-from medmerge_core.settings import StageSettings
+from medmerge_core.settings import ProbeSettings, StageSettings
 from medmerge_core.train import (
     Runtime,
     StepHook,
@@ -35,6 +38,7 @@ from medmerge_core.train import (
     extract_features,
     fit,
     predict,
+    scored,
     seed_everything,
 )
 
@@ -51,6 +55,12 @@ class RunContext:
     run: ExperimentRun
     show_progress: bool
     tracker: Tracker = field(default_factory=NoTracker)  # the running method's (per method)
+
+    def score_probabilities(self, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Test metrics of probabilities (an ensemble's), scored like any model's logits."""
+        clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+        logits = np.log(clipped / (1 - clipped)) if self.task.multilabel else np.log(clipped)
+        return scored(logits.astype(np.float32), labels, self.task.multilabel)
 
     def loaders(self) -> tuple[BatchLoader, BatchLoader, BatchLoader]:
         c = self.config
@@ -121,12 +131,22 @@ class RunContext:
         lp["seconds"] += feature_seconds
         return lp
 
-    def learn_merge(self, method: str, *, trained: bool) -> tuple[nn.Module, dict[str, Any] | None]:
-        """The merge of every source (trained per the config's `merge:` block, or untrained:
-        the uniform average), baked into a plain model, and the probe stage's summary (None
-        for an untrained merge)."""
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.sources)
+
+    def uniform_merge(self) -> nn.Module:
+        return self._merge("uniform", UNIFORM, None, "probe")[0]
+
+    def probe_merge(
+        self, method: str, held_at: Sequence[float] | None = None, stage: str = "probe"
+    ) -> tuple[nn.Module, dict[str, Any] | None]:
+        return self._merge(method, self.config.merge, held_at, stage)
+
+    def _merge(
+        self, method: str, settings: ProbeSettings, held_at: Sequence[float] | None, stage: str
+    ) -> tuple[nn.Module, dict[str, Any] | None]:
         c = self.config
-        settings = c.merge if trained else UNIFORM
         train, val, _ = self.loaders()
         learned = learn_merge(
             self.new_model(),
@@ -139,21 +159,48 @@ class RunContext:
             c.lp.weight_decay,
             self.runtime,
             multilabel=self.task.multilabel,
-            checkpoint=self.run.state_path(method, "probe"),
+            checkpoint=self.run.state_path(method, stage),
             checkpoint_minutes=c.checkpoint_minutes,
             metrics_log=self.run.metrics_path,
-            report_dir=self.run.dir if settings.trains else None,
+            report_dir=self.run.dir if settings.trains and held_at is None else None,
+            held_at=held_at,
             show_progress=self.show_progress,
-            name=f"{method} probe",
-            on_epoch_end=self.tracker.hook("probe"),
+            name=f"{method} {stage}",
+            on_epoch_end=self.tracker.hook(stage),
         )
         return learned.model, learned.fit.summary() if learned.fit is not None else None
 
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        _, val, test = self.loaders()
+        return {
+            split: scored(*predict(model, batches, self.runtime), self.task.multilabel)
+            for split, batches in (("val", val), ("test", test))
+        }
+
     def finetune(self, model: nn.Module, method: str) -> dict[str, Any]:
+        """FT at `ft.lr`; with `ft_lr_choices`, once per rate from the same start (and the same
+        seed), keeping the rate whose best epoch scored best on validation (ties: the first)."""
         c = self.config
         train, val, _ = self.loaders()
-        hook = None if c.inmerge is None else training_hook(c.inmerge, c.seed)
-        return self.stage(model, method, "ft", c.ft, train, val, hook)
+        if not c.ft_lr_choices:
+            hook = None if c.inmerge is None else training_hook(c.inmerge, c.seed)
+            return self.stage(model, method, "ft", c.ft, train, val, hook)
+        start = copy.deepcopy(model.state_dict())
+        best: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
+        by_rate, seconds, steps = {}, 0.0, 0
+        for lr in c.ft_lr_choices:
+            model.load_state_dict(start)
+            seed_everything(c.seed)
+            hook = None if c.inmerge is None else training_hook(c.inmerge, c.seed)
+            settings = dataclasses.replace(c.ft, lr=lr)
+            summary = self.stage(model, method, f"ft-lr{lr:g}", settings, train, val, hook)
+            by_rate[f"{lr:g}"] = summary["val"]["macro_f1"]
+            seconds, steps = seconds + summary["seconds"], steps + summary["steps"]
+            if best is None or summary["val"]["macro_f1"] > best[0]["val"]["macro_f1"]:
+                best = {**summary, "lr": lr}, copy.deepcopy(model.state_dict())
+        assert best is not None
+        model.load_state_dict(best[1])
+        return {**best[0], "val_by_lr": by_rate, "seconds": seconds, "steps_all_rates": steps}
 
 
 def run_experiment(
@@ -180,6 +227,12 @@ def run_experiment(
     ctx = RunContext(config, task, sources, runtime, run, show_progress)
     results = run.results()
     for method, pipeline, source in planned_methods(config.pipelines, list(config.sources)):
+        derive = REGISTRY[pipeline].derive
+        if derive is not None:  # reads the finished methods: cheap, so always brought up to date
+            entry = derive(results, run, list(config.sources), ctx.score_probabilities)
+            if entry is not None:
+                run.save_derived(results, method, pipeline, entry)
+            continue
         if run.finished(method, results):
             continue
         seed_everything(config.seed)
