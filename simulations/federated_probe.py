@@ -45,13 +45,17 @@ from simulations.common import (
     set_threads,
     update_section,
 )
+from simulations.departures import departure_text, modality_relation
 from simulations.inprocess import InProcessGrid
-from simulations.stats import paired_comparison
-from simulations.study import StudySettings, prepare_sources
+from simulations.reproduce_report import holm_text
+from simulations.stats import ALPHA, PairedComparison, holm_family, paired_comparison
+from simulations.study import StudySettings, describe_source, prepare_sources, pretrain_recipe
 
 CONDITIONS = ("coordinator-share", "federated", "coordinator-all")
 PARTITIONS = ("iid", "dirichlet")
 REFERENCE = "federated"  # every comparison is federated - other
+SOURCE_B = "pretrain:pneumoniamnist@A"
+METRICS = ("macro_f1", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def source_specs(s: FederatedProbeSettings, console: Console) -> dict[str, str]:
         target=s.target,
         sources=(
             ("A", s.source_a_spec),
-            ("B", "pretrain:pneumoniamnist@A"),
+            ("B", SOURCE_B),
             ("C", "zeros"),
         ),  # fmt: skip  (C is not used)
         studies=("main",),
@@ -211,17 +215,25 @@ def merge_record(folder: Path) -> dict[str, Any]:
 
 
 def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) -> str:
+    relation = modality_relation(pretrain_recipe(SOURCE_B)[0], s.target)[1]
     lines = [
         f"## Proxy study: federated merge learning on {s.target} "
         f"({s.arch}, {s.image_size}x{s.image_size}, "
         f"{s.sites} sites)",
         "",
+        "**A proxy study, not a reproduction.** The paper learns the merge on one machine and "
+        "has no federated experiment; this study federates its probe over "
+        f"{s.sites} sites and runs on "
+        + departure_text(s.target, s.image_size, s.arch, {"A": s.source_a_spec, "B": SOURCE_B})
+        + ".",
+        "",
         f"The training labels of {s.target} are split over {s.sites} sites: stratified (iid) and "
         f"label-skewed (Dirichlet alpha={s.alpha:g} per class, redrawn per seed). Validation and "
         "test are split stratified; test metrics are those of the final model pooled over every "
         f"site's test share, i.e. the official test set. Sources: A = `{s.source_a_spec}`, "
-        "B = the same network pretrained on pneumoniamnist from A "
-        f"({s.source.epochs} epochs, lr {s.source.lr:g}"
+        f"B = the same network {describe_source(SOURCE_B)} ("
+        + (f"{relation}; " if relation else "")
+        + f"{s.source.epochs} epochs, lr {s.source.lr:g}"
         + (f", {s.source_train} images" if s.source_train else "")
         + ").",
         "",
@@ -263,32 +275,111 @@ def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) ->
             "site once, with its first message.",
             "",
         ]
-    lines += [
-        "Paired by seed (difference = federated - other; 95% bootstrap CI; Wilcoxon p; a "
-        "verdict needs the CI to exclude 0 and p < 0.05, which 5 seeds cannot reach):",
-        "",
-    ]
+    families = comparisons(s, results)
+    size = {m: len(f) for m, f in families.items() if f}
+    lines += (
+        []
+        if not size
+        else [
+            "Paired by seed (difference = federated - other; 95% bootstrap CI; Wilcoxon p, raw and "
+            "Holm-adjusted over its family; a verdict needs the CI to exclude 0 and the "
+            f"Holm-adjusted p < {ALPHA:g}). Holm families: one per metric, the "
+            + " and ".join(f"{n} {m.replace('_', '-')} comparisons" for m, n in size.items())
+            + " of the table (the federated probe against each coordinator, under each partition).",
+            "",
+        ]
+    )
     header = ["partition", "comparison", "metric", "mean diff", "95% CI", "Wilcoxon p",
-              "seeds higher", "verdict"]  # fmt: skip
+              "Holm p", "seeds higher", "verdict"]  # fmt: skip
     rows = []
     for partition in s.partitions:
-        ours = results[partition][REFERENCE]
         for other in (c for c in CONDITIONS if c != REFERENCE):
-            theirs = results[partition][other]
-            seeds = sorted(set(ours) & set(theirs))
-            if len(seeds) < 2:
-                continue
-            for metric in ("macro_f1", "accuracy"):
-                c = paired_comparison([ours[k][metric] for k in seeds],
-                                      [theirs[k][metric] for k in seeds])  # fmt: skip
+            for metric, family in families.items():
+                if (c := family.get((partition, other))) is None:
+                    continue
                 rows.append([
                     partition, f"federated - {other}", metric.replace("_", "-"),
-                    f"{c.mean_difference:+.3f}", c.interval_text(), c.p_text(),
+                    f"{c.mean_difference:+.3f}", c.interval_text(), c.p_text(), holm_text(c),
                     f"{c.wins}/{c.n}", c.verdict_text(("federated", other)),
                 ])  # fmt: skip
-    lines += [markdown_table(header, rows), ""]
+    if rows:
+        lines += [markdown_table(header, rows), "", *verdict_summary(families), ""]
     lines += reproduce_block("simulations.federated_probe", s.argv)
     return "\n".join(lines)
+
+
+def comparisons(
+    s: FederatedProbeSettings, results: dict
+) -> dict[str, dict[tuple[str, str], PairedComparison]]:
+    """Per metric (one Holm family each): (partition, other condition) -> federated - other,
+    paired by seed, with the Holm-adjusted p and the verdict that uses it."""
+    families: dict[str, dict[tuple[str, str], PairedComparison]] = {}
+    for metric in METRICS:
+        keys, found = [], []
+        for partition in s.partitions:
+            ours = results[partition][REFERENCE]
+            for other in (c for c in CONDITIONS if c != REFERENCE):
+                theirs = results[partition][other]
+                seeds = sorted(set(ours) & set(theirs))
+                if len(seeds) < 2:
+                    continue
+                keys.append((partition, other))
+                found.append(paired_comparison([ours[k][metric] for k in seeds],
+                                               [theirs[k][metric] for k in seeds]))  # fmt: skip
+        families[metric] = dict(zip(keys, holm_family(found), strict=True))
+    return families
+
+
+VERDICT_WORDS = {
+    "A better": "the federated probe is better",
+    "B better": "the federated probe is worse",
+    "within noise": "within noise, no difference claimed",
+}
+LEARNERS = {
+    "coordinator-share": "a coordinator holding one site's share",
+    "coordinator-all": "a coordinator holding all the labels",
+}
+METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy"}
+
+
+def verdict_summary(families: dict[str, dict[tuple[str, str], PairedComparison]]) -> list[str]:
+    """What the paired verdicts say, in words derived from each computed verdict (never from
+    the means alone): a count, then one line per comparison with every metric."""
+    found = [c for family in families.values() for c in family.values()]
+    if not found:
+        return []
+    counts = {v: sum(c.verdict == v for c in found) for v in VERDICT_WORDS}
+    fewest = min(c.n for c in found)
+    floor = 2 / 2**fewest  # the smallest two-sided exact Wilcoxon p of n seeds without ties
+    lines = [
+        f"What the paired verdicts say (Holm over each metric's family): of {len(found)} "
+        f"comparisons, {counts['A better']} favour the federated probe, {counts['B better']} "
+        f"favour the other learner and {counts['within noise']} are within noise."
+        + (
+            f" {fewest} seeds cannot give p < {ALPHA:g} (the smallest two-sided Wilcoxon p of "
+            f"{fewest} seeds is {floor:.3f}), so no comparison with {fewest} seeds can reach a "
+            "verdict."
+            if floor >= ALPHA
+            else ""
+        ),
+        "",
+    ]
+    pairs = dict.fromkeys(key for family in families.values() for key in family)
+    for partition, other in pairs:
+        parts = []
+        for metric, family in families.items():
+            if (c := family.get((partition, other))) is not None:
+                holm = holm_text(c).split(" (")[0]  # the family's size is stated above
+                parts.append(
+                    f"{METRIC_NAMES.get(metric, metric)} {c.mean_difference:+.3f} ({c.wins}/{c.n} "
+                    f"seeds higher, Holm p {holm}): {VERDICT_WORDS[c.verdict]}"
+                )
+        lines.append(
+            f"- {partition}, the federated probe against {LEARNERS.get(other, other)}: "
+            + "; ".join(parts)
+            + "."
+        )
+    return lines
 
 
 def run_study(s: FederatedProbeSettings, console: Console | None = None) -> dict:

@@ -36,8 +36,9 @@ from simulations.common import (
     set_threads,
     update_section,
 )
+from simulations.departures import departure_text, source_words
 from simulations.stats import holm_family, paired_comparison
-from simulations.study import StudySettings, describe_source, run_all
+from simulations.study import StudySettings, run_all
 
 Curve = dict[float | int, dict[int, dict[str, Any]]]  # budget -> seed -> method -> results
 
@@ -161,6 +162,7 @@ def results_section(
     sizes = train_sizes(labels["train"], budgets)
     columns = [f"{b:g} ({sizes.get(b, 'n/a')} images)" for b in budgets]
     comparisons = []
+    family_sizes: dict[float | int, int] = {}
     for budget in budgets:
         by_seed = curve[budget]
         baselines, results = [], []
@@ -175,16 +177,27 @@ def results_section(
                     [by_seed[k][method]["test"]["macro_f1"] for k in seeds],
                 )
             )
+        if results:
+            family_sizes[budget] = len(results)
         for method, result in zip(baselines, holm_family(results), strict=True):
             label = method_label(method)
             comparisons.append(
                 f"- budget {budget:g}, MedMerge − {label}: "
                 + result.format(names=("MedMerge", label))
             )
-    sources = "; ".join(f"{n} = {describe_source(v)}" for n, v in base.sources if n in ("A", "B"))
+    used = {n: v for n, v in base.sources if n in ("A", "B")}
+    sources = "; ".join(f"{n} = {source_words(v, base.target)}" for n, v in used.items())
+    departure = (
+        "**A proxy study, not a reproduction.** The paper has no label-budget experiment; this "
+        "study runs its protocol at each label budget on "
+        + departure_text(base.target, base.image_size, base.arch, used)
+        + "."
+    )
     out = [
         f"## Proxy study: label efficiency on {base.target} "
         f"({base.arch}, {base.image_size}x{base.image_size})",
+        "",
+        departure,
         "",
         f"Sources: {sources}. Protocol as in the main study (see its section): LP "
         f"{base.lp.epochs} epochs at lr {base.lp.lr:g}, probe {base.merge.steps} steps "
@@ -221,8 +234,10 @@ def results_section(
     if comparisons:
         out += [
             "",
-            "Paired by seed (macro-F1; `simulations/stats.py`). Each budget's comparisons are one "
-            "family: the Holm-adjusted p decides the verdict.",
+            "Paired by seed (macro-F1; `simulations/stats.py`). Holm families: one per budget, "
+            "MedMerge against each of its baselines at that budget ("
+            + ", ".join(f"{b:g}: {n}" for b, n in family_sizes.items())
+            + " comparisons); the Holm-adjusted p decides the verdict.",
             "",
             *comparisons,
         ]

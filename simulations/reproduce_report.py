@@ -4,6 +4,7 @@ RESULTS.md section."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from simulations.common import (
     relative,
     reproduce_block,
 )
-from simulations.stats import paired_comparison
+from simulations.departures import departure_text, source_words
+from simulations.stats import ALPHA, PairedComparison, holm_family, paired_comparison
 from simulations.study import (
     PAPER_EPOCHS,
     PAPER_FT_LR,
@@ -33,6 +35,21 @@ METRICS_NOTE = (
     "Test metrics: mean ± std (population) over seeds. Times in seconds: median (min-max) over "
     "seeds, because the runs shared a 2-core machine with other jobs at varying load."
 )
+
+
+def departure_sentence(s: StudySettings) -> str:
+    """One sentence: how this proxy study departs from the MedMerge paper."""
+    sources = {n: v for n, v in s.sources if n in ("A", "B")}
+    budget = (
+        f", with {s.label_budget:g} of the target's training labels,"
+        if s.label_budget is not None
+        else ""
+    )
+    return (
+        f"**A proxy study, not a reproduction.** It runs the paper's protocol{budget} on "
+        + departure_text(s.target, s.image_size, s.arch, sources)
+        + "."
+    )
 
 
 def _metric(runs: Sequence[Mapping[str, Any]], method: str, key: str) -> list[float]:
@@ -94,11 +111,15 @@ def make_figures(s: StudySettings, collected: Mapping[str, Any]) -> dict[str, Pa
         key: str, data: dict[str, np.ndarray], source: str, title: str, uniform: float = 0.5
     ) -> None:
         data = {k: v for k, v in data.items() if v is not None}
+        path = s.figures / f"{s.tag}_{key}.png"
         if data:
-            path = s.figures / f"{s.tag}_{key}.png"
             figures[key] = plot_coefficient_heatmap(
                 data, source, path, title=title, uniform=uniform
             )
+        elif s.report_only and path.exists():
+            # The coefficients.npz stay in the run folders under runs/ (git-ignored): a
+            # re-render from committed results.json files links the figure drawn before.
+            figures[key] = path
 
     def mean(arrays: list[np.ndarray]) -> np.ndarray | None:
         return np.mean(arrays, axis=0) if arrays else None
@@ -160,39 +181,103 @@ def coefficient_spread(s: StudySettings, collected: Mapping[str, Any]) -> str:
     )
 
 
-def findings(collected: Mapping[str, Any]) -> list[list[str]]:
-    """Table rows: MedMerge against every other method of its seed (and 3 sources against 2),
-    paired by seed, with a bootstrap CI, a Wilcoxon p-value and a verdict (simulations.stats)."""
-    rows = []
+METRICS = (("macro_f1", "macro-F1"), ("accuracy", "accuracy"))
 
-    def compare(label: str, ours: Mapping[int, Any], theirs: Mapping[int, Any], method: str,
-                ours_method: str = "medmerge") -> None:  # fmt: skip
+
+@dataclass
+class Family:
+    """One Holm family: comparisons of one kind (the main comparison, the ablations or the
+    three sources) on one metric, each 'label' paired by seed."""
+
+    kind: str
+    metric: str
+    labels: list[str] = field(default_factory=list)
+    results: list[PairedComparison] = field(default_factory=list)
+
+
+def holm_text(result: PairedComparison) -> str:
+    """The Holm-adjusted p with its family size ('n/a' where the seeds are too few)."""
+    if not result.enough_seeds:
+        return "n/a"
+    if result.holm_p is None:  # a family of one: Holm leaves p as it is
+        return f"{result.p_text()} (of 1)"
+    return f"{result.holm_p:.3f} (of {result.family})"
+
+
+def comparison_families(collected: Mapping[str, Any]) -> list[Family]:
+    """MedMerge against every other method of its seed, each ablation against the main MedMerge
+    of the same seeds, and 3 sources against 2, paired by seed (simulations.stats); each kind
+    on each metric is one family, Holm-adjusted, and its verdicts use the adjusted p."""
+    families: dict[tuple[str, str], Family] = {}
+
+    def compare(kind: str, label: str, ours: Mapping[int, Any], theirs: Mapping[int, Any],
+                method: str, ours_method: str = "medmerge") -> None:  # fmt: skip
         seeds = [k for k in sorted(ours) if ours_method in ours[k] and method in theirs.get(k, {})]
         if len(seeds) < 2:
             return
-        for key, name in (("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
+        for key, name in METRICS:
             mine = [ours[k][ours_method]["test"][key] for k in seeds]
             other = [theirs[k][method]["test"][key] for k in seeds]
-            result = paired_comparison(mine, other)
-            rows.append([
-                label, name, f"{result.mean_difference:+.3f}", result.interval_text(),
-                result.p_text(), f"{result.wins}/{result.n}",
-                {"A better": "**MedMerge better**", "B better": "**MedMerge worse**"}.get(
-                    result.verdict, result.verdict),
-            ])  # fmt: skip
+            family = families.setdefault((kind, key), Family(kind, name))
+            family.labels.append(label)
+            family.results.append(paired_comparison(mine, other))
 
     main = collected.get("main", {})
     others = dict.fromkeys(m for r in main.values() for m in r if m != "medmerge")
     for method in others:
-        compare(f"MedMerge − {method_label(method)}", main, main, method)
+        compare("main", f"MedMerge − {method_label(method)}", main, main, method)
     for spec in plan(STUDIES):  # each ablation against the main MedMerge of the same seeds
         if spec.ablation and spec.group != "three" and "medmerge" in spec.pipelines:
-            compare(f"{spec.label} − main MedMerge", collected.get(spec.group, {}), main,
-                    "medmerge")  # fmt: skip
+            compare("ablations", f"{spec.label} − main MedMerge", collected.get(spec.group, {}),
+                    main, "medmerge")  # fmt: skip
     three = collected.get("three", {})
-    compare("MedMerge A + B + C − MedMerge A + B", three, main, "medmerge")
-    compare("MedMerge A + B + C − Avg+FT A + B + C", three, three, "average_ft")
+    compare("three", "MedMerge A + B + C − MedMerge A + B", three, main, "medmerge")
+    compare("three", "MedMerge A + B + C − Avg+FT A + B + C", three, three, "average_ft")
+    for family in families.values():
+        family.results = holm_family(family.results)
+    return list(families.values())
+
+
+def findings(collected: Mapping[str, Any]) -> list[list[str]]:
+    """Table rows, each kind's rows together (macro-F1 then accuracy per comparison): the
+    paired difference, its bootstrap CI, the raw and the Holm-adjusted Wilcoxon p (over the
+    row's family) and the verdict, which uses the adjusted p."""
+    rows = []
+    families = comparison_families(collected)
+    for kind in dict.fromkeys(f.kind for f in families):
+        mine = [f for f in families if f.kind == kind]
+        for index, label in enumerate(mine[0].labels):
+            for family in mine:
+                result = family.results[index]
+                rows.append([
+                    label, family.metric, f"{result.mean_difference:+.3f}",
+                    result.interval_text(), result.p_text(), holm_text(result),
+                    f"{result.wins}/{result.n}",
+                    {"A better": "**MedMerge better**", "B better": "**MedMerge worse**"}.get(
+                        result.verdict, result.verdict),
+                ])  # fmt: skip
     return rows
+
+
+FAMILY_WORDS = {
+    "main": "the main comparison (MedMerge against each of its {n} other methods)",
+    "ablations": "the ablations ({n}, each against the main MedMerge of the same seeds)",
+    "three": "the three-source comparisons ({n})",
+}
+
+
+def families_text(collected: Mapping[str, Any]) -> str:
+    """Which comparisons are one Holm family, in words, with their sizes."""
+    families = comparison_families(collected)
+    kinds = {f.kind: len(f.results) for f in families}
+    parts = [FAMILY_WORDS[k].format(n=n) for k, n in kinds.items()]
+    if not parts:
+        return ""
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return (
+        f"Holm families: {listed}, each on one metric (macro-F1 and accuracy are separate "
+        "families); the Holm column gives the adjusted p and the family's size."
+    )
 
 
 def results_section(
@@ -200,6 +285,7 @@ def results_section(
 ) -> str:
     """The RESULTS.md section: substitution, protocol, tables, figures and the command."""
     sources = collected["_sources"][0]
+    specs = dict(s.sources)
     runs = {g: [collected[g][k] for k in sorted(collected[g])] for g in collected if g[0] != "_"}
     budget_text = ""
     if s.label_budget is not None:
@@ -228,6 +314,8 @@ def results_section(
         "## Proxy study: the MedMerge protocol at MedMNIST scale "
         f"({s.arch}, {s.image_size}x{s.image_size})",
         "",
+        departure_sentence(s),
+        "",
         "**Substitution.** The paper's datasets (ISIC-2019, APTOS, RSNA at 224x224) and ImageNet "
         "weights are not available here (no internet). This study runs the paper's protocol at "
         f"MedMNIST scale on real images: target **{s.target}** (28x28 originals"
@@ -242,7 +330,7 @@ def results_section(
             [
                 [
                     n,
-                    v["text"],
+                    source_words(specs[n], s.target) if n in specs else v["text"],
                     str(v.get("train", "n/a")),
                     f"{v['test_accuracy']:.3f}" if "test_accuracy" in v else "n/a",
                     f"{v['chance']:.3f}" if "chance" in v else "n/a",
@@ -300,14 +388,15 @@ def results_section(
             "### What the numbers show (test metrics, paired by seed)",
             "",
             "Difference = MedMerge − other, one value per seed; 95% percentile bootstrap CI of "
-            "the mean difference; two-sided Wilcoxon signed-rank p. A verdict needs both the CI "
-            "to exclude 0 and p < 0.05; otherwise the difference is within the noise of the "
-            "seeds compared (`simulations/stats.py`). With 5 seeds or fewer p can never be "
-            "below 0.05, so an ablation on 5 seeds can only be read from its CI.",
+            "the mean difference; two-sided Wilcoxon signed-rank p, raw and Holm-adjusted over "
+            f"its family. A verdict needs both the CI to exclude 0 and the Holm-adjusted p < "
+            f"{ALPHA:g}; otherwise the difference is within the noise of the seeds compared "
+            f"(`simulations/stats.py`). With 5 seeds or fewer p can never be below {ALPHA:g}, so "
+            "a comparison on 5 seeds can only be read from its CI. " + families_text(collected),
             "",
             markdown_table(
-                ["comparison", "metric", "mean diff", "95% CI", "Wilcoxon p", "seeds higher",
-                 "verdict"], summary),
+                ["comparison", "metric", "mean diff", "95% CI", "Wilcoxon p", "Holm p",
+                 "seeds higher", "verdict"], summary),
         ]  # fmt: skip
     ablation_rows = []
     for spec in plan(s.studies):
@@ -324,8 +413,12 @@ def results_section(
             markdown_table(header, ablation_rows),
         ]
     if figures:
-        spread = coefficient_spread(s, collected)
-        out += ["", "### Figures", "", spread, ""] if spread else ["", "### Figures", ""]
+        spread = coefficient_spread(s, collected) or (
+            "The figures were drawn from each run's `coefficients.npz`, which stays in its run "
+            "folder under `runs/` (git-ignored, so not committed); without those files this "
+            "re-render links the figures drawn before and cannot give the coefficients' spread."
+        )
+        out += ["", "### Figures", "", spread, ""]
         out += [f"![{key}]({relative(path, s.results)})" for key, path in figures.items()]
     every = [
         [group, str(seed), method_label(m), f"{r['test']['accuracy']:.3f}",

@@ -199,10 +199,26 @@ def _corrupted_mean(run: Mapping[str, Any], metric: str) -> float:
     return float(np.mean([v[metric] for k, v in run.items() if "/" in k]))
 
 
+def departure_sentence(s: RobustnessSettings) -> str:
+    """One sentence: how this proxy study departs from the InMerge paper."""
+    init = Path(s.init).name if "/" in s.init else s.init
+    images = f"at most {s.max_train} training images" if s.max_train else "the training images"
+    return (
+        "**A proxy study, not a reproduction.** The InMerge paper reports several CNN "
+        "architectures on four datasets (ChestXRay14 and MedMNIST among them); this study "
+        f"fine-tunes one {s.arch} at {s.image_size}x{s.image_size} from `{init}` for "
+        f"{s.epochs} epoch(s) on {images} of each of "
+        f"{' and '.join(s.datasets)}, and measures robustness on the synthetic corruptions "
+        "below."
+    )
+
+
 def results_section(s: RobustnessSettings, collected: Mapping[str, Any]) -> str:
     """The RESULTS.md section: setup, one table per dataset, and what the numbers show."""
     out = [
         "## Proxy study: InMerge robustness (issue 4, part 4)",
+        "",
+        departure_sentence(s),
         "",
         f"{s.arch} at {s.image_size}x{s.image_size} on real MedMNIST images (official splits), "
         f"fine-tuned from `{Path(s.init).name if '/' in s.init else s.init}` by the core FT "

@@ -120,6 +120,10 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
         "| MedMerge − Avg+FT | macro-F1 |",
         "| MedMerge A + B + C − MedMerge A + B | accuracy |",
         "Wilcoxon p",
+        "| Holm p |",
+        "Holm families: the main comparison (MedMerge against each of its 5 other methods)",
+        "**A proxy study, not a reproduction.**",
+        "(pediatric chest X-ray: a cross-modality source for this breast ultrasound target)",
     ):
         assert needle in text, needle
     for key in ("fig2_main", "fig2_ablations", "three_sources"):
@@ -178,6 +182,9 @@ def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> No
     assert "| 0.5 (8 images) | 1 (16 images) |" in text
     assert re.search(r"\| FT A \| \S+ ± \S+ \(n=3\) \| \S+ ± \S+ \(n=2\) \|", text)
     assert "budget 0.5, MedMerge − LP-FT A:" in text
+    assert "Holm families: one per budget" in text and "(0.5: 5, 1: 5 comparisons)" in text
+    assert "The paper has no label-budget experiment" in text
+    assert "(breast ultrasound: a cross-modality source for this pediatric chest X-ray" in text
     assert "too few seeds for an interval or a test" in text and "Wilcoxon p=" not in text
     assert "Test AUROC (threshold-free" in text
     assert "Class shares (normal / pneumonia) by split: train " in text
@@ -284,6 +291,7 @@ def test_robustness_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     assert "<!-- other:start -->\nkept\n<!-- other:end -->" in text
     section = text.split("<!-- robustness:start -->")[1].split("<!-- robustness:end -->")[0]
     assert "python -m simulations.robustness" in section and "### breastmnist" in section
+    assert "**A proxy study, not a reproduction.** The InMerge paper" in section
     for row in ("clean", "gaussian_noise/3", "blur/1", "contrast/2", "jpeg/3", "mean corrupted"):
         assert f"| {row} |" in section or f"| **{row}** |" in section, row
     # tau = -1 and no skipped layers: InMerge must have merged kernels, so it did something.
@@ -325,6 +333,10 @@ def test_federated_probe_study_tiny_end_to_end(data_root: Path, tmp_path: Path) 
             assert f"| {partition} | {condition} | 2 |" in text
         assert f"| {partition} | federated - coordinator-all | macro-f1 |" in text
     assert "python -m simulations.federated_probe" in text
+    assert "| Holm p |" in text and "Holm families: one per metric, the 4 macro-f1" in text
+    # 2 seeds cannot reach p < 0.05: every verdict, and the words that follow it, say noise
+    assert "of 8 comparisons, 0 favour the federated probe, 0 favour the other" in text
+    assert text.count("within noise, no difference claimed") == 8
     # Each run is a whole federation: the coordinator's share is site 0's, the federated probe
     # checkpointed its rounds, and the upper bound's merge is reused across partitions.
     run = tmp_path / "runs"
