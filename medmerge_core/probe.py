@@ -46,25 +46,19 @@ def probe_model(
 ) -> MergedModel:
     """The probe around `model` (whose head is new), at the merge's initialisation; with
     `held_at` (one weight per source, summing to 1) its coefficients stay there."""
-    if held_at is None:
-        return MergedModel(
-            model,
-            sources,
-            names,
-            granularity=settings.granularity,
-            freeze_bn=settings.freeze_bn,
-            constraint=settings.constraint,
-        )
-    if len(held_at) != len(sources) or abs(sum(held_at) - 1.0) > 1e-6:
-        raise InputError(f"merge weights {list(held_at)}: expected one per source, summing to 1")
+    held = {}
+    if held_at is not None:  # the constraint cannot matter: the coefficients never move
+        if len(held_at) != len(sources) or abs(sum(held_at) - 1.0) > 1e-6:
+            raise InputError(f"merge weights {list(held_at)}: expected one per source, sum 1")
+        held = {"init": list(held_at[:-1]), "learn_coefficients": False}
     return MergedModel(
         model,
         sources,
         names,
         granularity=settings.granularity,
         freeze_bn=settings.freeze_bn,
-        init=list(held_at[:-1]),
-        learn_coefficients=False,
+        constraint=settings.constraint if held_at is None else "none",
+        **held,
     )
 
 

@@ -129,7 +129,7 @@ def test_a_held_probe_trains_bn_and_head_but_never_its_coefficients() -> None:
     baked = merged.bake().state_dict()
     expected = 0.25 * sources[0]["conv1.weight"] + 0.75 * sources[1]["conv1.weight"]
     assert torch.allclose(baked["conv1.weight"], expected, atol=1e-6)
-    with pytest.raises(InputError, match="one per source, summing to 1"):
+    with pytest.raises(InputError, match="one per source, sum 1"):
         probe_model(build_model("resnet18", 2, 1), sources, ["a", "b"], ProbeSettings(),
                     held_at=[0.5, 0.6])  # fmt: skip
 
