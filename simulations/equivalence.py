@@ -193,11 +193,14 @@ def hierarchical_paired_bootstrap(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    copies: int = 1,
 ) -> BootstrapDifference:
     """Bootstrap macro-F1(A) - macro-F1(B) over seeds and, within each seed, test images.
 
     One 1-D int array per seed in each argument (a seed's three arrays share a length; seeds
-    may differ). Deterministic for a given seed (numpy Generator).
+    may differ). With `copies` > 1 each array is that many equal-length blocks of the same
+    images (corrupted copies of one test set): an image is resampled with all its copies, so
+    the copies are not counted as independent images. Deterministic for a given seed.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -205,6 +208,8 @@ def hierarchical_paired_bootstrap(
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies must be a positive integer, got {copies!r}")
     a = _as_seeds("pred_a", pred_a, num_classes)
     b = _as_seeds("pred_b", pred_b, num_classes)
     y = _as_seeds("labels", labels, num_classes)
@@ -214,6 +219,8 @@ def hierarchical_paired_bootstrap(
     for s in range(n_seeds):
         if not len(a[s]) == len(b[s]) == len(y[s]):
             raise ValueError(f"seed {s}: pred_a, pred_b and labels differ in length")
+        if len(y[s]) % copies:
+            raise ValueError(f"seed {s}: {len(y[s])} predictions are not {copies} equal copies")
     # Codes label * K + pred turn a confusion matrix into one bincount per resample.
     codes_a = [ys * num_classes + ps for ys, ps in zip(y, a, strict=True)]
     codes_b = [ys * num_classes + ps for ys, ps in zip(y, b, strict=True)]
@@ -229,11 +236,13 @@ def hierarchical_paired_bootstrap(
     diffs = np.empty(n_boot * n_seeds)
     for s in range(n_seeds):
         slots = np.flatnonzero(drawn == s)
-        n_img = len(y[s])
-        step = max(1, _CHUNK // n_img)
+        n_img = len(y[s]) // copies
+        step = max(1, _CHUNK // len(y[s]))
+        blocks = (np.arange(copies) * n_img)[None, :, None]
         for start in range(0, len(slots), step):
             part = slots[start : start + step]
             idx = rng.integers(0, n_img, size=(len(part), n_img))  # same images for A and B
+            idx = (idx[:, None, :] + blocks).reshape(len(part), -1)  # with all their copies
             f1_a = _macro_f1_from_codes(codes_a[s][idx], num_classes)
             diffs[part] = f1_a - _macro_f1_from_codes(codes_b[s][idx], num_classes)
     replicates = diffs.reshape(n_boot, n_seeds).mean(axis=1)
@@ -291,13 +300,14 @@ def compare_methods(
     margin: float = EQUIVALENCE_MARGIN,
     n_boot: int = 2000,
     seed: int = 0,
+    copies: int = 1,
 ) -> MethodComparison:
     """Wilcoxon on per-seed macro-F1, the hierarchical bootstrap, the verdict and the MDE.
 
-    per_seed_a / per_seed_b default to each seed's macro-F1 on its full test set.
+    per_seed_a / per_seed_b default to each seed's macro-F1 on its full test set (all copies).
     """
     boot = hierarchical_paired_bootstrap(
-        pred_a, pred_b, labels, num_classes, n_boot=n_boot, seed=seed
+        pred_a, pred_b, labels, num_classes, n_boot=n_boot, seed=seed, copies=copies
     )
     if per_seed_a is None:
         per_seed_a = [macro_f1(p, y, num_classes) for p, y in zip(pred_a, labels, strict=True)]

@@ -229,3 +229,19 @@ def test_bad_input_raises(change: dict, message: str) -> None:
     args |= {"labels": [np.array([0, 1])], "num_classes": 2} | change
     with pytest.raises(ValueError, match=message):
         hierarchical_paired_bootstrap(**args)
+
+
+def test_copies_of_one_test_set_are_resampled_together() -> None:
+    # Twelve identical copies of each seed's test set hold no more information than one: with
+    # copies=12 the interval is the single copy's; counted as independent images it shrinks.
+    # (Ten copies of one seed, so that only image noise is left to count.)
+    a, b, labels = (x * 10 for x in study(np.random.default_rng(16), 0.8, 0.74, seeds=1)[:3])
+    one = hierarchical_paired_bootstrap(a, b, labels, 2, seed=3)
+    tiled = tuple([np.tile(x, 12) for x in arrays] for arrays in (a, b, labels))
+    together = hierarchical_paired_bootstrap(*tiled, 2, seed=3, copies=12)
+    apart = hierarchical_paired_bootstrap(*tiled, 2, seed=3)
+    assert together.point == pytest.approx(one.point)
+    assert together.standard_error == pytest.approx(one.standard_error, rel=0.15)
+    assert apart.standard_error < 0.5 * together.standard_error  # about 1/sqrt(12)
+    with pytest.raises(ValueError, match="equal copies"):
+        hierarchical_paired_bootstrap(a, b, labels, 2, copies=7)
