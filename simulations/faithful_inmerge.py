@@ -20,8 +20,9 @@ copies (`medmerge_core.corruptions`: 4 corruptions x 3 severities, one corruptio
 InMerge variant is compared with the baseline on clean and on corrupted images by the
 faithful study's statistics (hierarchical bootstrap, each test image resampled with all its
 corrupted copies, TOST at 0.02, Holm over the four contrasts). `--report` collects the run
-folders into the committed `results/faithful/inmerge-labels<budget>.json` and renders the
-section; `--report-only` re-renders from that file.
+folders into the committed `results/faithful/inmerge-labels<budget>.json` (keeping the seeds
+it already holds, so seeds run on another machine or day add up) and renders the section;
+`--report-only` re-renders from that file.
 """
 
 from __future__ import annotations
@@ -376,13 +377,21 @@ def report(args: argparse.Namespace, console: Console) -> int:
         data = json.loads(path.read_text(encoding="utf-8"))
     else:
         data = collect(args.out / key)
+        protocol = {"budget": args.budget, "epochs": args.epochs,
+                    "phase_epochs": args.phase_epochs, "ft_lrs": args.ft_lrs}  # fmt: skip
+        if path.is_file():  # seeds collected before (an earlier machine's runs) are kept
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+            if earlier["protocol"] != protocol:
+                console.print(f"[red]error:[/] {path}: collected with {earlier['protocol']}, "
+                              f"not {protocol}")  # fmt: skip
+                return 2
+            data = {"seeds": {**earlier["seeds"], **data["seeds"]},
+                    "labels": data["labels"] or earlier["labels"]}  # fmt: skip
         if len(data["seeds"]) < 2:  # paired statistics need two seeds at least
             console.print(f"[red]error:[/] {args.out / key}: {len(data['seeds'])} finished "
                           "seeds; a report needs 2 finished seeds")  # fmt: skip
             return 2
-        data = {"command": args.command, "activity": source_activity(),
-                "protocol": {"budget": args.budget, "epochs": args.epochs,
-                             "phase_epochs": args.phase_epochs, "ft_lrs": args.ft_lrs},
+        data = {"command": args.command, "activity": source_activity(), "protocol": protocol,
                 **data}  # fmt: skip
         atomic_write_json(path, data)
     update_section(args.results, f"faithful-{key}", render(data, data.get("command") or

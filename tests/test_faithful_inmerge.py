@@ -77,3 +77,22 @@ def test_a_report_needs_two_finished_seeds(tmp_path, capsys) -> None:
             "--results", str(tmp_path / "R.md")]  # fmt: skip
     assert study.main(args) == 2
     assert "2 finished seeds" in capsys.readouterr().out and not (tmp_path / "c").exists()
+
+
+def test_seeds_collected_earlier_are_kept_and_a_changed_protocol_is_refused(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(study, "source_activity", lambda: {"public": "x", "quantile": "y"})
+    runs = tmp_path / "runs" / "inmerge-labels0.05"
+    for seed in (0, 1):
+        fake_seed(runs, seed, dict.fromkeys(study.VARIANTS, 0.7))
+    args = ["--report", "--out", str(tmp_path / "runs"), "--collected", str(tmp_path / "c"),
+            "--results", str(tmp_path / "R.md")]  # fmt: skip
+    assert study.main(args) == 0
+    shutil.rmtree(runs)  # another day: only seed 2's runs are on this machine
+    fake_seed(runs, 2, dict.fromkeys(study.VARIANTS, 0.7))
+    assert study.main(args) == 0
+    collected = json.loads((tmp_path / "c" / "inmerge-labels0.05.json").read_text())
+    assert sorted(collected["seeds"]) == ["0", "1", "2"]
+    assert study.main([*args, "--phase-epochs", "5"]) == 2
+    assert json.loads((tmp_path / "c" / "inmerge-labels0.05.json").read_text()) == collected
