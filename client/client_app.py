@@ -2,14 +2,19 @@
 
 The role comes from the node config in deployment (`role="site"` ...) and from the partition id
 through the run config in simulation (medmerge_core.federation.node_settings). Replies carry
-weights, configs and metrics only: images and labels never leave the node.
+weights, configs and metrics only: images and labels never leave the node. With `policy=` in
+the node config every message is first checked against the site's policy
+(medmerge_core.federation.site_policy; docs/site-policy.md): here, as a second line, after the
+site runtime (client.site_runtime) checked the delivered bundle before it was installed.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,12 +25,22 @@ from medmerge_core.federation.audit import append_audit, audit_failure, record_d
 from medmerge_core.federation.config import SAFE_NAME
 from medmerge_core.federation.merge_rounds import sources_digest
 from medmerge_core.federation.roles import Node
+from medmerge_core.federation.site_policy import (
+    PolicyRefusal,
+    audit_refusal,
+    decide,
+    installed_digest,
+)
 from medmerge_core.federation.transport import ModelInfo, compress, pack_counts
 from medmerge_core.models import StateDict
 
 app = ClientApp()
 log = logging.getLogger(__name__)
 Handler = Callable[[Message, Context], Message]
+# Where this file runs from when Flower installed it from a bundle: $FLWR_HOME/apps/
+# <publisher>.<name>.<version>.<first 8 hex digits of the FAB hash>/client/client_app.py.
+APP_ROOT = Path(__file__).resolve().parents[1]
+INSTALLED_APP = re.compile(r"^[^/]+\.[^/]+\..+\.[0-9a-f]{8}$")
 
 
 def _node(context: Context, role: str | None = None) -> Node:
@@ -46,22 +61,58 @@ def _summary(content: RecordDict) -> dict:
 
 
 def guarded(handler: Handler) -> Handler:
-    """A failure leaves this node as a generic reason ("site-2: data unavailable"); the detail
-    (paths, the exception) stays here, in this node's log and audit log."""
+    """The site policy first; a refusal leaves this node naming its rule ("site-2: site policy
+    refused the message (rule privacy.require-dp): ..."). A failure leaves it as a generic
+    reason ("site-2: data unavailable"); the detail (paths, the exception) stays here, in this
+    node's log and audit log."""
 
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
+        name = str(context.node_config.get("name", ""))
+        name = name if SAFE_NAME.match(name) else "node"
         try:
+            _enforce_policy(msg, context)
             return handler(msg, context)
+        except PolicyRefusal as exc:
+            raise SiteFailure(f"{name}: {exc}") from None
         except Exception as exc:
-            name = str(context.node_config.get("name", ""))
-            name = name if SAFE_NAME.match(name) else "node"
             log.exception("%s: %s failed", name, msg.metadata.message_type)
             audit_failure(context.node_config, context.run_config, msg.metadata.message_type,
                           msg.metadata.run_id, exc)  # fmt: skip
             raise SiteFailure(f"{name}: {_public_reason(exc)}") from None
 
     return run
+
+
+def running_app_digest(root: Path = APP_ROOT) -> str | None:
+    """The digest of the installed bundle this code runs from (as the site runtime computes
+    it); None when it runs from a source checkout (in-process tests, debugging), where no app
+    was delivered."""
+    if root.parent.name != "apps" or not INSTALLED_APP.match(root.name):
+        return None
+    return installed_digest(root)
+
+
+def _enforce_policy(msg: Message, context: Context) -> None:
+    """The site policy again, inside the app (the site runtime checked the bundle before it
+    was installed): for an in-process simulation, and as a second line. A refusal is logged
+    and audited here and raised as PolicyRefusal."""
+    node_config = dict(context.node_config)
+    if not node_config.get("policy"):
+        return
+    message_type, run_id = msg.metadata.message_type, msg.metadata.run_id
+    digest = running_app_digest()
+    refusal = decide(node_config, dict(context.run_config), message_type, digest, APP_ROOT.name)
+    if refusal is None:
+        return
+    log.warning("%s: %s (%s, run %s)", node_config.get("name", "node"), refusal, message_type,
+                run_id)  # fmt: skip
+    try:
+        audit_refusal(node_config, dict(context.run_config), message_type, run_id, refusal,
+                      "client-app", digest)  # fmt: skip
+    except OSError as exc:
+        log.error("could not write the refusal to the audit log: %s", exc)
+    raise PolicyRefusal(refusal)
 
 
 class SiteFailure(RuntimeError):

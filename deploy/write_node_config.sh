@@ -2,7 +2,7 @@
 # Write one hospital's node config file (read by start_supernode.sh), at that hospital.
 # Usage: deploy/write_node_config.sh OUT_FILE role=ROLE name=NAME [data=SPEC] [checkpoint=SPEC]
 #        [shard=i/k] [device=DEVICE] [in-channels=N] [state-dir=DIR] [audit-dir=DIR]
-#        [identity=FILE identity-key=FILE]
+#        [identity=FILE identity-key=FILE] [policy=FILE]
 #   role: institution (checkpoint and/or data to pretrain on), coordinator (data), site (data).
 #   name: this hospital's name, as the operator signed it (1-64 of A-Z a-z 0-9 . _ -).
 #   data: synthetic:TASK, or an absolute path to an existing MedMNIST .npz or a .yaml/.json
@@ -14,6 +14,8 @@
 #   audit-dir: where the node logs every message it handles (default ~/.medmerge/audit).
 #   identity: the token the consortium operator signed for this node's SuperNode key
 #     (`medmerge identity sign`); identity-key: that SuperNode private key, which proves it.
+#   policy: the site policy (TOML, docs/site-policy.md) every message is checked against; it
+#     must exist and parse (checked with `medmerge site show`, so medmerge must be on PATH).
 # Paths in the file must be absolute: the ClientApps that read it run in another folder.
 # Every pair is checked before anything is written (one-line error, exit 2, no file); the
 # file appears whole or not at all, and the same arguments always write the same file.
@@ -22,7 +24,7 @@ die() { echo "write_node_config.sh: $*" >&2; exit 2; }
 [ $# -ge 1 ] || die "usage: write_node_config.sh OUT_FILE role=ROLE name=NAME [key=value ...]"
 out=$1; shift
 [[ -n $out && $out != */ ]] || die "OUT_FILE must be a file name, got '$out'"
-keys="role, name, data, checkpoint, shard, device, in-channels, state-dir, audit-dir, identity, identity-key"
+keys="role, name, data, checkpoint, shard, device, in-channels, state-dir, audit-dir, identity, identity-key, policy"
 
 declare -A value=()
 order=()
@@ -30,7 +32,7 @@ for pair in "$@"; do
   [[ $pair == *=* ]] || die "$out: expected key=value, got '$pair'"
   key=${pair%%=*}; val=${pair#*=}
   case $key in
-    role|name|data|checkpoint|shard|device|in-channels|state-dir|audit-dir|identity|identity-key) ;;
+    role|name|data|checkpoint|shard|device|in-channels|state-dir|audit-dir|identity|identity-key|policy) ;;
     *) die "$out: unknown node config key '$key' ($keys)" ;;
   esac
   [ -z "${value[$key]+set}" ] || die "$out: $key given twice"
@@ -75,13 +77,19 @@ case $role in
   institution) [ -n "${value[data]+set}${value[checkpoint]+set}" ] \
     || die "$out: an institution needs checkpoint=... or data=... (or both)" ;;
 esac
-for key in state-dir audit-dir identity identity-key; do
+for key in state-dir audit-dir identity identity-key policy; do
   [ -z "${value[$key]+set}" ] || absolute "$key"
 done
 if [ -n "${value[identity]+set}" ] && [ -z "${value[identity-key]+set}" ]; then
   die "$out: identity needs identity-key (the SuperNode private key that proves it)"
 elif [ -z "${value[identity]+set}" ] && [ -n "${value[identity-key]+set}" ]; then
   die "$out: identity-key needs identity (the token the operator signed)"
+fi
+if [ -n "${value[policy]+set}" ]; then
+  [ -f "${value[policy]}" ] || die "$out: policy ${value[policy]} does not exist (or is not a file)"
+  medmerge=$(command -v medmerge) || die "$out: policy: medmerge is not on PATH, so the policy cannot be checked"
+  problem=$("$medmerge" site show --policy "${value[policy]}" 2>&1 >/dev/null) \
+    || die "$out: policy: $(printf '%s' "$problem" | head -n 1)"
 fi
 if [ -n "${value[shard]+set}" ]; then
   bad_shard="$out: shard must be i/k with 0 <= i < k, got '${value[shard]}'"

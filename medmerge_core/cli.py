@@ -1,5 +1,6 @@
-"""The `medmerge` command: `run CONFIG.yaml`, `pretrain`, `demo`, `evaluate`, `export` and
-`identity` (sign and show federation node identity tokens)."""
+"""The `medmerge` command: `run CONFIG.yaml`, `pretrain`, `demo`, `evaluate`, `export`,
+`identity` (sign and show federation node identity tokens) and `site` (a site's policy and
+app approvals; docs/site-policy.md)."""
 
 from __future__ import annotations
 
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--device", default="auto")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke version (seconds)")
+    demo.add_argument(
+        "--imagenet", action="store_true", help="the ImageNet EfficientNet-Lite0 as generic source"
+    )
     demo.add_argument("--no-progress", action="store_true")
     ev = sub.add_parser(
         "evaluate", help="score a saved model on a data spec (its training preprocessing)"
@@ -237,7 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(ex)
     ex.add_argument("--out", type=Path, required=True, help="folder to write into")
     _identity_parser(sub)
+    _site_parser(sub)
     return parser
+
+
+def _site_parser(sub: Any) -> None:
+    """`medmerge site ...`: its code lives with the site runtime (client.site_runtime)."""
+    from client.site_runtime import add_site_parser
+
+    add_site_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,10 +276,18 @@ def main(argv: list[str] | None = None) -> int:
             _export(args, console)
         elif args.command == "identity":
             _identity(args, console)
+        elif args.command == "site":
+            from client.site_runtime import site_command
+
+            for line in site_command(args):
+                print(line)
         else:
             from medmerge_core.experiment.demo import DemoSettings, run_demo
 
-            settings = DemoSettings.quick() if args.quick else DemoSettings()
+            if args.imagenet:
+                settings = DemoSettings.imagenet(quick=args.quick)
+            else:
+                settings = DemoSettings.quick() if args.quick else DemoSettings()
             run_demo(args.out, settings, device=args.device, show_progress=not args.no_progress)
     except (InputError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

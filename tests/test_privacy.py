@@ -108,9 +108,9 @@ def test_pooled_metrics_equal_those_of_the_pooled_test_sets(k: int) -> None:
     assert binned["auroc"] == pytest.approx(np.mean(one_vs_rest), abs=1e-12)  # exact then
 
 
-def test_flower_141_secagg_plus_is_not_usable_from_the_message_api() -> None:
-    """Pins what README "Secure aggregation" documents as missing in Flower 1.41; when a Flower
-    upgrade makes this fail, SecAgg+ can be wired into the fine-tuning rounds."""
+def test_flower_141_secagg_plus_needs_a_legacy_context_and_a_fitres_reply() -> None:
+    """Pins what README "Secure aggregation" says SecAgg+ needs in Flower 1.41 (the adapter in
+    docs/notes/secagg-design.md supplies both); a Flower upgrade that changes it fails here."""
     import flwr.serverapp.strategy as strategies
     from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
     from flwr.compat.common import recorddict_compat
