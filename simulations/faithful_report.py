@@ -8,7 +8,8 @@ test predictions, wall time, Source B replicates, the pilot) into
 after fine-tuning, the chosen rates, the optimiser steps per stage and the predicted class of
 every test image, so the report (and its paired, hierarchical statistics) re-renders from that
 file alone with `--report-only`. The section goes to RESULTS.md between `faithful-<design>`
-markers, whatever it shows.
+markers, whatever it shows. Seeds already in the committed file are kept (`pooled`), so a design
+can be finished on another day, as long as its Source B replicates are re-made identical.
 """
 
 from __future__ import annotations
@@ -105,6 +106,28 @@ def collect(root: Path) -> dict[str, Any]:
         "labels": labels,
         "sources": sources,
         "pilot": json.loads(pilot.read_text(encoding="utf-8")) if pilot.exists() else None,
+    }
+
+
+def pooled(earlier: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The earlier collection's seeds with the new run folders' added. Seeds pool only when
+    they share the test labels, the pilot's coefficient rate and every Source B replicate
+    (its test metrics as recorded: a re-made replicate must be the same model)."""
+    if new["labels"] is not None and earlier["labels"] != new["labels"]:
+        raise ValueError("the runs' test labels differ from the collected ones")
+    if new["pilot"] and earlier["pilot"] and new["pilot"]["coef_lr"] != earlier["pilot"]["coef_lr"]:
+        raise ValueError(f"the pilot chose coef_lr {new['pilot']['coef_lr']}, the collected "
+                         f"seeds used {earlier['pilot']['coef_lr']}")  # fmt: skip
+    for name, source in new["sources"].items():
+        before = earlier["sources"].get(name)
+        if before is not None and before["test"] != source["test"]:
+            raise ValueError(f"Source {name} is not the replicate the collected seeds used "
+                             f"(test {source['test']} against {before['test']})")  # fmt: skip
+    return {
+        "seeds": {**earlier["seeds"], **new["seeds"]},
+        "labels": earlier["labels"],
+        "sources": {**new["sources"], **earlier["sources"]},
+        "pilot": earlier["pilot"] or new["pilot"],
     }
 
 
@@ -287,6 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = json.loads(path.read_text(encoding="utf-8"))
     else:
         data = collect(args.out / key)
+        if path.is_file():  # seeds collected before (an earlier machine's runs) are kept
+            try:
+                data = pooled(json.loads(path.read_text(encoding="utf-8")), data)
+            except ValueError as exc:
+                console.print(f"[red]error:[/] {path}: {exc}")
+                return 2
         if not data["seeds"]:
             console.print(f"[red]error:[/] {args.out / key}: no finished seed")
             return 2

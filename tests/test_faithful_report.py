@@ -66,3 +66,27 @@ def test_collect_then_render_from_the_collection_alone(tmp_path) -> None:
     assert faithful_report.main([*args, "--report-only"]) == 0
     assert (tmp_path / "R.md").read_text() == first
     assert faithful.PIPELINES[-2:] == ("best_single", "ensemble")
+
+
+def test_seeds_of_another_day_pool_only_with_the_same_source_replicates(tmp_path) -> None:
+    root = tmp_path / "runs" / "s1-labels0.05"
+    record = {"what": "x", "train": 10, "seconds": 60, "test": {"accuracy": 0.8, "macro_f1": 0.7}}
+    fake_seed(root / "seed0", 0, {})
+    fake_seed(root / "seed1", 1, {})
+    atomic_write_json(root / "sources" / "B0.json", record)
+    args = ["--design", "s1", "--out", str(tmp_path / "runs"), "--collected",
+            str(tmp_path / "c"), "--results", str(tmp_path / "R.md")]  # fmt: skip
+    assert faithful_report.main(args) == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # another day: seed 2 on a re-made, identical B0
+    fake_seed(root / "seed2", 2, {})
+    atomic_write_json(root / "sources" / "B0.json", {**record, "seconds": 70})
+    assert faithful_report.main(args) == 0
+    path = tmp_path / "c" / "s1-labels0.05.json"
+    assert sorted(json.loads(path.read_text())["seeds"]) == ["0", "1", "2"]
+    before = path.read_text()
+    fake_seed(root / "seed3", 3, {})  # a B0 that is another model: refused, nothing written
+    atomic_write_json(root / "sources" / "B0.json", {**record, "test": {"accuracy": 0.5}})
+    assert faithful_report.main(args) == 2
+    assert path.read_text() == before
