@@ -34,6 +34,7 @@ HEADLINE = "medmerge"
 # MedMerge against each of these is one Holm family; average_probe is the headline contrast.
 CONTRASTS = ("average_probe", "interpolate", "average_ft", "best_single", "lp_ft:a", "lp_ft:b",
              "ft:a", "ft:b")  # fmt: skip
+PLANNED_SEEDS = 10  # per design: the floor for a headline contrast
 REFERENCE = ("ensemble",)  # costs d models at inference: reported, never a competitor
 DESIGN_TEXT = {
     "s1": "S1, same modality and pathology: Source B = the ImageNet EfficientNet-Lite0 "
@@ -233,6 +234,7 @@ def render(design: str, budget: float, data: Mapping[str, Any], command: str) ->
         "coefficient at 1/2 and probes BN and head with MedMerge's budget.",
         "",
         choices_text(data),
+        *_partial_lines(n),
         "",
         "| Source B replicate | train images | test accuracy | test macro-F1 | minutes |",
         "|---|---|---|---|---|",
@@ -277,6 +279,16 @@ def render(design: str, budget: float, data: Mapping[str, Any], command: str) ->
         "```",
     ]
     return "\n".join(lines)
+
+
+def _partial_lines(n: int) -> list[str]:
+    if n >= PLANNED_SEEDS:
+        return []
+    return ["", f"**Partial: {n} of the {PLANNED_SEEDS} seeds this design plans.** The missing "
+            "seeds are to be run and pooled into the same collection; until then read the "
+            "intervals" + (": with 8 seeds or fewer the Holm-adjusted Wilcoxon p over "
+            f"{len(CONTRASTS)} contrasts cannot fall below 0.05, so no verdict is better or "
+            "worse." if n <= 8 and len(CONTRASTS) >= 8 else ".")]  # fmt: skip
 
 
 def print_contrasts(found: Mapping[str, Any], console: Console) -> None:
