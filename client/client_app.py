@@ -27,9 +27,9 @@ from medmerge_core.federation.merge_rounds import sources_digest
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.site_policy import (
     PolicyRefusal,
-    audit_refusal,
     decide,
     installed_digest,
+    refuse,
 )
 from medmerge_core.federation.transport import ModelInfo, compress, pack_counts
 from medmerge_core.models import StateDict
@@ -105,14 +105,8 @@ def _enforce_policy(msg: Message, context: Context) -> None:
     refusal = decide(node_config, dict(context.run_config), message_type, digest, APP_ROOT.name)
     if refusal is None:
         return
-    log.warning("%s: %s (%s, run %s)", node_config.get("name", "node"), refusal, message_type,
-                run_id)  # fmt: skip
-    try:
-        audit_refusal(node_config, dict(context.run_config), message_type, run_id, refusal,
-                      "client-app", digest)  # fmt: skip
-    except OSError as exc:
-        log.error("could not write the refusal to the audit log: %s", exc)
-    raise PolicyRefusal(refusal)
+    raise refuse(node_config, dict(context.run_config), message_type, run_id, refusal,
+                 "client-app", digest, log)  # fmt: skip
 
 
 class SiteFailure(RuntimeError):

@@ -24,9 +24,7 @@ from typing import Any
 
 from medmerge_core.errors import InputError
 from medmerge_core.federation.site_policy import (
-    PolicyRefusal,
     Refusal,
-    audit_refusal,
     decide,
     fab_digest,
     fab_files,
@@ -34,29 +32,11 @@ from medmerge_core.federation.site_policy import (
     installed_digest,
     load_policy,
     read_approvals,
+    refuse,
     set_status,
 )
 
 log = logging.getLogger("flwr")  # the ClientApp process's own log (the SuperNode's log file)
-
-
-def refuse(
-    node_config: dict[str, Any],
-    run_config: dict[str, Any],
-    message_type: str,
-    run_id: int,
-    refusal: Refusal,
-    by: str,
-    app_digest: str | None,
-) -> PolicyRefusal:
-    """Log a refusal, write it to the node's audit log, and return the exception to raise."""
-    name = str(node_config.get("name", "node"))
-    log.warning("%s: %s (%s, run %s)", name, refusal, message_type, run_id)
-    try:
-        audit_refusal(node_config, run_config, message_type, run_id, refusal, by, app_digest)
-    except OSError as exc:  # the refusal stands even when the audit disk fails
-        log.error("%s: could not write the refusal to the audit log: %s", name, exc)
-    return PolicyRefusal(refusal)
 
 
 def check_task(message: Any, context: Any, fab_content: bytes, fab_name: str) -> str | None:
@@ -78,10 +58,13 @@ def check_task(message: Any, context: Any, fab_content: bytes, fab_name: str) ->
             Refusal("apps.require-approved", str(exc)),
             "site-runtime",
             None,
+            log,
         ) from None
     refusal = decide(node_config, run_config, message_type, digest, fab_name)
     if refusal is not None:
-        raise refuse(node_config, run_config, message_type, run_id, refusal, "site-runtime", digest)
+        raise refuse(
+            node_config, run_config, message_type, run_id, refusal, "site-runtime", digest, log
+        )
     return digest
 
 
@@ -102,6 +85,7 @@ def check_installed(message: Any, context: Any, app_dir: Path, digest: str) -> N
             refusal,
             "site-runtime",
             found,
+            log,
         )
 
 

@@ -638,3 +638,24 @@ def audit_refusal(
         },
     )
     return path
+
+
+def refuse(
+    node_config: dict[str, Any],
+    run_config: dict[str, Any],
+    message_type: str,
+    run_id: int,
+    refusal: Refusal,
+    by: str,
+    app_digest: str | None,
+    logger: logging.Logger = log,
+) -> PolicyRefusal:
+    """Log a refusal, write it to the node's audit log, and return the exception to raise
+    (the site runtime and the ClientApp both refuse through here)."""
+    name = str(node_config.get("name", "node"))
+    logger.warning("%s: %s (%s, run %s)", name, refusal, message_type, run_id)
+    try:
+        audit_refusal(node_config, run_config, message_type, run_id, refusal, by, app_digest)
+    except OSError as exc:  # the refusal stands even when the audit disk fails
+        logger.error("%s: could not write the refusal to the audit log: %s", name, exc)
+    return PolicyRefusal(refusal)
