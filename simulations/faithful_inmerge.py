@@ -53,7 +53,12 @@ from medmerge_core.saved_model import load_saved_model
 from medmerge_core.settings import InMergeSettings, StageSettings
 from medmerge_core.train import Runtime, predict
 from simulations.common import markdown_table, mean_std, median_range, set_threads, update_section
-from simulations.equivalence import EQUIVALENCE_MARGIN, compare_methods, holm_verdicts
+from simulations.equivalence import (
+    EQUIVALENCE_MARGIN,
+    compare_methods,
+    holm_verdicts,
+    macro_f1,
+)
 from simulations.faithful import ARCH, SOURCE_A, Protocol, Study
 from simulations.robustness import corrupted_tests
 
@@ -143,12 +148,11 @@ def merge_activity(model: torch.nn.Module, variant: str) -> str | None:
 
 def source_activity() -> dict[str, str | None]:
     """What each variant's rule merges on the ImageNet weights before any fine-tuning."""
+    model = build_model(ARCH, 2, 1)
+    state = {**model.state_dict(), **load_source(SOURCE_A, ARCH, 1)}
     out = {}
     for variant in VARIANTS[1:]:
-        model = build_model(ARCH, 2, 1)
-        state = model.state_dict()
-        state.update(load_source(SOURCE_A, ARCH, 1))
-        model.load_state_dict(state)
+        model.load_state_dict(state)  # each rule starts from the untouched weights
         out[variant] = merge_activity(model, variant)
     return out
 
@@ -220,8 +224,6 @@ def comparisons(data: Mapping[str, Any], *, n_boot: int = 2000) -> dict[tuple[st
 
 def _scores(data: Mapping[str, Any], variant: str, keys: Sequence[str]) -> list[float]:
     """Per seed, macro-F1 over the images of `keys` (pooled)."""
-    from simulations.equivalence import macro_f1
-
     labels = _digits(data["labels"])
     out = []
     for seed in data["seeds"].values():
