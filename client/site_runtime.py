@@ -192,8 +192,10 @@ def site_command(args: argparse.Namespace) -> list[str]:
 
 
 def add_site_parser(sub: Any) -> None:
-    """The `medmerge site` subcommands (kept here with their code)."""
+    """The `medmerge site` subcommands, kept with their code; `medmerge` finds them through the
+    `medmerge.commands` entry point (pyproject.toml)."""
     site = sub.add_parser("site", help="a site's policy: show it, digest an app, approve apps")
+    site.set_defaults(handler=site_command)
     ssub = site.add_subparsers(
         dest="site_command", required=True, metavar="{show,digest,approve,reject,revoke,pending}"
     )

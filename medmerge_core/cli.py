@@ -241,15 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(ex)
     ex.add_argument("--out", type=Path, required=True, help="folder to write into")
     _identity_parser(sub)
-    _site_parser(sub)
+    _plugin_parsers(sub)
     return parser
 
 
-def _site_parser(sub: Any) -> None:
-    """`medmerge site ...`: its code lives with the site runtime (client.site_runtime)."""
-    from client.site_runtime import add_site_parser
+COMMAND_PLUGINS = "medmerge.commands"
 
-    add_site_parser(sub)
+
+def _plugin_parsers(sub: Any) -> None:
+    """Subcommands that other installed packages add (`medmerge site ...` from the site
+    runtime, `client.site_runtime`): the core names no Flower-side package. Each entry point
+    adds its parser and sets `handler`, a function of the arguments returning lines to print."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=COMMAND_PLUGINS):
+        entry.load()(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,10 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             _export(args, console)
         elif args.command == "identity":
             _identity(args, console)
-        elif args.command == "site":
-            from client.site_runtime import site_command
-
-            for line in site_command(args):
+        elif handler := getattr(args, "handler", None):
+            for line in handler(args):
                 print(line)
         else:
             from medmerge_core.experiment.demo import DemoSettings, run_demo

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 
 from medmerge_core.errors import InputError
 
@@ -50,12 +49,16 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch  # here, not at the top: a site policy's audit line should not pay for torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_torch_file(path: Path, problem: str, hint: str = "", map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True; a truncated or foreign file becomes a one-line
     InputError naming it: '<path>: <problem> (<error>)[; <hint>]'."""
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file

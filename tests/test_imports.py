@@ -4,6 +4,8 @@ own modules, read from the source with `ast`, forms an acyclic graph."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +84,39 @@ def test_reading_a_run_folder_imports_neither_the_runner_nor_the_probe() -> None
             reached.add(target)
             todo.append(target)
     assert not reached & {"medmerge_core.experiment.runner", "medmerge_core.probe"}
+
+
+def _external_imports(path: Path) -> set[str]:
+    """The top-level package of every absolute import in the file (functions included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.partition(".")[0])
+    return out
+
+
+def test_the_core_knows_nothing_of_flower_or_its_adapters() -> None:
+    """medmerge_core imports neither flwr nor client/ nor server/, not even inside a function
+    (the `medmerge site` subcommand comes in through an entry point, not an import)."""
+    found = modules()
+    offenders = {
+        name: sorted(_external_imports(path) & {"flwr", "client", "server"})
+        for name, path in found.items()
+        if name.startswith("medmerge_core")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+    assert "flwr" in _external_imports(found["client.site_runtime"])  # the check can see one
+
+
+def test_the_site_policy_loads_without_torch() -> None:
+    """A refusal's audit line is written by the site runtime before any bundle runs: reading
+    the policy must not pay for a torch import (about 2 s per ClientApp process)."""
+    code = (
+        "import sys, medmerge_core.federation.site_policy, client.site_runtime; "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
