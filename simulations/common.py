@@ -11,8 +11,9 @@ import fcntl
 import math
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +91,15 @@ def median_range(values: Sequence[float], digits: int = 1) -> str:
         return f"{values[0]:.{digits}f}"
     low, high = min(values), max(values)
     return f"{np.median(values):.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def seed_minutes(seeds: Mapping[str, Mapping[str, Any]]) -> str:
+    """The wall time per seed as 'median (min-max) minutes (median, min-max)', leaving out the
+    seeds whose run resumed after an interruption: they timed only what was left."""
+    walls = [s["seconds"] / 60 for s in seeds.values() if not s.get("resumed")]
+    resumed = ", ".join(seed for seed, s in seeds.items() if s.get("resumed"))
+    left_out = f"; left out, resumed after an interruption: seed {resumed}" if resumed else ""
+    return f"{median_range(walls)} minutes (median, min-max{left_out})"
 
 
 def command_text(module: str, argv: Sequence[str]) -> str:

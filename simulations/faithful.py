@@ -259,11 +259,13 @@ class Study:
         console.print(f"[bold]{self.design}[/] seed {seed} (B{replicate})")
         start = time.perf_counter()
         config = self.config(f"seed{seed}", seed, sources, PIPELINES, coef_lr)
+        folder = ExperimentRun.of(config).dir
+        resumed = (folder / "metrics.jsonl").exists()  # a later run times only what was left
         results = run_experiment(config, show_progress=False)
-        timing = ExperimentRun.of(config).dir / "wall_seconds.json"
-        if not timing.exists():  # the first, uninterrupted run of this seed is its cost
+        timing = folder / "wall_seconds.json"
+        if not timing.exists():
             atomic_write_json(timing, {"seconds": time.perf_counter() - start,
-                                       "replicate": replicate})  # fmt: skip
+                                       "replicate": replicate, "resumed": resumed})  # fmt: skip
         return results
 
 

@@ -52,7 +52,13 @@ from medmerge_core.models import build_model, load_source
 from medmerge_core.saved_model import load_saved_model
 from medmerge_core.settings import InMergeSettings, StageSettings
 from medmerge_core.train import Runtime, predict
-from simulations.common import markdown_table, mean_std, median_range, set_threads, update_section
+from simulations.common import (
+    markdown_table,
+    mean_std,
+    seed_minutes,
+    set_threads,
+    update_section,
+)
 from simulations.equivalence import (
     EQUIVALENCE_MARGIN,
     compare_methods,
@@ -103,13 +109,17 @@ class InMergeStudy:
     def run_seed(self, seed: int, console: Console) -> None:
         timing = self.root / f"wall_seconds-seed{seed}.json"
         start = time.perf_counter()
+        resumed = any(  # a later run times only what was left
+            (ExperimentRun.of(self.config(v, seed)).dir / "metrics.jsonl").exists()
+            for v in VARIANTS
+        )
         for variant in VARIANTS:
             console.print(f"[bold]InMerge[/] {variant} seed {seed}")
             config = self.config(variant, seed)
             run_experiment(config, show_progress=False)
             conditions(ExperimentRun.of(config).dir, self.targets.p.image_size)
-        if not timing.exists():  # the first, uninterrupted run of this seed is its cost
-            atomic_write_json(timing, {"seconds": time.perf_counter() - start})
+        if not timing.exists():
+            atomic_write_json(timing, {"seconds": time.perf_counter() - start, "resumed": resumed})
 
 
 def conditions(run_dir: Path, image_size: int) -> dict[str, Any]:
@@ -263,7 +273,6 @@ def render(data: Mapping[str, Any], command: str) -> str:
     corruptions = sorted({k.split("/")[0] for k in first if "/" in k})
     found = comparisons(data)
     merged = {v: [s["variants"][v]["merged"] for s in seeds.values()] for v in VARIANTS[1:]}
-    walls = [s["seconds"] / 60 for s in seeds.values()]
     lines = [
         f"## Proxy study: InMerge on S1's target with the ImageNet source ({p['budget']:g} of "
         "the labels)",
@@ -314,7 +323,7 @@ def render(data: Mapping[str, Any], command: str) -> str:
         ),
         "",
         f"Wall time per seed (three fine-tunings and 13 test sets, one thread, two seeds side "
-        f"by side on 2 cores): {median_range(walls)} minutes (median, min-max).",
+        f"by side on 2 cores): {seed_minutes(seeds)}.",
         "",
         "Reproduce (`--report-only` re-renders from the committed collection):",
         "",

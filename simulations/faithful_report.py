@@ -27,7 +27,7 @@ from rich.table import Table
 
 from medmerge_core.io import atomic_write_json
 from medmerge_core.report import method_label
-from simulations.common import markdown_table, mean_std, median_range, update_section
+from simulations.common import markdown_table, mean_std, seed_minutes, update_section
 from simulations.equivalence import EQUIVALENCE_MARGIN, compare_methods, holm_verdicts
 
 HEADLINE = "medmerge"
@@ -208,7 +208,6 @@ def render(design: str, budget: float, data: Mapping[str, Any], command: str) ->
     seeds = data["seeds"]
     n = len(seeds)
     found = comparisons(data)
-    walls = [s["seconds"] / 60 for s in seeds.values()]
     source_rows = [[name, f"{s['train']}", f"{s['test']['accuracy']:.3f}",
                     f"{s['test']['macro_f1']:.3f}", f"{s['seconds'] / 60:.1f}"]
                    for name, s in data["sources"].items()]  # fmt: skip
@@ -269,8 +268,8 @@ def render(design: str, budget: float, data: Mapping[str, Any], command: str) ->
             ["contrast", "difference, interval, p, verdict (MDE)"], contrast_rows(found)
         ),
         "",
-        f"Wall time per seed (all methods, one thread, two seeds side by side on 2 cores): "
-        f"{median_range(walls)} minutes (median, min-max).",
+        "Wall time per seed (all methods, one thread, two seeds side by side on 2 cores): "
+        f"{seed_minutes(seeds)}.",
         "",
         "Reproduce (the report re-renders from the committed collection with `--report-only`):",
         "",

@@ -42,6 +42,8 @@ def test_collect_then_render_from_the_collection_alone(tmp_path) -> None:
     for seed in range(10):
         fake_seed(root / f"seed{seed}", seed, {"medmerge": 0.9, "average_probe": 0.9})
     (root / "seed10").mkdir()  # an unfinished seed is left out
+    atomic_write_json(root / "seed3" / "wall_seconds.json",  # timed only what was left
+                      {"seconds": 60.0, "replicate": 0, "resumed": True})  # fmt: skip
     atomic_write_json(root / "sources" / "B0.json", {"what": "x", "train": 10, "seconds": 60,
                       "test": {"accuracy": 0.8, "macro_f1": 0.7}})  # fmt: skip
     out, results, report = tmp_path / "runs", tmp_path / "results", tmp_path / "R.md"
@@ -58,6 +60,8 @@ def test_collect_then_render_from_the_collection_alone(tmp_path) -> None:
     row = next(line for line in first.splitlines() if line.startswith("| MedMerge - Avg-probe"))
     assert ", better" not in row and ", worse" not in row
     assert "10 seeds" in first and "FT ensemble (reference)" in first and "cmd" in first
+    wall = "8.0 (8.0-8.0) minutes (median, min-max; left out, resumed after an interruption: seed 3"
+    assert wall in first
     # the collection alone renders the same section
     import shutil
 
