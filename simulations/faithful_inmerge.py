@@ -250,9 +250,10 @@ def variant_rows(data: Mapping[str, Any], epochs: int) -> list[list[str]]:
     for variant in VARIANTS:
         runs = [s["variants"][variant] for s in data["seeds"].values()]
         in_phase = sum(r["best_epoch"] >= epochs for r in runs)
-        rates = {}
-        for r in runs:
-            rates[f"{r['lr']:g}"] = rates.get(f"{r['lr']:g}", 0) + 1
+        rates: dict[str, int] = {}
+        for r in runs:  # a single rate is not a choice, so the run records none
+            rate = f"{r['lr'] if r['lr'] is not None else data['protocol']['ft_lrs'][0]:g}"
+            rates[rate] = rates.get(rate, 0) + 1
         rows.append([
             variant,
             mean_std(_scores(data, variant, ["clean"])),

@@ -33,8 +33,8 @@ def fake_seed(root, seed: int, right: dict[str, float]) -> None:
         for key in CONDITIONS:
             hit = rng.random(len(labels)) < right[variant] - (0.1 if "/" in key else 0)
             predicted[key] = "".join(str(int(p)) for p in np.where(hit, labels, 1 - labels))
-        ft = {"best_epoch": 25 if variant == "public" else 5, "val": {"macro_f1": 0.7},
-              "steps": 90, "lr": 1e-4}  # fmt: skip
+        # one FT rate (--ft-lrs 1e-4) is no choice, so the run records no "lr"
+        ft = {"best_epoch": 25 if variant == "public" else 5, "val": {"macro_f1": 0.7}, "steps": 90}
         atomic_write_json(folder / "results.json", {study.METHOD: {"stages": {"ft": ft}}})
         merged = None if variant == "baseline" else f"{seed} of 50 drawn kernels in 40 layers"
         atomic_write_json(folder / "conditions.json", {"predicted": predicted, "merged": merged,
@@ -51,7 +51,7 @@ def test_collect_compares_each_variant_on_clean_and_corrupted_images(tmp_path, m
     monkeypatch.setattr(study, "source_activity", lambda: activity)
     results, report = tmp_path / "results", tmp_path / "R.md"
     args = ["--report", "--out", str(tmp_path / "runs"), "--collected", str(results),
-            "--results", str(report), "--command", "cmd"]  # fmt: skip
+            "--results", str(report), "--command", "cmd", "--ft-lrs", "1e-4"]  # fmt: skip
     assert study.main(args) == 0
     collected = json.loads((results / "inmerge-labels0.05.json").read_text())
     assert sorted(collected["seeds"], key=int) == [str(s) for s in range(10)]
@@ -64,7 +64,7 @@ def test_collect_compares_each_variant_on_clean_and_corrupted_images(tmp_path, m
     assert found[("quantile", "corrupted")].bootstrap.standard_error > 0.3 * clean_se
     first = report.read_text()
     assert "| public | " in first and "10/10" in first and "0-9 of 50 drawn kernels" in first
-    assert "cmd" in first and "10 seeds" in first
+    assert "cmd" in first and "10 seeds" in first and "| 0.0001: 10 |" in first
     shutil.rmtree(tmp_path / "runs")
     report.unlink()
     assert study.main([*args[1:], "--report-only"]) == 0
