@@ -7,7 +7,7 @@
    plain function calls in one process; prints the ratio.
    `--simulation` adds (c): the same run through Flower's own simulation engine (`flwr run`
    against a local simulation SuperLink: Ray, one virtual node per role, `--sim-cpus` CPUs per
-   ClientApp: 1 as in the README runs two at a time on one thread each; 2 runs one at a time
+   ClientApp: 1 as in docs/federation.md runs two at a time on one thread each; 2 runs one at a time
    on both cores, as (b) does; several values run side by side), timed from
    `flwr run` to the run's end, with a table of where the extra time goes (start-up,
    collect, merge, fine-tune, shut-down: (b)'s phases against (c)'s, read off the
@@ -17,10 +17,12 @@
 4. `--merge-modes`: the default simulation (`flwr run`) with the coordinator's probe and with
    the federated probe (`merge-mode = "federated"`), interleaved: wall time, merge phase, bytes
    per probe round.
-5. `--privacy`: the per-round cost of DP-FedAvg (`dp = "server"`, noise 1) as a ratio to plain
-   FedAvg, the same run on the in-process Grid side by side (interleaved, medians), and the
-   epsilon it reports. SecAgg+ cannot run with Flower 1.41's Message API (README, "Secure
-   aggregation"), so it has no row.
+5. `--privacy`: the per-round cost of DP-FedAvg (`dp = "server"`, noise 1) and of SecAgg+
+   (`secagg = true`, alone and with client-side DP; docs/secure-aggregation.md) as ratios to
+   plain FedAvg, the same run on the in-process Grid side by side (interleaved, medians), the
+   MB the sites upload per round, and the epsilon each reports. In process there is no
+   ClientApp start per message, so SecAgg+'s three extra exchanges cost less here than over
+   the network (tests/test_secagg_network.py).
 Every federated run prints the kernels InMerge merged on each round's aggregate.
 
 Usage: python benchmarks/bench_federation.py [--bytes] [--overhead [--simulation]] [--fp16]
@@ -123,22 +125,42 @@ def federated(run_config: dict) -> tuple[float, dict, dict[str, float]]:
     return seconds, history[-1], {"rounds": [h["seconds"] for h in history]}
 
 
+SECURE = {"secagg": True, "min-sites": 3, "min-cosine": -1.0, "outlier-factor": float("inf")}
+PRIVACY_VARIANTS: dict[str, dict] = {
+    "FedAvg": {},
+    "DP-FedAvg": {"dp": "server", "dp-noise-multiplier": 1.0},
+    "SecAgg+": SECURE,
+    "SecAgg+ DP": {
+        **SECURE,
+        "dp": "client",
+        "dp-noise-multiplier": 1.0,
+        "secagg-clipping-range": 1.0,
+    },
+}
+
+
 def privacy_cost(small: dict, repeats: int) -> None:
-    """Seconds per fine-tuning round with DP-FedAvg against plain FedAvg, interleaved."""
-    variants = {"FedAvg": {}, "DP-FedAvg": {"dp": "server", "dp-noise-multiplier": 1.0}}
-    rounds: dict[str, list[float]] = {k: [] for k in variants}
+    """Seconds and MB uploaded per fine-tuning round with DP-FedAvg and SecAgg+ against plain
+    FedAvg, interleaved in a rotating order; medians over the rounds of every repeat."""
+    names = list(PRIVACY_VARIANTS)
+    rounds: dict[str, list[float]] = {k: [] for k in names}
+    up: dict[str, float] = {}
     for repeat in range(repeats):
-        for kind in list(variants)[repeat % 2 :] + list(variants)[: repeat % 2]:
-            name = f"privacy-{kind}-{repeat}"
-            _, record, timing = federated({**small, **variants[kind], "run-name": name})
+        for kind in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            name = f"privacy-{kind.replace(' ', '-').replace('+', '')}-{repeat}"
+            _, record, timing = federated({**small, **PRIVACY_VARIANTS[kind], "run-name": name})
             rounds[kind] += timing["rounds"]
+            up[kind] = record["bytes_train_up"] / 2**20
             print(f"repeat {repeat}: {kind} rounds {timing['rounds']}, epsilon "
                   f"{record.get('dp_epsilon', '-')}")  # fmt: skip
-    plain, private = (statistics.median(rounds[k]) for k in variants)
-    print(
-        f"seconds per round (median): FedAvg {plain:.2f}, DP-FedAvg {private:.2f}, ratio "
-        f"{private / plain:.3f}; SecAgg+: not available with Flower 1.41's Message API"
-    )
+    table = Table(title="Privacy per fine-tuning round (median seconds; ratio to FedAvg)")
+    for column in ("mode", "seconds", "ratio", "MB up"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    plain = statistics.median(rounds["FedAvg"])
+    for kind in names:
+        seconds = statistics.median(rounds[kind])
+        table.add_row(kind, f"{seconds:.2f}", f"{seconds / plain:.3f}", f"{up[kind]:.1f}")
+    Console().print(table)
 
 
 def merge_mode_cost(small: dict, repeats: int, out: Path, cpus: int) -> None:
@@ -363,7 +385,7 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[1],
-        help="CPUs per ClientApp; several values run side by side (README: 1)",
+        help="CPUs per ClientApp; several values run side by side (docs/federation.md: 1)",
     )
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--privacy", action="store_true", help="DP-FedAvg / FedAvg per round")

@@ -6,11 +6,15 @@ weights, configs and metrics only: images and labels never leave the node. With 
 the node config every message is first checked against the site's policy
 (medmerge_core.federation.site_policy; docs/site-policy.md): here, as a second line, after the
 site runtime (client.site_runtime) checked the delivered bundle before it was installed.
+With `secagg = true` the fine-tuning rounds run Flower's SecAgg+ protocol (`secagg_if_asked`;
+docs/secure-aggregation.md): the training reply is this site's update, masked before it
+leaves.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import re
 from collections.abc import Callable
@@ -18,13 +22,16 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
 from medmerge_core.errors import DataUnavailable, InputError
 from medmerge_core.federation.audit import append_audit, audit_failure, record_digest
-from medmerge_core.federation.config import SAFE_NAME
+from medmerge_core.federation.config import SAFE_NAME, FederationConfig
 from medmerge_core.federation.merge_rounds import sources_digest
 from medmerge_core.federation.roles import Node
+from medmerge_core.federation.secure_sum import safe_pseudo_rand_gen, site_delta
 from medmerge_core.federation.site_policy import (
     PolicyRefusal,
     decide,
@@ -75,6 +82,8 @@ def guarded(handler: Handler) -> Handler:
             return handler(msg, context)
         except PolicyRefusal as exc:
             raise SiteFailure(f"{name}: {exc}") from None
+        except SiteFailure:  # an inner guarded handler (a SecAgg+ stage) already reported it
+            raise
         except Exception as exc:
             log.exception("%s: %s failed", name, msg.metadata.message_type)
             audit_failure(context.node_config, context.run_config, msg.metadata.message_type,
@@ -102,7 +111,9 @@ def _enforce_policy(msg: Message, context: Context) -> None:
         return
     message_type, run_id = msg.metadata.message_type, msg.metadata.run_id
     digest = running_app_digest()
-    refusal = decide(node_config, dict(context.run_config), message_type, digest, APP_ROOT.name)
+    secure = RECORD_KEY_CONFIGS in msg.content.config_records
+    refusal = decide(node_config, dict(context.run_config), message_type, digest, APP_ROOT.name,
+                     secure)  # fmt: skip
     if refusal is None:
         return
     raise refuse(node_config, dict(context.run_config), message_type, run_id, refusal,
@@ -213,7 +224,61 @@ def _received(msg: Message) -> tuple[ArrayRecord, ModelInfo, int, StateDict | No
     )
 
 
-@app.train()
+def use_safe_prg() -> None:
+    """The site's side of the mask generator (`secure_sum.safe_pseudo_rand_gen`); the server
+    installs the same one (server.secagg). Through importlib: the package re-exports the mod
+    function under the module's name, so a plain import would patch nothing."""
+    module = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    module.pseudo_rand_gen = safe_pseudo_rand_gen  # type: ignore[attr-defined]
+
+
+def secagg_if_asked(msg: Message, context: Context, call_next: Handler) -> Message:
+    """A mod: Flower's `secaggplus_mod` for the messages of the SecAgg+ protocol (they carry
+    its config record), behind the site policy; a plain message goes straight to the handler.
+    Each stage's reply, as it leaves (masked, its arrays emptied), gets an audit line "train
+    (secagg <stage>)"; the training stage's handler also audits the update before masking."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    use_safe_prg()
+    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get("stage", "?"))
+    received = _summary(msg.content)
+
+    def secure(msg: Message, context: Context) -> Message:
+        reply = secaggplus_mod(msg, context, call_next)
+        node = _node(context)
+        append_audit(node.audit_path, f"train (secagg {stage})", msg.metadata.run_id, received,
+                     _summary(reply.content))  # fmt: skip
+        return reply
+
+    return guarded(secure)(msg, context)
+
+
+def _secure_content(
+    msg: Message, context: Context, state: StateDict, metrics: dict[str, float]
+) -> RecordDict:
+    """The SecAgg+ training reply, in the legacy layout `secaggplus_mod` reads: this site's
+    checked update on the keys the server names (`site_delta`), its weight, its metrics. The
+    mod masks the update and empties every array record before the reply leaves."""
+    config = msg.content["config"]
+    keys = [str(k) for k in config["secagg-keys"]]  # type: ignore[union-attr]
+    weight = float(config["secagg-weight"])  # type: ignore[arg-type,index]
+    if not 0 < weight <= 1 or not set(keys) <= set(state):
+        raise InputError("secagg-weight / secagg-keys: not a weight in (0, 1] and sent keys")
+    protocol = context.state.config_records.get(RECORD_KEY_STATE, {})
+    limit = FederationConfig.from_run_config(context.run_config).secagg_clipping_range
+    limit = float(protocol.get("clipping_range", limit))  # what the masking will clip to
+    scale = weight / float(protocol.get("max_weight", 1.0))  # what the mod multiplies by
+    sent = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    delta = site_delta(state, sent, keys, scale, limit)
+    return RecordDict({
+        "fitres.parameters": ArrayRecord({k: torch.from_numpy(v) for k, v in delta.items()}),
+        "fitres.num_examples": MetricRecord({"num_examples": weight}),
+        "fitres.metrics": ConfigRecord(dict(metrics)),
+        "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+    })  # fmt: skip
+
+
+@app.train(mods=[secagg_if_asked])
 @guarded
 def train(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
@@ -222,6 +287,8 @@ def train(msg: Message, context: Context) -> Message:
     state, examples, metrics = node.train(
         received.to_torch_state_dict(), model, server_round, local_norm
     )
+    if RECORD_KEY_CONFIGS in msg.content.config_records:  # SecAgg+: masked by the mod
+        return _reply(node, msg, _secure_content(msg, context, state, metrics))
     content = RecordDict(
         {
             "arrays": ArrayRecord(compress(state, node.fp16)),  # the keys sent, in their order

@@ -60,7 +60,8 @@ def check_task(message: Any, context: Any, fab_content: bytes, fab_name: str) ->
             None,
             log,
         ) from None
-    refusal = decide(node_config, run_config, message_type, digest, fab_name)
+    secure = "secaggplus_configs" in message.content.config_records  # a SecAgg+ stage
+    refusal = decide(node_config, run_config, message_type, digest, fab_name, secure)
     if refusal is not None:
         raise refuse(
             node_config, run_config, message_type, run_id, refusal, "site-runtime", digest, log

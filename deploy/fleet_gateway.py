@@ -1,6 +1,6 @@
 """Fleet-only TLS gateway in front of a MedMerge SuperLink (started by start_superlink.sh).
 
-Flower 1.41's SuperLink serves its Fleet, Control and ServerAppIo (Runtime) APIs from one
+Flower 1.42's SuperLink serves its Fleet, Control and ServerAppIo (Runtime) APIs from one
 HTTPS server (`--host`/`--port`; `--fleet-api-address` and `--control-api-address` are
 deprecated and ignored), and the open-source Control API has no login. start_superlink.sh
 therefore binds that server to 127.0.0.1 only and runs this gateway on the public address.

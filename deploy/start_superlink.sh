@@ -17,7 +17,7 @@
 # Runs start only while deploy/start_superexec.sh runs on this host too: the SuperLink runs
 # with --isolation process, so the ServerApps are started by that separate service and outlive
 # a SuperLink restart (a run continues if the SuperLink is back within about 40 s).
-# Flower 1.41 serves Fleet, Control and ServerAppIo from one HTTPS server (--host/--port;
+# Flower 1.42 serves Fleet, Control and ServerAppIo from one HTTPS server (--host/--port;
 # --fleet-api-address and --control-api-address are deprecated and ignored), and its Control
 # API has no login. So flower-superlink listens on 127.0.0.1 only, and deploy/fleet_gateway.py
 # listens on FLEET_ADDRESS and forwards POST /v1/fleet/* (and GET /health) to it, nothing else.

@@ -1,2 +1,4 @@
 """Flower server side: `server_app` (discover, collect, merge, run), `strategy` (the rounds:
-FedAvg with screening, InMerge, DP and checkpoints) and `messages` (send, receive, name nodes)."""
+FedAvg with screening, InMerge, DP and checkpoints), `secagg` (one round through Flower's
+SecAgg+ under `secagg = true`: the server gets only the weighted mean of the sites' updates)
+and `messages` (send, receive, name nodes)."""

@@ -34,9 +34,11 @@ from medmerge_core.federation.rounds import (
     aggregate_round,
     mean_metrics,
     read_counts,
+    read_metrics,
     read_report,
 )
 from medmerge_core.federation.run import FederationRun, round_table, table_text
+from medmerge_core.federation.secure_sum import apply_mean, site_weights
 from medmerge_core.federation.transport import (
     ModelInfo,
     compress,
@@ -49,6 +51,7 @@ from medmerge_core.inmerge import apply_inmerge
 from medmerge_core.metrics import pooled_metrics
 from medmerge_core.models import StateDict
 from server.messages import addressee, exchange
+from server.secagg import secure_mean
 
 log = logging.getLogger("flwr")
 
@@ -149,7 +152,11 @@ class FederatedRounds(FedAvg):
             messages = self.configure_train(
                 server_round, self._shared(state), self._config(train_config), grid
             )
-            arrays, train = self.aggregate_train(server_round, exchange(grid, messages, timeout))
+            if self.cfg.secagg and self.train_type == MessageType.TRAIN:
+                arrays, train = self._secure_round(grid, server_round, list(messages), timeout)
+            else:
+                replies = exchange(grid, messages, timeout)
+                arrays, train = self.aggregate_train(server_round, replies)
             if arrays is None:
                 log.warning("round %d: no aggregate; the global model is unchanged", server_round)
             else:
@@ -328,6 +335,57 @@ class FederatedRounds(FedAvg):
             )
         state = {**self._current, **restore_dtypes(outcome.state, self.meta)}
         return ArrayRecord(self._post_process(state)), MetricRecord(outcome.metrics)
+
+    def _secure_round(
+        self, grid: Grid, server_round: int, messages: list[Message], timeout: float
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One round under SecAgg+ (`secagg = true`; server.secagg): each site is told which
+        keys to send as deltas and its weight; the server gets their weighted mean only, adds
+        the DP noise to the sum, applies it to what it sent, and runs InMerge on the result.
+        Per-update screening cannot run; the sites check their own updates."""
+        if not messages:  # too few sites connected (configure_train logged the skip)
+            return None, None
+        cfg = self.cfg
+        keys = self.dp_keys if self.private else self.keys
+        nodes = [m.metadata.dst_node_id for m in messages]
+        examples = [(self.sites[n].train_examples or 1) if n in self.sites else 1 for n in nodes]
+        weights = dict(zip(nodes, site_weights(examples, cfg.max_weight_share, self.private),
+                           strict=True))  # fmt: skip
+        contents = {}
+        for msg, node in zip(messages, nodes, strict=True):
+            config = {**msg.content["config"], "secagg-keys": keys, "secagg-weight": weights[node]}
+            contents[node] = RecordDict({**dict(msg.content), "config": ConfigRecord(config)})
+        result = secure_mean(grid, server_round, contents, num_shares=cfg.secagg_num_shares,
+                             threshold=cfg.secagg_threshold,
+                             clipping_range=cfg.secagg_clipping_range,
+                             timeout=cfg.secagg_timeout or timeout)  # fmt: skip
+        log_ = self._round_log
+        log_["bytes_train_up"] = sum(s["bytes_up"] for s in result.seen)
+        log_["bytes_secagg_down"] = sum(s["bytes_down"] for s in result.seen
+                                        if s["stage"] != "collect-masked-vectors")  # fmt: skip
+        log_.update(secagg_stages=result.seen, sites=len(result.summed),
+                    rejected=[self.name(n) for n in nodes if n not in result.summed])  # fmt: skip
+        if result.mean is None or len(result.summed) < self.min_train_nodes:
+            self._skip(server_round, f"secure aggregation summed {len(result.summed)} site(s), "
+                                     f"min-sites is {self.min_train_nodes}")  # fmt: skip
+            return None, None
+        sent = restore_dtypes(compress({k: self._current[k] for k in keys}, cfg.fp16), self.meta)
+        bound = cfg.secagg_clipping_range / min(weights[n] for n in result.summed)
+        dp = Noise(self.dp_keys, cfg.dp_clipping_norm, cfg.dp_noise_multiplier, self.noise)
+        new = apply_mean(sent, result.mean, keys, len(result.summed), bound,
+                         dp if self.private else None)  # fmt: skip
+        if isinstance(new, str):
+            self._skip(server_round, f"secure aggregate refused: {new}")
+            return None, None
+        if self.private:
+            self.releases += 1
+            log_["dp_epsilon"] = epsilon(cfg.dp_noise_multiplier, self.releases, cfg.dp_delta)
+        reports = {n: read_metrics(result.metrics.get(n, {})) for n in result.summed}
+        usable = {n: m for n, m in reports.items() if not isinstance(m, str)}
+        metrics = mean_metrics([SiteReply({}, 1, m) for m in usable.values()],
+                               [weights[n] for n in usable])  # fmt: skip
+        state = {**self._current, **restore_dtypes(new, self.meta)}
+        return ArrayRecord(self._post_process(state)), MetricRecord(metrics)
 
     def _read_train_reply(self, content: RecordDict, member: Member | None) -> SiteReply | str:
         """A train reply as a `SiteReply`, or why its format is unusable: one ArrayRecord and

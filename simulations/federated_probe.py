@@ -245,7 +245,7 @@ def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) ->
         f"{s.rounds} rounds of {s.ft.epochs} local epoch(s) at lr {s.ft.lr:g} (AdamW, batch "
         f"{s.batch_size}, InMerge on each aggregate at its defaults), all sites. Every site is "
         f"honest, so the update-direction screen is set to min-cosine {s.min_cosine:g} "
-        "(at its default of 0 it rejected honest replies, see the README).",
+        "(at its default of 0 it rejected honest replies, see docs/federation.md).",
         "",
     ]
     header = ["partition", "merge learned by", "n", "test accuracy", "test macro-F1",

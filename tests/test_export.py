@@ -1,5 +1,5 @@
 """`medmerge evaluate` and `medmerge export` on a tiny run: the scores repeat the run's own,
-the export round-trips bit for bit, ONNX and the README's plain-torch snippet give the model's
+the export round-trips bit for bit, ONNX and the docs' plain-torch snippet give the model's
 outputs, old checkpoints stay readable and bad input is one line that writes nothing."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from medmerge_core.io import atomic_torch_save, load_torch_file
 from medmerge_core.models import build_model, save_checkpoint
 from medmerge_core.saved_model import load_saved_model, to_channels
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TRAINED_MODELS = Path(__file__).resolve().parents[1] / "docs" / "trained-models.md"
 SIZE = 16
 N_TEST = 24
 DATA = ["format=synthetic", "task=target", "n_train=8", "n_val=4", f"n_test={N_TEST}"]
@@ -309,14 +309,12 @@ def test_an_onnx_exporter_failure_skips_only_model_onnx(run_dir, tmp_path, monke
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
 
 
-# 6. The README's snippet, executed as written -------------------------------------------
+# 6. The docs' snippet, executed as written ---------------------------------------------
 
 
-def readme_snippets() -> tuple[str, str]:
-    """(the five-line loading snippet, the cifar_resnet replacement) of "Use a trained model"."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split("### Use a trained model", 1)[1].split("\n## ", 1)[0]
-    section = section.split("\n### ", 1)[0]
+def docs_snippets() -> tuple[str, str]:
+    """(the five-line loading snippet, the cifar_resnet replacement) of docs/trained-models.md."""
+    section = TRAINED_MODELS.read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 2, "expected the loading snippet and its cifar_resnet lines"
     assert len([line for line in blocks[0].splitlines() if line.strip()]) == 5  # code lines
@@ -326,18 +324,18 @@ def readme_snippets() -> tuple[str, str]:
 def run_snippet(code: str, folder: Path, monkeypatch) -> torch.nn.Module:
     monkeypatch.chdir(folder)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, str(TRAINED_MODELS), "exec"), namespace)
     return namespace["model"]
 
 
-def test_the_readme_snippet_loads_a_grayscale_export(run_dir, exported, monkeypatch) -> None:
-    snippet, _ = readme_snippets()
+def test_the_docs_snippet_loads_a_grayscale_export(run_dir, exported, monkeypatch) -> None:
+    snippet, _ = docs_snippets()
     model = run_snippet(snippet, exported.parent, monkeypatch)
     meta = json.loads((exported / "model.json").read_text())
     pixels = make_task("target", image_size=SIZE, seed=3, n_test=6).test.images
     mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
-    x = (torch.from_numpy(pixels).float().unsqueeze(1) / 255 - mean) / std  # as README says
+    x = (torch.from_numpy(pixels).float().unsqueeze(1) / 255 - mean) / std  # as the docs say
     with torch.no_grad():
         expected = load_saved_model(run_dir, "ft:a").build()(normalize_batch(pixels))
         got = model(x)
@@ -345,8 +343,8 @@ def test_the_readme_snippet_loads_a_grayscale_export(run_dir, exported, monkeypa
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_the_readme_cifar_lines_load_a_cifar_resnet_export(tmp_path, monkeypatch) -> None:
-    snippet, cifar = readme_snippets()
+def test_the_docs_cifar_lines_load_a_cifar_resnet_export(tmp_path, monkeypatch) -> None:
+    snippet, cifar = docs_snippets()
     lines = snippet.strip().splitlines()
     code = "\n".join([*lines[:2], *cifar.strip().splitlines(), *lines[4:]]) + "\n"
     torch.manual_seed(0)

@@ -108,9 +108,9 @@ def test_pooled_metrics_equal_those_of_the_pooled_test_sets(k: int) -> None:
     assert binned["auroc"] == pytest.approx(np.mean(one_vs_rest), abs=1e-12)  # exact then
 
 
-def test_flower_141_secagg_plus_needs_a_legacy_context_and_a_fitres_reply() -> None:
-    """Pins what README "Secure aggregation" says SecAgg+ needs in Flower 1.41 (the adapter in
-    docs/notes/secagg-design.md supplies both); a Flower upgrade that changes it fails here."""
+def test_flower_secagg_plus_needs_a_legacy_context_and_a_fitres_reply() -> None:
+    """Pins what docs/privacy.md ("Secure aggregation") says SecAgg+ needs in Flower 1.42 (the
+    adapter in server/secagg.py supplies both); a Flower upgrade that changes it fails here."""
     import flwr.serverapp.strategy as strategies
     from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
     from flwr.compat.common import recorddict_compat

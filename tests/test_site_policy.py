@@ -177,8 +177,8 @@ def test_a_run_config_below_a_floor_or_over_a_limit_is_refused(tmp_path, change,
 
 
 def test_roles_messages_pooled_counts_epsilon_and_secure_aggregation(tmp_path) -> None:
-    """The rules that are not floors on one number. Secure aggregation has no run-config key
-    yet (SecAgg+ is not built), so a policy that requires it refuses every run."""
+    """The rules that are not floors on one number. A policy that requires secure aggregation
+    refuses a run without `secagg = true` (its plain train messages: tests/test_secagg.py)."""
     site = {"role": "site", "name": "s", "data": "synthetic:target"}
     path = tmp_path / "policy.toml"
     cases = [

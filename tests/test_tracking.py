@@ -27,7 +27,7 @@ from medmerge_core.models import build_model
 from medmerge_core.settings import StageSettings
 from tests.test_experiment import make_config
 
-README = Path(__file__).parent.parent / "README.md"
+EXPERIMENTS = Path(__file__).parent.parent / "docs" / "experiments.md"
 NUMBER = r"\d+\.\d{3}"
 # stage name, epoch i/n, running train loss, step j/m, images/s, ETA for the stage
 PLAIN_LINE = re.compile(
@@ -181,10 +181,10 @@ def test_every_single_label_method_gets_a_confusion_figure(
     assert not (tmp_path / "runs" / "bare" / "confusion").exists()
 
 
-def test_the_readme_run_folder_table_lists_the_new_files() -> None:
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Running experiments") :]
-    table = section[: section.index("\n\n", section.index("| file | what |"))]
+def test_the_documented_run_folder_table_lists_the_new_files() -> None:
+    section = EXPERIMENTS.read_text(encoding="utf-8")
+    start = section.index("| file | what |")
+    table = section[start : section.index("\n\n", start)]
     for entry in ("`confusion/<method>.png`", "`tensorboard/<method>/`"):
         assert f"| {entry} |" in table, entry
     assert "tracking: none" in section

@@ -18,7 +18,11 @@ No Flower imports here, so every role, check and file format is testable with pl
 - `validation`: reply screening (`screen_replies`): keys, shapes, dtypes, NaN/Inf and
   update-norm outliers; the coordinator's merged model and coefficients;
 - `privacy`: DP-FedAvg's clipping and noised mean, and its accountant;
+- `secure_sum`: the arithmetic around secure aggregation (SecAgg+): what a site puts into the
+  masked sum, what the server does with the unmasked mean, the mask generator;
 - `audit`: a node's audit log (hashes of what it sent and received, metric values, failures);
+- `site_policy`: a site's own policy (the roles and messages it serves, the app digests a
+  person there approved, privacy floors, limits) and the check of each message against it;
 - `transport`: `ModelInfo`, the keys that travel (FedBN), fp16 compression and dtype
   restoration after FedAvg;
 - `site_state`: `FedBNStore`, a site's private norm layers per round on its own disk;

@@ -23,7 +23,15 @@ AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
 MERGE_MODES: tuple[str, ...] = ("coordinator", "federated")
 # Settings that may change between a run and its resumption without invalidating it.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
-    {"rounds", "timeout", "device", "output_dir", "dp_max_epsilon", "node_threads"}
+    {
+        "rounds",
+        "timeout",
+        "device",
+        "output_dir",
+        "dp_max_epsilon",
+        "node_threads",
+        "secagg_timeout",
+    }
 )
 # Names that become a folder or file name (run-name, a node's name): one safe path component.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -109,6 +117,16 @@ class FederationConfig:
     # (federation.identity), never from what the node says. Empty: self-declared (simulation).
     operator_key: str = ""
     timeout: float = 1800.0
+    # Secure aggregation of the fine-tuning rounds (Flower's SecAgg+; server/secagg.py,
+    # docs/secure-aggregation.md): the server gets only the weighted mean of the sites'
+    # updates. Shares and threshold are fractions (of the sites, of the shares); the clipping
+    # range bounds each coordinate of a site's weighted update; the timeout is per protocol
+    # stage (0: `timeout`).
+    secagg: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_threshold: float = 0.6
+    secagg_clipping_range: float = 8.0
+    secagg_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         check_name("run-name", self.run_name)
@@ -154,6 +172,42 @@ class FederationConfig:
             raise InputError(f"trim-fraction: must be in [0, 0.5), got {self.trim_fraction}")
         if not self.merge_lr > 0 or self.merge_weight_decay < 0:
             raise InputError("merge-lr: must be > 0 (and merge-weight-decay >= 0)")
+        self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        """What SecAgg+ can be combined with: anything that needs a site's own update at the
+        server (server-side DP clipping, robust rules, per-update screening), the federated
+        probe's rounds (not masked) and fewer than 3 sites are refused."""
+        if not 0 < self.secagg_num_shares <= 1 or not 0 < self.secagg_threshold <= 1:
+            raise InputError("secagg-num-shares and secagg-threshold: must be in (0, 1]")
+        if not self.secagg_clipping_range > 0 or self.secagg_timeout < 0:
+            raise InputError("secagg-clipping-range: must be > 0 (and secagg-timeout >= 0)")
+        if not self.secagg:
+            return
+        need = "per-update values the server never sees under secagg = true"
+        if self.aggregation != "mean":
+            raise InputError(f"aggregation: '{self.aggregation}' needs {need}; use 'mean'")
+        if self.dp == "server":
+            raise InputError(f'dp: "server" clips each update at the server, {need}; use "client"')
+        if self.min_cosine > -1.0:
+            raise InputError(f"min-cosine: the direction screen needs {need}; set -1 (off)")
+        if self.outlier_factor != float("inf"):
+            raise InputError(f"outlier-factor: the norm screen needs {need}; set inf (off)")
+        if self.merge_mode != "coordinator":
+            raise InputError(
+                'merge-mode: "federated" probe rounds are not secure-aggregated; use '
+                '"coordinator" with secagg = true'
+            )
+        if self.min_sites < 3:
+            raise InputError(
+                f"min-sites: {self.min_sites} with secagg = true; SecAgg+ needs 3 or more (with 2 "
+                "each site can subtract its own update from the mean, and none may drop out)"
+            )
+        if self.dp == "client" and self.secagg_clipping_range < self.dp_clipping_norm:
+            raise InputError(
+                f"secagg-clipping-range: {self.secagg_clipping_range} < dp-clipping-norm "
+                f"{self.dp_clipping_norm}; a clipped update's coordinates can reach the norm"
+            )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

@@ -48,9 +48,11 @@ DP_FLOORS: tuple[str, ...] = ("no", "any", "client")  # privacy.require-dp
 STATUSES: tuple[str, ...] = ("pending", "approved", "rejected", "revoked")
 KINDS: tuple[str, ...] = ("app", "run-config")
 APPROVALS_FORMAT = "medmerge-site-approvals/1"
-# The run-config key a secure-aggregation floor needs; FederationConfig has none yet (SecAgg+
-# is issue 29 part 2), so a policy that requires it refuses every run until it exists.
+# The run-config key a secure-aggregation floor needs (FederationConfig.secagg), and the
+# messages whose reply is this site's model update in a federated round: under
+# privacy.require-secure-aggregation these are answered only inside the SecAgg+ protocol.
 SECAGG_KEY = "secagg"
+UPDATE_MESSAGES: tuple[str, ...] = ("train", "train.probe")
 
 
 class PolicyRefusal(InputError):
@@ -470,10 +472,12 @@ def check(
     node_config: Mapping[str, Any],
     run_config: Mapping[str, Any],
     app_digest: str | None,
+    secure: bool = False,
 ) -> Refusal | None:
     """The first rule of `policy` that this message breaks, or None. `app_digest`: the digest
     of the delivered app's files (None only for an app that was not delivered, i.e. the site's
-    own source checkout, which in-process tests and debugging run)."""
+    own source checkout, which in-process tests and debugging run); `secure`: whether the
+    message belongs to the SecAgg+ protocol (carries its config record)."""
     if policy.messages is not None and message_type not in policy.messages:
         return Refusal("serve.messages", f"this node does not serve '{message_type}' messages")
     if policy.require_approved_app and app_digest is not None:
@@ -494,9 +498,12 @@ def check(
             )
     if policy.require_secure_aggregation and run_config.get(SECAGG_KEY) is not True:
         return Refusal(
+            "privacy.require-secure-aggregation", f"the run does not set {SECAGG_KEY} = true"
+        )
+    if policy.require_secure_aggregation and message_type in UPDATE_MESSAGES and not secure:
+        return Refusal(
             "privacy.require-secure-aggregation",
-            f"the run does not set {SECAGG_KEY} = true (secure aggregation is not available "
-            "yet, so this node refuses every run)",
+            f"a plain '{message_type}' message; this site sends its update only masked by SecAgg+",
         )
     try:
         cfg = FederationConfig.from_run_config(run_config)
@@ -573,6 +580,7 @@ def decide(
     message_type: str,
     app_digest: str | None,
     app_name: str = "",
+    secure: bool = False,
 ) -> Refusal | None:
     """The node's decision on one message: None without `policy` in the node config, else the
     policy's check. An app or run config first seen is recorded as pending. A policy that
@@ -585,7 +593,7 @@ def decide(
         approvals = read_approvals(policy.approvals)
     except InputError as exc:
         return Refusal("policy", str(exc))
-    refusal = check(policy, approvals, message_type, node_config, run_config, app_digest)
+    refusal = check(policy, approvals, message_type, node_config, run_config, app_digest, secure)
     if refusal is None:
         return None
     try:
