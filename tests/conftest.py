@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny synthetic tasks and small models, all generated in the test."""
+"""Shared fixtures (tiny synthetic tasks, one quick-demo run folder) and the xdist set-up."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +11,21 @@ import torch
 
 from medmerge_core.data.base import ArraySplit, TaskData
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker has a core. Its subprocesses (CLI runs, Flower's
+    processes) inherit the same count, so a result compared across the two is computed alike."""
+    threads = 1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads())
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The network tests run one at a time on one worker, beside the others: each starts a
+    consortium of Flower processes whose heartbeats must not starve."""
+    for item in items:
+        if item.get_closest_marker("network"):
+            item.add_marker(pytest.mark.xdist_group("network"))
 
 
 def separable_split(n: int, size: int, seed: int, classes: int = 2) -> ArraySplit:
@@ -32,3 +49,14 @@ def tiny_task() -> TaskData:
         separable_split(32, 32, 2),
         ("low", "high"),
     )
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> Path:
+    """`medmerge demo --quick` run once per test session (per xdist worker); tests that need a
+    finished run folder read it, or copy it before writing beside it."""
+    from medmerge_core.cli import main
+
+    out = tmp_path_factory.mktemp("quick_demo") / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out

@@ -192,11 +192,9 @@ def test_the_full_demo_config_is_valid(tmp_path) -> None:
     assert config_from_dict(config.to_dict()) == config
 
 
-def test_quick_demo_runs_end_to_end(tmp_path) -> None:
-    from medmerge_core.experiment.demo import DemoSettings, run_demo
-
-    results = run_demo(tmp_path / "demo", DemoSettings.quick(), device="cpu", show_progress=False)
-    assert (tmp_path / "demo" / "sources" / "generic.pt").is_file()  # pretrained: no spec given
+def test_quick_demo_runs_end_to_end(quick_demo) -> None:
+    results = json.loads((quick_demo / "target" / "results.json").read_text())
+    assert (quick_demo / "sources" / "generic.pt").is_file()  # pretrained: no spec given
     assert set(results) == {
         "ft:generic",
         "ft:related",
@@ -205,7 +203,7 @@ def test_quick_demo_runs_end_to_end(tmp_path) -> None:
         "average_ft",
         "medmerge",
     }
-    assert (tmp_path / "demo" / "target" / "coefficients.png").stat().st_size > 1000
+    assert (quick_demo / "target" / "coefficients.png").stat().st_size > 1000
 
 
 def test_the_imagenet_demo_fine_tunes_its_related_source_from_the_imagenet_weights(tmp_path):

@@ -42,6 +42,7 @@ from medmerge_core.data.splits import (
     check_fractions,
     check_label_budget,
     label_budget_index,
+    label_budget_notes,
     read_split_csv,
     write_split_csv,
 )
@@ -291,7 +292,7 @@ def build_task(
             np.asarray([records[i].group for i in pick], dtype=str),
         )
     if budget is not None:  # after skipping, so the counts are those trained on
-        notes["label_budget"] = _budget_notes(
+        notes["label_budget"] = label_budget_notes(
             budget, seed, before, splits["train"].labels, catalog.class_names
         )
     if "deduplicated_ham10000" in notes:
@@ -368,35 +369,10 @@ def _budget_fixed(task: TaskData, budget: float | int, seed: int) -> tuple[TaskD
     left = np.setdiff1d(np.arange(len(train)), keep)
     kept = train.subset(keep)
     notes = dict(task.notes)
-    notes["label_budget"] = _budget_notes(budget, seed, train.labels, kept.labels, task.class_names)
+    notes["label_budget"] = label_budget_notes(
+        budget, seed, train.labels, kept.labels, task.class_names
+    )
     return replace(task, train=kept, notes=notes), train.subset(left)
-
-
-def _budget_notes(
-    budget: float | int,
-    seed: int,
-    before: np.ndarray,
-    after: np.ndarray,
-    class_names: tuple[str, ...],
-) -> dict[str, Any]:
-    """Budget, seed and training images per class (multi-label: positives per label)."""
-
-    def per_class(labels: np.ndarray) -> dict[str, int]:
-        if labels.ndim == 1:
-            counts = np.bincount(labels.astype(np.int64), minlength=len(class_names))
-        else:
-            counts = (labels == 1).sum(axis=0)
-        return {name: int(c) for name, c in zip(class_names, counts, strict=True)}
-
-    return {
-        "budget": budget,
-        "seed": int(seed),
-        "stratified": bool(after.ndim == 1),
-        "n_train_before": len(before),
-        "n_train": len(after),
-        "per_class_before": per_class(before),
-        "per_class": per_class(after),
-    }
 
 
 def _write_fixed_split(task: TaskData, path: Path, unused: ArraySplit | None = None) -> None:

@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -213,3 +214,30 @@ def _largest_remainder(sizes: np.ndarray, count: int) -> np.ndarray:
             keep[int(np.argmax(keep))] -= 1
             keep[c] = 1
     return keep
+
+
+def label_budget_notes(
+    budget: float | int,
+    seed: int,
+    before: np.ndarray,
+    after: np.ndarray,
+    class_names: tuple[str, ...],
+) -> dict[str, Any]:
+    """Budget, seed and training images per class (multi-label: positives per label)."""
+
+    def per_class(labels: np.ndarray) -> dict[str, int]:
+        if labels.ndim == 1:
+            counts = np.bincount(labels.astype(np.int64), minlength=len(class_names))
+        else:
+            counts = (labels == 1).sum(axis=0)
+        return {name: int(c) for name, c in zip(class_names, counts, strict=True)}
+
+    return {
+        "budget": budget,
+        "seed": int(seed),
+        "stratified": bool(after.ndim == 1),
+        "n_train_before": len(before),
+        "n_train": len(after),
+        "per_class_before": per_class(before),
+        "per_class": per_class(after),
+    }
