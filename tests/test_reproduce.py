@@ -36,7 +36,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-TINY = ["--image-size", "16", "--no-progress"]
+TINY = ["--arch", "shufflenet_v2_x0_5", "--image-size", "16", "--no-progress"]
 
 
 def test_plan_covers_the_paper_ablations() -> None:
@@ -94,19 +94,19 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     ]
     # --pipelines runs only MedMerge; the full command then adds the rest to the same folders.
     assert reproduce.main([*argv, "--pipelines", "medmerge"]) == 0
-    run_root = tmp_path / "runs" / "breastmnist-resnet18-16-labels0.5"
+    run_root = tmp_path / "runs" / "breastmnist-shufflenet_v2_x0_5-16-labels0.5"
     assert set(ExperimentRun(run_root / "main-seed0").results()) == {"medmerge"}
     assert not (run_root / "source_c-seed0").exists()
     assert "Cost of the MedMerge probe" not in results.read_text()  # no LP-FT to compare with
     assert reproduce.main(argv) == 0
     assert len(ExperimentRun(run_root / "main-seed0").results()) == 6
     text = results.read_text()
-    assert "<!-- reproduce-breastmnist-resnet18-16-labels0.5:start -->" in text
+    assert "<!-- reproduce-breastmnist-shufflenet_v2_x0_5-16-labels0.5:start -->" in text
     assert "stands in for ImageNet" in text and "python -m simulations.reproduce" in text
     assert "label budget of 0.5" in text and "weights from `random:3`" in text
     assert "pretrained on pneumoniamnist, from source A" in text
     assert "learning rates LP/probe 0.001" in text  # the deviation is stated
-    split = tmp_path / "runs" / "breastmnist-resnet18-16-labels0.5" / "main-seed0" / "split.csv"
+    split = tmp_path / "runs" / "breastmnist-shufflenet_v2_x0_5-16-labels0.5" / "main-seed0" / "split.csv"
     assert split.read_text().count(",unused") == 8  # half of the 16 training labels
     for needle in (
         "FT A",
@@ -127,7 +127,7 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     ):
         assert needle in text, needle
     for key in ("fig2_main", "fig2_ablations", "three_sources"):
-        png = figures / f"breastmnist-resnet18-16-labels0.5_{key}.png"
+        png = figures / f"breastmnist-shufflenet_v2_x0_5-16-labels0.5_{key}.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"results/{png.name}" in text
 
     # With --report-only it rewrites the same tables, from what a repository keeps of a study:
@@ -190,7 +190,7 @@ def test_label_efficiency_tiny_end_to_end(data_root: Path, tmp_path: Path) -> No
     assert "Class shares (normal / pneumonia) by split: train " in text
     assert "| test AUROC | test sensitivity normal | test sensitivity pneumonia |" in text
     assert "| 0.5 | 18 |" in text and "| 1 | 12 |" in text  # 6 methods x 3 and 2 seeds
-    png = figures / "label_efficiency_pneumoniamnist-resnet18-16.png"
+    png = figures / "label_efficiency_pneumoniamnist-shufflenet_v2_x0_5-16.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and "python -m simulations.label_efficiency" in text
 
 
@@ -320,13 +320,14 @@ def test_federated_probe_study_tiny_end_to_end(data_root: Path, tmp_path: Path) 
     results = tmp_path / "RESULTS.md"
     argv = [
         "--data-root", str(data_root), "--out", str(tmp_path / "runs"), "--results", str(results),
-        "--arch", "resnet18", "--image-size", "16", "--source-a", "random:1", "--sites", "2",
+        "--arch", "shufflenet_v2_x0_5", "--image-size", "16", "--source-a", "random:1",
+        "--sites", "2",
         "--alpha", "5", "--seeds", "0", "1", "--merge-steps", "2", "--merge-rounds", "2",
         "--rounds", "1", "--source-epochs", "1",
     ]  # fmt: skip
     federated_probe.main(argv)
     text = results.read_text()
-    title = "## Proxy study: federated merge learning on breastmnist (resnet18, 16x16, 2 sites)"
+    title = "## Proxy study: federated merge learning on breastmnist (shufflenet_v2_x0_5, 16x16"
     assert title in text
     for partition in ("iid", "dirichlet"):
         for condition in federated_probe.CONDITIONS:
