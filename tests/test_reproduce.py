@@ -106,7 +106,7 @@ def test_reproduce_tiny_end_to_end(data_root: Path, tmp_path: Path) -> None:
     assert "label budget of 0.5" in text and "weights from `random:3`" in text
     assert "pretrained on pneumoniamnist, from source A" in text
     assert "learning rates LP/probe 0.001" in text  # the deviation is stated
-    split = tmp_path / "runs" / "breastmnist-shufflenet_v2_x0_5-16-labels0.5" / "main-seed0" / "split.csv"
+    split = run_root / "main-seed0" / "split.csv"
     assert split.read_text().count(",unused") == 8  # half of the 16 training labels
     for needle in (
         "FT A",
