@@ -2,8 +2,9 @@
 default probe budget moves the coefficients on the synthetic target.
 
 Ratios are measured side by side in one process: the variants are interleaved, each repeat
-times several steps, and the median over repeats is reported (this machine is noisy). The probe
-step is the real one: its own AdamW groups (coefficients at their rate, no decay) and, for
+times several steps, and the median over repeats is reported (this machine is noisy). Every step
+timed is `train.fit`'s own (`train.TrainStep`, finite checks included) on one fixed batch; the
+probe step is the real one: its own AdamW groups (coefficients at their rate, no decay) and, for
 `probe+clamp`, the simplex projection after each step.
 
     python benchmarks/bench_probe.py                 # CPU targets from the core issue
@@ -23,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from medmerge_core.batches import TensorBatches, extract_features
 from medmerge_core.data.base import ArraySplit, BatchLoader
 from medmerge_core.data.synthetic import make_task
 from medmerge_core.experiment.demo import DemoSettings, pretrain_demo_sources
@@ -30,7 +32,7 @@ from medmerge_core.merge import MergedModel
 from medmerge_core.models import build_model, load_source, split_head
 from medmerge_core.probe import learn_merge
 from medmerge_core.settings import DEFAULT_COEF_LR, DEFAULT_STEPS, ProbeSettings
-from medmerge_core.train import Runtime, TensorBatches, extract_features, task_loss
+from medmerge_core.train import FitOptions, Runtime, TrainStep, task_loss, trainable_parameters
 
 
 def make_step(
@@ -40,21 +42,16 @@ def make_step(
     y: torch.Tensor,
     groups: list[dict] | None = None,
     after_step: Callable[[], None] | None = None,
-):
-    params = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+) -> Callable[[], None]:
+    """`fit`'s own step (`TrainStep`) on one batch already on the device, with AdamW over
+    `groups` (by default every parameter that requires grad), so the timing is fit's step."""
+    params = groups or [{"params": trainable_parameters(model)}]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    scaler = runtime.grad_scaler()
+    train_step = TrainStep(model, optimizer, runtime.grad_scaler(), runtime, after_step=after_step)
     x, y = runtime.inputs(x), y.to(runtime.device)
 
     def step() -> None:
-        with runtime.autocast():
-            loss = task_loss(model(x), y, False)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if after_step is not None:
-            after_step()
+        train_step(x, y, 0, 0)
 
     return step
 
@@ -122,7 +119,7 @@ def default_budget_movement(out: Path, runtime: Runtime) -> dict[str, float]:
         settings.lp.lr,
         0.01,
         runtime,
-        show_progress=False,
+        options=FitOptions(name="medmerge probe", show_progress=False),
     )
     moved = np.concatenate([np.abs(c[0] - 0.5).ravel() for c in learned.coefficients.values()])
     return {

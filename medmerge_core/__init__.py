@@ -8,8 +8,10 @@
 - `merge`: MedMerge arithmetic (`MergedModel`, `bake`); `probe`: learning a merge (one code
   path for the pipelines, the demo and the federation's coordinator);
 - `inmerge`: InMerge on a live model, on a state dict and on an aggregate;
-- `train`: `Runtime` (device, AMP, channels_last), the one `TrainStep` and the `fit` loop;
-  `progress`: what a person watching a stage sees;
+- `train`: `Runtime` (device, AMP, channels_last), the one `TrainStep`, `train_one_epoch` and
+  the `fit` loop that composes them (with its `FitOptions`); `checkpointing`: a stage's record
+  and its resume file (`StageCheckpoint`); `cpu_autocast`: CPU bf16 autocast around a oneDNN
+  convolution bug; `batches`: cached LP features; `progress`: what a person watching a stage sees;
 - `experiment`: the single-site experiment, the twin of `federation`: the pipeline registry
   (FT / LP-FT / Avg+FT / MedMerge and the controls), its YAML config, runner, run folder,
   tracking and demo;

@@ -45,7 +45,7 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
     from medmerge_core.models import load_source
     from medmerge_core.pretrain import pretrain_source
     from medmerge_core.settings import StageSettings
-    from medmerge_core.train import Runtime
+    from medmerge_core.train import FitOptions, Runtime
 
     spec = _data_spec(args.data)
     validate_spec(spec, where="--data")
@@ -64,7 +64,7 @@ def _pretrain(args: argparse.Namespace, console: Console) -> None:
         init_spec=args.init,
         data_spec={**spec, "image_size": args.image_size},
         reuse_unrecorded=False,
-        checkpoint_minutes=args.checkpoint_minutes,
+        options=FitOptions(checkpoint_minutes=args.checkpoint_minutes),
     )
     done = f"{args.out} exists, same settings: reused" if existed else f"saved {args.out}"
     console.print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -15,8 +16,8 @@ from medmerge_core.errors import InputError
 from medmerge_core.io import load_torch_file
 from medmerge_core.models import StateDict, backbone_keys, build_model, save_checkpoint
 from medmerge_core.provenance import environment
-from medmerge_core.settings import CHECKPOINT_MINUTES, StageSettings, differences
-from medmerge_core.train import Runtime, evaluate, fit
+from medmerge_core.settings import StageSettings, differences
+from medmerge_core.train import FitOptions, Runtime, evaluate, fit
 
 
 def _digest(state: StateDict, keys: list[str]) -> str:
@@ -77,11 +78,10 @@ def pretrain_source(
     init: StateDict | None = None,
     batch_size: int = 64,
     seed: int = 0,
-    show_progress: bool = True,
     init_spec: str | None = None,
     data_spec: Mapping[str, Any] | None = None,
     reuse_unrecorded: bool = True,
-    checkpoint_minutes: float = CHECKPOINT_MINUTES,
+    options: FitOptions | None = None,
 ) -> dict[str, float]:
     """Train arch on task (optionally from an init backbone) and save a checkpoint atomically.
 
@@ -90,6 +90,8 @@ def pretrain_source(
     with different settings is an InputError naming the first difference. A file saved before
     settings were recorded is reused when `reuse_unrecorded`, else refused.
     `init_spec` / `data_spec` name the init and the data for the record (the CLI's arguments).
+    `options` (default: FitOptions()) say how the stage is shown, checkpointed and logged; its
+    name and checkpoint (`out`.ckpt) are the source's own, whatever `options` say.
     Returns the test metrics of the saved model.
     """
     out = Path(out)
@@ -136,6 +138,7 @@ def pretrain_source(
                 )
         model.load_state_dict(saved["state_dict"])
         return evaluate(model, test, runtime, task.multilabel)
+    name, checkpoint = f"pretrain {task.name}", out.with_suffix(".ckpt")  # the source's own
     fit(
         model,
         BatchLoader(task.train, batch_size, shuffle=True, seed=seed),
@@ -143,10 +146,7 @@ def pretrain_source(
         stage,
         runtime,
         multilabel=task.multilabel,
-        name=f"pretrain {task.name}",
-        checkpoint=out.with_suffix(".ckpt"),
-        checkpoint_minutes=checkpoint_minutes,
-        show_progress=show_progress,
+        options=dataclasses.replace(options or FitOptions(), name=name, checkpoint=checkpoint),
     )
     metrics = evaluate(model, test, runtime, task.multilabel)
     # The environment is recorded, not compared: a source made elsewhere is still reused.

@@ -12,22 +12,23 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from medmerge_core.checkpointing import FitResult
 from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_savez, atomic_write_json
 from medmerge_core.merge import MergedModel, coefficient_summary
 from medmerge_core.models import StateDict, build_model
-from medmerge_core.settings import CHECKPOINT_MINUTES, ProbeSettings
-from medmerge_core.train import Batches, EpochHook, FitResult, Runtime, fit
+from medmerge_core.settings import ProbeSettings
+from medmerge_core.train import Batches, FitOptions, Runtime, fit
 
 log = logging.getLogger(__name__)
 
 UNIFORM = ProbeSettings(steps=0)  # Avg+FT: the merge at its 1/d initialisation, untrained
+PROBE_OPTIONS = FitOptions(name="medmerge probe")  # a probe's stage, unless its caller names it
 
 
 @dataclass
@@ -88,12 +89,7 @@ def train_probe(
     runtime: Runtime,
     *,
     multilabel: bool = False,
-    checkpoint: Path | None = None,
-    checkpoint_minutes: float = CHECKPOINT_MINUTES,
-    metrics_log: Path | None = None,
-    show_progress: bool = True,
-    name: str = "medmerge probe",
-    on_epoch_end: EpochHook | None = None,
+    options: FitOptions = PROBE_OPTIONS,
 ) -> tuple[MergedModel, FitResult | None]:
     """Train the probe for its budget (the best epoch on validation macro-F1): the one training
     step of the coordinator's probe and of every site's federated probe round.
@@ -111,14 +107,9 @@ def train_probe(
         settings.stage(lr, weight_decay),
         runtime,
         multilabel=multilabel,
-        name=name,
         param_groups=merged.parameter_groups(settings.coef_lr, lr, weight_decay),
         after_step=merged.project_,
-        checkpoint=checkpoint,
-        checkpoint_minutes=checkpoint_minutes,
-        metrics_log=metrics_log,
-        show_progress=show_progress,
-        on_epoch_end=on_epoch_end,
+        options=options,
     )
     return merged, result
 
@@ -134,12 +125,13 @@ def learn_merge(
     weight_decay: float,
     runtime: Runtime,
     *,
+    multilabel: bool = False,
     report_dir: Path | None = None,
     held_at: Sequence[float] | None = None,
-    **options: Any,
+    options: FitOptions = PROBE_OPTIONS,
 ) -> LearnedMerge:
-    """Build the probe around `model` (a new head), train it (`train_probe`, which takes
-    `options`: checkpoint, metrics_log, on_epoch_end, ...), write its report, bake it.
+    """Build the probe around `model` (a new head), train it (`train_probe`, with `options`:
+    checkpoint, metrics log, epoch hook, ...), write its report, bake it.
     Resumable through a checkpoint like any `fit` stage; `on_epoch_end` gets the probe (a
     `MergedModel`, whose current coefficients a tracker can read) after each epoch. With
     `held_at` the coefficients stay at those per-source weights and only BN and the head train.
@@ -152,7 +144,8 @@ def learn_merge(
         lr,
         weight_decay,
         runtime,
-        **options,
+        multilabel=multilabel,
+        options=options,
     )
     coefficients = merged.coefficient_arrays()
     if report_dir is not None:

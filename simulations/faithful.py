@@ -54,7 +54,7 @@ from medmerge_core.io import atomic_savez, atomic_write_json
 from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
 from medmerge_core.settings import ProbeSettings, StageSettings
-from medmerge_core.train import Runtime
+from medmerge_core.train import FitOptions, Runtime
 from simulations.common import load_medmnist_file, set_threads
 
 ARCH, SOURCE_A = "efficientnet_lite0", "imagenet:efficientnet_lite0"
@@ -189,8 +189,9 @@ class Study:
             metrics = pretrain_source(
                 ARCH, own, path, StageSettings(self.p.source_epochs, self.p.source_lr),
                 Runtime.detect("auto"), init=load_source(SOURCE_A, ARCH, own.in_channels),
-                batch_size=self.p.batch_size, seed=replicate, show_progress=False,
-                init_spec=SOURCE_A, data_spec={"dataset": what, "train": len(own.train)},
+                batch_size=self.p.batch_size, seed=replicate, init_spec=SOURCE_A,
+                data_spec={"dataset": what, "train": len(own.train)},
+                options=FitOptions(show_progress=False),
             )  # fmt: skip
             atomic_write_json(record, {"what": what, "train": len(own.train),
                                        "seconds": time.perf_counter() - start,

@@ -31,7 +31,7 @@ from medmerge_core.models import build_model, load_source
 from medmerge_core.pretrain import pretrain_source
 from medmerge_core.probe import learn_merge
 from medmerge_core.settings import ProbeSettings, StageSettings
-from medmerge_core.train import Runtime
+from medmerge_core.train import FitOptions, Runtime
 from simulations.common import (
     command_text,
     load_medmnist_file,
@@ -73,7 +73,7 @@ def target_setup(
             runtime,
             init=a,
             batch_size=64,
-            show_progress=False,
+            options=FitOptions(show_progress=False),
         )
         task = load_medmnist_file(data_root, "breastmnist")
         text = "CIFAR ResNet-20 28x28; A: CIFAR-10 weights, B: PneumoniaMNIST from A"
@@ -102,7 +102,7 @@ def probe_run(
         HEAD_LR,
         HEAD_WEIGHT_DECAY,
         runtime,
-        show_progress=False,
+        options=FitOptions(name="medmerge probe", show_progress=False),
     )
     assert learned.fit is not None
     per_epoch = len(train)

@@ -36,7 +36,7 @@ from medmerge_core.settings import (
     ProbeSettings,
     StageSettings,
 )
-from medmerge_core.train import Runtime
+from medmerge_core.train import FitOptions, Runtime
 from simulations.common import (
     load_medmnist_file,
     subsample_train,
@@ -277,9 +277,9 @@ def prepare_sources(s: StudySettings, console: Console) -> dict[str, dict[str, A
             init=init,
             batch_size=s.batch_size,
             seed=index,
-            show_progress=s.progress,
             init_spec=None if init_name is None else s.source_spec(init_name),
             data_spec={"dataset": dataset, "train": len(task.train)},
+            options=FitOptions(show_progress=s.progress),
         )
         info[name] = {
             "spec": str(path.resolve()),

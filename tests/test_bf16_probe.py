@@ -3,7 +3,7 @@
 The divergence came from oneDNN's bf16 convolution weight gradient, which is wrong (values up to
 1e33, or NaN) for a strided convolution whose input is narrower than its stride: ResNet-18's
 layer4.0.conv1 on the 1x1 maps of 16x16 images. `Runtime.autocast` pads such inputs explicitly
-(train.conv2d_without_input_below_stride); `TrainStep` skips what is non-finite anyway.
+(cpu_autocast.conv2d_without_input_below_stride); `TrainStep` skips what is non-finite anyway.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import nn
 
+from medmerge_core.batches import TensorBatches
 from medmerge_core.cli import main
 from medmerge_core.errors import NonFiniteLossError
 from medmerge_core.settings import StageSettings
-from medmerge_core.train import MAX_NONFINITE_STEPS, Runtime, TensorBatches, fit
+from medmerge_core.train import MAX_NONFINITE_STEPS, FitOptions, Runtime, fit
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BF16 = Runtime.detect("cpu", amp=True, channels_last=True)
@@ -127,10 +128,9 @@ def train(model: nn.Module, poison: Poison, steps: int, epochs: int = 1, **kwarg
         small_batches(2),
         StageSettings(epochs, 1e-2),
         Runtime.detect("cpu"),
-        name="ft",
         before_step=poison.before_step,
         after_step=lambda: applied.append(poison.step),
-        show_progress=False,
+        options=FitOptions(name="ft", show_progress=False),
         **kwargs,
     )
     return result, applied
@@ -235,7 +235,7 @@ def test_bf16_probe_is_close_to_fp32_on_real_weights() -> None:
             1e-2,
             0.01,
             runtime,
-            show_progress=False,
+            options=FitOptions(name="medmerge probe", show_progress=False),
         )
 
     threads = torch.get_num_threads()

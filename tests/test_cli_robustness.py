@@ -17,7 +17,7 @@ from medmerge_core.errors import InputError
 from medmerge_core.experiment.config import load_config
 from medmerge_core.io import atomic_torch_save, atomic_write_text, load_torch_file
 from medmerge_core.settings import StageSettings
-from medmerge_core.train import Runtime
+from medmerge_core.train import FitOptions, Runtime
 
 CONFIG = (
     "name: x\n"
@@ -285,11 +285,15 @@ def test_library_callers_keep_reusing_old_files_and_resume(tiny_task, tmp_path, 
     real_evaluate = pretrain.evaluate
     monkeypatch.setattr(pretrain, "evaluate", lambda *a, **k: (_ for _ in ()).throw(OSError))
     with pytest.raises(OSError):
-        pretrain.pretrain_source("resnet18", tiny_task, out, stage, cpu, show_progress=False)
+        pretrain.pretrain_source(
+            "resnet18", tiny_task, out, stage, cpu, options=FitOptions(show_progress=False)
+        )
     assert out.with_suffix(".ckpt").exists() and not out.exists()
     monkeypatch.setattr(pretrain, "evaluate", real_evaluate)
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: pytest.fail("retrained"))
-    pretrain.pretrain_source("resnet18", tiny_task, out, stage, cpu, show_progress=False)
+    pretrain.pretrain_source(
+        "resnet18", tiny_task, out, stage, cpu, options=FitOptions(show_progress=False)
+    )
     assert out.exists() and not out.with_suffix(".ckpt").exists()
     assert load_torch_file(out, "x")["settings"]["epochs"] == 1
 

@@ -114,7 +114,7 @@ def probe_coefficients(task: TaskData, runtime: Runtime):
     from medmerge_core.models import build_model, load_source
     from medmerge_core.probe import learn_merge
     from medmerge_core.settings import ProbeSettings
-    from medmerge_core.train import seed_everything
+    from medmerge_core.train import FitOptions, seed_everything
 
     seed_everything(0)
     learned = learn_merge(
@@ -127,7 +127,7 @@ def probe_coefficients(task: TaskData, runtime: Runtime):
         1e-3,
         0.01,
         runtime,
-        show_progress=False,
+        options=FitOptions(name="medmerge probe", show_progress=False),
     )
     assert learned.fit is not None and len(learned.fit.history) == 1
     assert getattr(learned.fit, "skipped_steps", 0) == 0
@@ -182,7 +182,7 @@ def test_the_baked_model_equals_the_probe_on_cuda(
     from medmerge_core.merge import MergedModel
     from medmerge_core.models import build_model, load_source
     from medmerge_core.settings import StageSettings
-    from medmerge_core.train import Runtime, fit
+    from medmerge_core.train import FitOptions, Runtime, fit
 
     runtime = Runtime.detect("cuda", amp=amp, channels_last=channels_last)
     if amp:
@@ -197,7 +197,7 @@ def test_the_baked_model_equals_the_probe_on_cuda(
         StageSettings(0, 1e-3, steps=2),
         runtime,
         param_groups=merged.parameter_groups(0.05, 1e-3, 0.01),
-        show_progress=False,
+        options=FitOptions(show_progress=False),
     )
     assert max(float((c.detach() - 0.5).abs().max()) for c in merged.coefficients) > 0.01
     baked = runtime.model(merged.bake()).eval()

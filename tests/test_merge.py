@@ -12,7 +12,7 @@ from medmerge_core.merge import COEFFICIENT_PREFIX, MergedModel, merge_state_dic
 from medmerge_core.models import build_model, load_source, mergeable_keys
 from medmerge_core.probe import write_merge_report
 from medmerge_core.settings import StageSettings
-from medmerge_core.train import Runtime, evaluate, fit
+from medmerge_core.train import FitOptions, Runtime, evaluate, fit
 
 
 def sources(arch: str = "resnet18", seeds: tuple[int, ...] = (1, 2), in_channels: int = 1):
@@ -147,7 +147,14 @@ def test_probe_step_trains_only_coefficients_bn_and_head(tiny_task) -> None:
     head = model.model.fc.weight.detach().clone()
     stage = StageSettings(epochs=1, lr=1e-2)
     one_batch = [next(iter(BatchLoader(tiny_task.train, 16, shuffle=True)))]
-    fit(model, one_batch, one_batch, stage, Runtime.detect("cpu"), show_progress=False)
+    fit(
+        model,
+        one_batch,
+        one_batch,
+        stage,
+        Runtime.detect("cpu"),
+        options=FitOptions(show_progress=False),
+    )
     for index in range(len(model.weight_keys)):  # frozen source stacks, bit for bit
         stack = getattr(model, f"source_w{index}")  # [d, C_out, K]
         key = model.weight_keys[index]
@@ -169,7 +176,7 @@ def test_frozen_bn_stays_at_the_source_mean(tiny_task) -> None:
         one_batch,
         StageSettings(1, 1e-2),
         Runtime.detect("cpu"),
-        show_progress=False,
+        options=FitOptions(show_progress=False),
     )
     mean = (srcs[0]["bn1.weight"] + srcs[1]["bn1.weight"]) / 2
     assert torch.equal(model.model.bn1.weight, mean)
@@ -183,7 +190,7 @@ def test_probe_lowers_validation_loss(tiny_task) -> None:
     train = BatchLoader(tiny_task.train, 16, shuffle=True)
     val = BatchLoader(tiny_task.val, 32)
     start = evaluate(model, val, runtime)["loss"]
-    fit(model, train, val, StageSettings(4, 3e-3), runtime, show_progress=False)
+    fit(model, train, val, StageSettings(4, 3e-3), runtime, options=FitOptions(show_progress=False))
     assert evaluate(model, val, runtime)["loss"] < start
 
 

@@ -18,7 +18,7 @@ from medmerge_core.merge import MergedModel, coefficient_summary, project_to_sim
 from medmerge_core.models import build_model, load_source, save_checkpoint
 from medmerge_core.probe import learn_merge
 from medmerge_core.settings import ProbeSettings, StageSettings, build
-from medmerge_core.train import Runtime, fit
+from medmerge_core.train import FitOptions, Runtime, fit
 
 
 class Interrupt(Exception):
@@ -51,7 +51,7 @@ def run_probe(tiny_task, settings: ProbeSettings, lr: float = 1e-3, **kwargs):
         lr,
         0.01,
         kwargs.pop("runtime", Runtime.detect("cpu")),
-        show_progress=False,
+        options=FitOptions(name="medmerge probe", show_progress=False),
         **kwargs,
     )
 
@@ -70,7 +70,7 @@ def test_probe_equals_bake_on_the_gpu_code_paths(tiny_task, amp, channels_last) 
         StageSettings(0, 1e-3, steps=2),
         runtime,
         param_groups=merged.parameter_groups(0.05, 1e-3, 0.01),
-        show_progress=False,
+        options=FitOptions(show_progress=False),
     )
     baked = runtime.model(merged.bake()).eval()
     merged.eval()
@@ -170,7 +170,7 @@ def test_step_budget_counts_optimiser_steps(tiny_task) -> None:
         Runtime.detect("cpu"),
         param_groups=merged.parameter_groups(1e-2, 1e-3, 0.01),
         after_step=lambda: steps.append(1),
-        show_progress=False,
+        options=FitOptions(show_progress=False),
     )
     assert len(steps) == 5 and len(result.history) == 3
 
@@ -293,9 +293,11 @@ def test_an_interrupted_probe_resumes_bit_for_bit(tiny_task, tmp_path) -> None:
             param_groups=merged.parameter_groups(0.05, 1e-3, 0.01),
             after_step=merged.project_,
             before_step=hook,
-            checkpoint=checkpoint,
-            checkpoint_minutes=0,  # after every epoch: the interruption resumes mid-stage
-            show_progress=False,
+            options=FitOptions(
+                checkpoint=checkpoint,
+                checkpoint_minutes=0,  # after every epoch: the interruption resumes mid-stage
+                show_progress=False,
+            ),
         )
         return merged, result
 

@@ -36,7 +36,7 @@ PLAIN_LINE = re.compile(
 )
 
 
-def _fit(task, **kwargs):
+def _fit(task, show_progress: bool = True, **kwargs):
     torch.manual_seed(0)
     return train.fit(
         build_model("resnet18", 2, 1),
@@ -44,7 +44,7 @@ def _fit(task, **kwargs):
         BatchLoader(task.val, 32),
         kwargs.pop("stage", StageSettings(2, 1e-3)),
         train.Runtime.detect("cpu"),
-        name="ft:a ft",
+        options=train.FitOptions(name="ft:a ft", show_progress=show_progress),
         **kwargs,
     )
 

@@ -11,7 +11,7 @@ from medmerge_core.errors import NonFiniteLossError
 from medmerge_core.metrics import classification_metrics
 from medmerge_core.models import build_model
 from medmerge_core.settings import StageSettings
-from medmerge_core.train import Runtime, fit
+from medmerge_core.train import FitOptions, Runtime, fit
 
 
 class Interrupt(Exception):
@@ -38,9 +38,7 @@ def test_interrupted_fit_resumes_after_the_last_completed_epoch(tiny_task, tmp_p
             StageSettings(3, 1e-3),
             runtime,
             before_step=stop_in_epoch_2,
-            checkpoint=ckpt,
-            checkpoint_minutes=0,
-            show_progress=False,
+            options=FitOptions(checkpoint=ckpt, checkpoint_minutes=0, show_progress=False),
         )
     saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 1 and len(saved["history"]) == 2
@@ -55,8 +53,7 @@ def test_interrupted_fit_resumes_after_the_last_completed_epoch(tiny_task, tmp_p
         StageSettings(3, 1e-3),
         runtime,
         before_step=lambda m, e: seen.append(e),
-        checkpoint=ckpt,
-        show_progress=False,
+        options=FitOptions(checkpoint=ckpt, show_progress=False),
     )
     assert set(seen) == {2}  # only the missing epoch ran
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
@@ -72,7 +69,7 @@ def test_best_epoch_by_validation_macro_f1_is_restored(tiny_task) -> None:
         BatchLoader(tiny_task.val, 32),
         StageSettings(3, 1e-3),
         runtime,
-        show_progress=False,
+        options=FitOptions(show_progress=False),
     )
     best = max(result.history, key=lambda h: h["val_macro_f1"])
     assert result.best_epoch == best["epoch"]
@@ -87,8 +84,7 @@ def test_progress_in_a_log_file_is_one_plain_line_per_epoch(tiny_task, capsys) -
         BatchLoader(tiny_task.val, 32),
         StageSettings(2, 1e-3),
         Runtime.detect("cpu"),
-        name="ft:a ft",
-        show_progress=True,
+        options=FitOptions(name="ft:a ft", show_progress=True),
     )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [line.split(" loss ")[0] for line in lines] == [
@@ -112,9 +108,8 @@ def test_nan_loss_is_a_clear_error(tiny_task) -> None:
             BatchLoader(tiny_task.val, 32),
             StageSettings(1, 1e-3),
             Runtime.detect("cpu"),
-            name="ft",
             before_step=poison,
-            show_progress=False,
+            options=FitOptions(name="ft", show_progress=False),
         )
 
 

@@ -25,7 +25,7 @@ from medmerge_core.models import load_source
 from medmerge_core.pretrain import pretrain_source
 from medmerge_core.report import detail_table, table1
 from medmerge_core.settings import ProbeSettings, StageSettings
-from medmerge_core.train import Runtime
+from medmerge_core.train import FitOptions, Runtime
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def pretrain_demo_sources(
             runtime,
             batch_size=s.batch_size,
             seed=s.seed,
-            show_progress=show_progress,
+            options=FitOptions(show_progress=show_progress),
         )
         console.print(f"    generic source test accuracy {metrics['accuracy']:.3f}")
         generic = str((source_dir / "generic.pt").resolve())
@@ -131,8 +131,8 @@ def pretrain_demo_sources(
         init=load_source(generic, s.arch, related_task.in_channels),
         batch_size=s.batch_size,
         seed=s.seed + 1,
-        show_progress=show_progress,
         init_spec=s.generic,  # None: recorded as "weights", as before
+        options=FitOptions(show_progress=show_progress),
     )
     console.print(f"    related source test accuracy {related['accuracy']:.3f}")
     return generic, related_ckpt

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medmerge_core.batches import TensorBatches, extract_features
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.experiment.config import ExperimentConfig
 from medmerge_core.experiment.pipelines import REGISTRY, planned_methods
@@ -31,16 +32,7 @@ from medmerge_core.inmerge import training_hook
 from medmerge_core.models import StateDict, build_model, load_source, split_head
 from medmerge_core.probe import UNIFORM, learn_merge
 from medmerge_core.settings import ProbeSettings, StageSettings
-from medmerge_core.train import (
-    Runtime,
-    StepHook,
-    TensorBatches,
-    extract_features,
-    fit,
-    predict,
-    scored,
-    seed_everything,
-)
+from medmerge_core.train import FitOptions, Runtime, StepHook, fit, predict, scored, seed_everything
 
 
 @dataclass
@@ -74,6 +66,17 @@ class RunContext:
         torch.manual_seed(self.config.seed)  # the same head init for every method of a seed
         return build_model(self.config.model.arch, self.task.num_classes, self.task.in_channels)
 
+    def _fit_options(self, method: str, stage: str) -> FitOptions:
+        """How every stage of a run is named, checkpointed, logged, shown and tracked."""
+        return FitOptions(
+            name=f"{method} {stage}",
+            checkpoint=self.run.state_path(method, stage),
+            checkpoint_minutes=self.config.checkpoint_minutes,
+            metrics_log=self.run.metrics_path,
+            show_progress=self.show_progress,
+            on_epoch_end=self.tracker.hook(stage),
+        )
+
     def stage(
         self,
         model: nn.Module,
@@ -92,13 +95,8 @@ class RunContext:
             settings,
             self.runtime,
             multilabel=self.task.multilabel,
-            name=f"{method} {stage}",
             before_step=before_step,
-            checkpoint=self.run.state_path(method, stage),
-            checkpoint_minutes=self.config.checkpoint_minutes,
-            metrics_log=self.run.metrics_path,
-            show_progress=self.show_progress,
-            on_epoch_end=self.tracker.hook(stage),
+            options=self._fit_options(method, stage),
         ).summary()
 
     # -- the steps of a pipeline -----------------------------------------------------------
@@ -159,14 +157,9 @@ class RunContext:
             c.lp.weight_decay,
             self.runtime,
             multilabel=self.task.multilabel,
-            checkpoint=self.run.state_path(method, stage),
-            checkpoint_minutes=c.checkpoint_minutes,
-            metrics_log=self.run.metrics_path,
             report_dir=self.run.dir if settings.trains and held_at is None else None,
             held_at=held_at,
-            show_progress=self.show_progress,
-            name=f"{method} {stage}",
-            on_epoch_end=self.tracker.hook(stage),
+            options=self._fit_options(method, stage),
         )
         return learned.model, learned.fit.summary() if learned.fit is not None else None
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medmerge_core.checkpointing import FitResult
 from medmerge_core.data.base import BatchLoader, TaskData
 from medmerge_core.errors import DataUnavailable, InputError
 from medmerge_core.federation.audit import audit_file
@@ -47,7 +48,7 @@ from medmerge_core.probe import train_probe
 from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 from medmerge_core.train import (
     EVAL_BATCH_SIZE,
-    FitResult,
+    FitOptions,
     Runtime,
     evaluate,
     fit,
@@ -213,7 +214,7 @@ class Node:
                 self.runtime,
                 batch_size=self.batch_size,
                 seed=self.seed,
-                show_progress=False,
+                options=FitOptions(show_progress=False),
             )
         log.info("institution %s pretrained: %s", self.name, metrics)
         state = load_source(ckpt, self.arch, self.task.in_channels)
@@ -259,8 +260,7 @@ class Node:
             self.probe_weight_decay,
             self.runtime,
             multilabel=task.multilabel,
-            name=name,
-            show_progress=False,
+            options=FitOptions(name=name, show_progress=False),
         )
 
     # ------------------------------------------------------------------ site
@@ -346,9 +346,8 @@ class Node:
             self.ft,
             self.runtime,
             multilabel=task.multilabel,
-            name=f"round {server_round}",
             before_step=None if self.inmerge is None else training_hook(self.inmerge, seed),
-            show_progress=False,
+            options=FitOptions(name=f"round {server_round}", show_progress=False),
         )
         out = _cpu(model.state_dict())
         meta, _, norm = model_reference(info)
