@@ -40,15 +40,25 @@ def separable_split(n: int, size: int, seed: int, classes: int = 2) -> ArraySpli
     return ArraySplit(images, labels.astype(np.int64))
 
 
-@pytest.fixture
-def tiny_task() -> TaskData:
+def tiny(size: int) -> TaskData:
     return TaskData(
         "tiny",
-        separable_split(64, 32, 0),
-        separable_split(32, 32, 1),
-        separable_split(32, 32, 2),
+        separable_split(64, size, 0),
+        separable_split(32, size, 1),
+        separable_split(32, size, 2),
         ("low", "high"),
     )
+
+
+@pytest.fixture
+def tiny_task() -> TaskData:
+    return tiny(32)
+
+
+@pytest.fixture
+def tiny_task_16px() -> TaskData:
+    """The same task at 16x16, for tests whose budget is hundreds of steps."""
+    return tiny(16)
 
 
 @pytest.fixture(scope="session")

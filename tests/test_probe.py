@@ -39,11 +39,11 @@ def probe(constraint: str = "none", n: int = 2) -> MergedModel:
     )
 
 
-def run_probe(tiny_task, settings: ProbeSettings, lr: float = 1e-3, **kwargs):
+def run_probe(tiny_task, settings: ProbeSettings, lr: float = 1e-3, arch="resnet18", **kwargs):
     torch.manual_seed(0)
     return learn_merge(
-        build_model("resnet18", 2, 1),
-        sources(),
+        build_model(arch, 2, 1),
+        sources(arch=arch),
         ["a", "b"],
         BatchLoader(tiny_task.train, 32, shuffle=True),
         BatchLoader(tiny_task.val, 32),
@@ -150,11 +150,11 @@ def test_the_coefficient_learning_rate_is_independent(tiny_task) -> None:
         assert torch.equal(slow.model.state_dict()[name], fast.model.state_dict()[name]), name
 
 
-def test_default_budget_moves_kernels_beyond_the_old_cap(tiny_task) -> None:
+def test_default_budget_moves_kernels_beyond_the_old_cap(tiny_task_16px) -> None:
     """Before, the probe took the LP settings (default 10 epochs at lr 1e-4: 20 steps on this
     64-image task) and AdamW moved no coefficient by more than ~lr x steps = 0.002."""
     old_cap = 1e-4 * 10 * 2
-    learned = run_probe(tiny_task, ProbeSettings())
+    learned = run_probe(tiny_task_16px, ProbeSettings(), arch="shufflenet_v2_x0_5")
     movement = np.concatenate([np.abs(v[0] - 0.5).ravel() for k, v in learned.coefficients.items()])
     assert np.median(movement) > old_cap
     assert movement.max() > 10 * old_cap
