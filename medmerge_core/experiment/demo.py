@@ -30,7 +30,7 @@ from medmerge_core.train import FitOptions, Runtime
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sized so the whole demo finishes in about 2 minutes on a 2-core CPU."""
+    """Sized so the whole demo finishes in about 4 minutes on a 2-core CPU (README)."""
 
     arch: str = "resnet18"
     generic: str | None = None  # a source spec, or None: pretrained on the synthetic 'generic'
