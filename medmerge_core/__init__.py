@@ -6,7 +6,8 @@
 - `models`: architectures (+ `cifar_resnet`, the CIFAR-10 ResNets, and `efficientnet_lite`,
   EfficientNet-Lite0), source loading, and the model-key helpers (norm, conv, mergeable keys);
 - `merge`: MedMerge arithmetic (`MergedModel`, `bake`); `probe`: learning a merge (one code
-  path for the pipelines, the demo and the federation's coordinator);
+  path for the pipelines, the demo and the federation's coordinator); `coefficients`: what a
+  learned merge says kernel by kernel (the summary and the figure's preferred source);
 - `inmerge`: InMerge on a live model, on a state dict and on an aggregate;
 - `train`: `Runtime` (device, AMP, channels_last), the one `TrainStep`, `train_one_epoch` and
   the `fit` loop that composes them (with its `FitOptions`); `checkpointing`: a stage's record

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from medmerge_core.checkpointing import FitResult
+from medmerge_core.coefficients import coefficient_summary
 from medmerge_core.errors import InputError
 from medmerge_core.io import atomic_savez, atomic_write_json
-from medmerge_core.merge import MergedModel, coefficient_summary
+from medmerge_core.merge import MergedModel
 from medmerge_core.models import StateDict, build_model
 from medmerge_core.settings import ProbeSettings
 from medmerge_core.train import Batches, FitOptions, Runtime, fit
@@ -157,7 +158,7 @@ def write_merge_report(
     run_dir: Path, coefficients: Mapping[str, np.ndarray], source_names: Sequence[str]
 ) -> None:
     """coefficients.npz (every coefficient + per-layer means), coefficient_summary.json
-    (per-kernel movement per layer, see merge.coefficient_summary) and coefficients.png."""
+    (per-kernel movement per layer, see coefficients.coefficient_summary) and coefficients.png."""
     from medmerge_core.report import plot_merge_coefficients
 
     summary = coefficient_summary(coefficients)

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from medmerge_core.coefficients import preferred_source
 from medmerge_core.experiment.pipelines import REGISTRY
 from medmerge_core.io import atomic_write
-from medmerge_core.merge import preferred_source
 
 
 def method_label(method: str) -> str:

@@ -1,8 +1,7 @@
-"""Shared fixtures (tiny synthetic tasks, one quick-demo run folder) and the xdist set-up."""
+"""Shared fixtures: tiny synthetic tasks and one quick-demo run folder per test session."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +10,7 @@ import torch
 
 from medmerge_core.data.base import ArraySplit, TaskData
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist each worker has a core. Its subprocesses (CLI runs, Flower's
-    processes) inherit the same count, so a result compared across the two is computed alike."""
-    threads = 1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads())
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The network tests run one at a time on one worker, beside the others: each starts a
-    consortium of Flower processes whose heartbeats must not starve."""
-    for item in items:
-        if item.get_closest_marker("network"):
-            item.add_marker(pytest.mark.xdist_group("network"))
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def separable_split(n: int, size: int, seed: int, classes: int = 2) -> ArraySplit:

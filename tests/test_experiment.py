@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import medmerge_core.checkpointing as checkpointing
 import medmerge_core.experiment.run_folder as run_folder
 import medmerge_core.experiment.runner as runner
 from medmerge_core.cli import main
@@ -98,13 +99,13 @@ def test_rolling_checkpoints_follow_the_interval_and_it_may_change_on_resume(
     tiny_task, tmp_path, monkeypatch
 ) -> None:
     writes: list[str] = []
-    real = runner.fit.__globals__["atomic_torch_save"]
+    real = checkpointing.atomic_torch_save
 
     def counting(obj, path):
         writes.append("finished" if obj.get("finished") else "rolling")
         real(obj, path)
 
-    monkeypatch.setitem(runner.fit.__globals__, "atomic_torch_save", counting)
+    monkeypatch.setattr(checkpointing, "atomic_torch_save", counting)  # the stage's one writer
     three = {"epochs": 3, "lr": 1e-4}
     runner.run_experiment(make_config(tmp_path, pipelines=["ft"], sources={
         "a": "random:1"}, ft=three), task=tiny_task, show_progress=False)  # fmt: skip
