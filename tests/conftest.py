@@ -48,7 +48,7 @@ def tiny_task_16px() -> TaskData:
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory) -> Path:
-    """`medmerge demo --quick` run once per test session (per xdist worker); tests that need a
+    """`medmerge demo --quick` run once per test session; tests that need a
     finished run folder read it, or copy it before writing beside it."""
     from medmerge_core.cli import main
 
