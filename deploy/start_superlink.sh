@@ -62,8 +62,10 @@ if [ -n "${LOG_FILE:-}" ]; then
   : >> "$LOG_FILE" || die "cannot write LOG_FILE $LOG_FILE"
 fi
 
-link=$(command -v flower-superlink) || die "flower-superlink is not on PATH"
-# The gateway needs Flower's own dependencies (httpx, uvicorn): use flower-superlink's Python.
+# medmerge-superlink is flower-superlink whose database waits longer for a lock
+# (server/superlink_runtime.py says why).
+link=$(command -v medmerge-superlink) || die "medmerge-superlink is not on PATH (pip install the project)"
+# The gateway needs Flower's own dependencies (httpx, uvicorn): use the SuperLink's Python.
 python=${MEDMERGE_PYTHON:-$(dirname "$(realpath "$link")")/python3}
 [ -x "$python" ] || python=python3
 here=$(dirname "$(realpath "${BASH_SOURCE[0]}")")
@@ -87,7 +89,7 @@ trap stop EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
 
-# flower-superlink keeps the lock (fd 9) while it uses the database; the gateway does not.
+# The SuperLink keeps the lock (fd 9) while it uses the database; the gateway does not.
 "$link" --ssl-ca-certfile "$certs/ca.crt" --ssl-certfile "$certs/server.pem" \
   --ssl-keyfile "$certs/server.key" --enable-supernode-auth \
   --disable-runtime-dependency-installation \

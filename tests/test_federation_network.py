@@ -468,7 +468,7 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path) -
 
 
 def test_a_superlink_and_a_serverapp_killed_mid_run_lose_no_round(tmp_path) -> None:
-    """The SuperLink (its script, flower-superlink and the Fleet gateway) is SIGKILLed while
+    """The SuperLink (its script, medmerge-superlink and the Fleet gateway) is SIGKILLed while
     site-1 trains round 1 and restarted on the same state folder: the SuperNodes reconnect by
     themselves as the same nodes (no registration again, the same node ids, never restarted),
     and the same run carries on, with site-1's round-1 reply that crossed the restart. Then the
@@ -560,7 +560,10 @@ def test_an_outsider_with_the_ca_certificate_reaches_only_the_fleet_api(tmp_path
     proc, fleet, control = start_superlink(tmp_path, env, tmp_path / "superlink.log")
     pids: set[int] = set()
     try:
-        pids = descendants(proc.pid)  # the script, flower-superlink, gateway, superexec
+        pids = descendants(proc.pid)  # the script, medmerge-superlink, gateway, superexec
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in sorted(pids)
+                    if Path(f"/proc/{pid}").exists()]  # fmt: skip
+        assert any(b"medmerge-superlink" in c for c in commands), commands  # the lock wait
         ca = tmp_path / "outsider" / "ca.crt"  # all the outsider holds
         ca.parent.mkdir()
         ca.write_bytes((tmp_path / "certs" / "ca.crt").read_bytes())
