@@ -157,6 +157,16 @@ def descendants(root: int) -> set[int]:
     return found
 
 
+def descendants_running(root: int, program: bytes) -> list[int]:
+    """PIDs at or below `root` whose command line names `program`."""
+    found = []
+    for pid in sorted(descendants(root)):
+        with contextlib.suppress(OSError):  # a process that has just exited
+            if program in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
 def listening_sockets(pids: set[int] | None = None) -> set[tuple[str, int]]:
     """(address, port) of each listening TCP socket in /proc/net/tcp{,6}: those that `pids`
     hold, or all of them."""
@@ -334,12 +344,7 @@ class Consortium:
 
     def serverapps(self) -> list[int]:
         """PIDs of the flwr-serverapp processes the SuperExec started."""
-        found = []
-        for pid in descendants(self.procs["superexec"].pid):
-            with contextlib.suppress(OSError):
-                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(pid)
-        return found
+        return descendants_running(self.procs["superexec"].pid, b"flwr-serverapp")
 
     def node_ids(self) -> dict[str, str]:
         listing = json.loads(self.flwr("supernode", "list", "hospitals", "--format", "json"))
@@ -561,9 +566,7 @@ def test_an_outsider_with_the_ca_certificate_reaches_only_the_fleet_api(tmp_path
     pids: set[int] = set()
     try:
         pids = descendants(proc.pid)  # the script, medmerge-superlink, gateway, superexec
-        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in sorted(pids)
-                    if Path(f"/proc/{pid}").exists()]  # fmt: skip
-        assert any(b"medmerge-superlink" in c for c in commands), commands  # the lock wait
+        assert descendants_running(proc.pid, b"medmerge-superlink"), pids  # the lock wait
         ca = tmp_path / "outsider" / "ca.crt"  # all the outsider holds
         ca.parent.mkdir()
         ca.write_bytes((tmp_path / "certs" / "ca.crt").read_bytes())
