@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
 from medmerge_core.errors import DataUnavailable, InputError
+from medmerge_core.federation import protocol
 from medmerge_core.federation.audit import append_audit, audit_failure, record_digest
 from medmerge_core.federation.config import SAFE_NAME, FederationConfig
 from medmerge_core.federation.merge_rounds import sources_digest
@@ -139,52 +140,55 @@ def _reply(node: Node, msg: Message, content: RecordDict) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.query("info")
+@app.query(protocol.action(protocol.QUERY_INFO))
 @guarded
 def info(msg: Message, context: Context) -> Message:
     node = _node(context)
-    config = msg.content.config_records.get("config")
-    challenge = str(config.get("challenge", "")) if config is not None else ""
-    proof = node.identity_proof(challenge) if challenge else {}
-    record = ConfigRecord({**node.member().as_config(), **proof})
-    return _reply(node, msg, RecordDict({"info": record}))
+    config = msg.content.config_records.get(protocol.CONFIG)
+    challenge = str(config.get(protocol.CHALLENGE, "")) if config is not None else ""
+    token, proof = node.identity_proof(challenge) if challenge else (None, None)
+    record = ConfigRecord(node.member().info(token, proof).as_config())
+    return _reply(node, msg, RecordDict({protocol.INFO: record}))
 
 
-@app.query("target")
+@app.query(protocol.action(protocol.QUERY_TARGET))
 @guarded
 def target(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
-    return _reply(node, msg, RecordDict({"info": ConfigRecord(node.target_info().as_config())}))
+    record = ConfigRecord(node.target_info().as_config())
+    return _reply(node, msg, RecordDict({protocol.INFO: record}))
 
 
-@app.query("backbone")
+@app.query(protocol.action(protocol.QUERY_BACKBONE))
 @guarded
 def backbone(msg: Message, context: Context) -> Message:
     node = _node(context, "institution")
     state, meta = node.backbone()
     content = RecordDict(
         {
-            "arrays": ArrayRecord(compress(state, node.fp16)),
-            "info": ConfigRecord(meta),
+            protocol.ARRAYS: ArrayRecord(compress(state, node.fp16)),
+            protocol.INFO: ConfigRecord(meta.as_config()),
         }
     )
     return _reply(node, msg, content)
 
 
-@app.train("merge")
+@app.train(protocol.action(protocol.TRAIN_MERGE))
 @guarded
 def merge(msg: Message, context: Context) -> Message:
-    names = [str(n) for n in msg.content["config"]["names"]]  # type: ignore[union-attr]
-    sources = [msg.content[f"source-{i}"].to_torch_state_dict() for i in range(len(names))]
+    config = msg.content[protocol.CONFIG]
+    names = [str(n) for n in config[protocol.NAMES]]  # type: ignore[union-attr]
+    sources = [msg.content[protocol.source_key(i)].to_torch_state_dict()  # type: ignore[union-attr]
+               for i in range(len(names))]  # fmt: skip
     node = _node(context, "coordinator")
     state, model, learned, metrics = node.merge(sources, names)
     coefficients = {k: torch.from_numpy(v) for k, v in learned.items()}
     content = RecordDict(
         {
-            "arrays": ArrayRecord(compress(state, node.fp16)),
-            "coefficients": ArrayRecord(coefficients),  # model weights, not data
-            "info": ConfigRecord(model.as_config()),
-            "metrics": MetricRecord(metrics),
+            protocol.ARRAYS: ArrayRecord(compress(state, node.fp16)),
+            protocol.COEFFICIENTS: ArrayRecord(coefficients),  # model weights, not data
+            protocol.INFO: ConfigRecord(model.as_config()),
+            protocol.METRICS: MetricRecord(metrics),
         }
     )
     return _reply(node, msg, content)
@@ -193,33 +197,34 @@ def merge(msg: Message, context: Context) -> Message:
 def _sources(msg: Message, context: Context) -> tuple[list[StateDict], list[str]]:
     """The federated probe's source backbones: from the message the first time (checked
     against their digest, then kept in this node's run state), from that cache afterwards."""
-    config = msg.content["config"]
-    names = [str(n) for n in config["names"]]  # type: ignore[union-attr]
-    digest = str(config["sources-digest"])  # type: ignore[index]
-    if "source-0" in msg.content:
-        sources = [msg.content[f"source-{i}"].to_torch_state_dict() for i in range(len(names))]
+    config = msg.content[protocol.CONFIG]
+    names = [str(n) for n in config[protocol.NAMES]]  # type: ignore[union-attr]
+    digest = str(config[protocol.SOURCES_DIGEST])  # type: ignore[index]
+    if protocol.source_key(0) in msg.content:
+        sources = [msg.content[protocol.source_key(i)].to_torch_state_dict()  # type: ignore[union-attr]
+                   for i in range(len(names))]  # fmt: skip
         if sources_digest(sources) != digest:
             raise InputError(f"probe sources: digest mismatch (expected {digest})")
         for i in range(len(names)):
-            context.state[f"probe-source-{i}"] = msg.content[f"source-{i}"]
-        context.state["probe-sources"] = ConfigRecord({"digest": digest})
+            context.state[protocol.probe_source_key(i)] = msg.content[protocol.source_key(i)]
+        context.state[protocol.PROBE_SOURCES] = ConfigRecord({protocol.DIGEST: digest})
         return sources, names
-    cached = context.state.get("probe-sources")
-    if cached is None or cached["digest"] != digest:  # type: ignore[index]
+    cached = context.state.get(protocol.PROBE_SOURCES)
+    if cached is None or cached[protocol.DIGEST] != digest:  # type: ignore[index]
         raise InputError(f"probe sources {digest} are not cached here; the server resends them")
-    return [context.state[f"probe-source-{i}"].to_torch_state_dict()  # type: ignore[union-attr]
+    return [context.state[protocol.probe_source_key(i)].to_torch_state_dict()  # type: ignore[union-attr]
             for i in range(len(names))], names  # fmt: skip
 
 
 def _received(msg: Message) -> tuple[ArrayRecord, ModelInfo, int, StateDict | None]:
     """(the global model's arrays, its description, the round, the merged model's norm
     layers when the server sent them for FedBN)."""
-    config = msg.content["config"]
-    initial = msg.content.get("local-init")
+    config = msg.content[protocol.CONFIG]
+    initial = msg.content.get(protocol.LOCAL_INIT)
     return (
-        msg.content["arrays"],  # type: ignore[return-value]
+        msg.content[protocol.ARRAYS],  # type: ignore[return-value]
         ModelInfo.from_config(config),  # type: ignore[arg-type]
-        int(config["server-round"]),  # type: ignore[index,arg-type]
+        int(config[protocol.SERVER_ROUND]),  # type: ignore[index,arg-type]
         None if initial is None else initial.to_torch_state_dict(),  # type: ignore[union-attr]
     )
 
@@ -259,22 +264,22 @@ def _secure_content(
     """The SecAgg+ training reply, in the legacy layout `secaggplus_mod` reads: this site's
     checked update on the keys the server names (`site_delta`), its weight, its metrics. The
     mod masks the update and empties every array record before the reply leaves."""
-    config = msg.content["config"]
-    keys = [str(k) for k in config["secagg-keys"]]  # type: ignore[union-attr]
-    weight = float(config["secagg-weight"])  # type: ignore[arg-type,index]
+    config = msg.content[protocol.CONFIG]
+    keys = [str(k) for k in config[protocol.SECAGG_KEYS]]  # type: ignore[union-attr]
+    weight = float(config[protocol.SECAGG_WEIGHT])  # type: ignore[arg-type,index]
     if not 0 < weight <= 1 or not set(keys) <= set(state):
         raise InputError("secagg-weight / secagg-keys: not a weight in (0, 1] and sent keys")
-    protocol = context.state.config_records.get(RECORD_KEY_STATE, {})
+    secagg_state = context.state.config_records.get(RECORD_KEY_STATE, {})
     limit = FederationConfig.from_run_config(context.run_config).secagg_clipping_range
-    limit = float(protocol.get("clipping_range", limit))  # what the masking will clip to
-    scale = weight / float(protocol.get("max_weight", 1.0))  # what the mod multiplies by
-    sent = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    limit = float(secagg_state.get("clipping_range", limit))  # what the masking will clip to
+    scale = weight / float(secagg_state.get("max_weight", 1.0))  # what the mod multiplies by
+    sent = msg.content[protocol.ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
     delta = site_delta(state, sent, keys, scale, limit)
     return RecordDict({
-        "fitres.parameters": ArrayRecord({k: torch.from_numpy(v) for k, v in delta.items()}),
-        "fitres.num_examples": MetricRecord({"num_examples": weight}),
-        "fitres.metrics": ConfigRecord(dict(metrics)),
-        "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+        protocol.FITRES_PARAMETERS: ArrayRecord({k: torch.from_numpy(v) for k, v in delta.items()}),
+        protocol.FITRES_NUM_EXAMPLES: MetricRecord({protocol.LEGACY_NUM_EXAMPLES: weight}),
+        protocol.FITRES_METRICS: ConfigRecord(dict(metrics)),
+        protocol.FITRES_STATUS: ConfigRecord({"code": 0, "message": ""}),
     })  # fmt: skip
 
 
@@ -291,14 +296,14 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(node, msg, _secure_content(msg, context, state, metrics))
     content = RecordDict(
         {
-            "arrays": ArrayRecord(compress(state, node.fp16)),  # the keys sent, in their order
-            "metrics": MetricRecord({**metrics, "num-examples": examples}),
+            protocol.ARRAYS: ArrayRecord(compress(state, node.fp16)),  # the keys sent, in order
+            protocol.METRICS: MetricRecord({**metrics, protocol.NUM_EXAMPLES: examples}),
         }
     )
     return _reply(node, msg, content)
 
 
-@app.train("probe")
+@app.train(protocol.action(protocol.TRAIN_PROBE))
 @guarded
 def probe(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
@@ -310,8 +315,8 @@ def probe(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(compress(state, node.fp16)),  # the keys sent, in their order
-            "metrics": MetricRecord({**metrics, "num-examples": examples}),
+            protocol.ARRAYS: ArrayRecord(compress(state, node.fp16)),  # the keys sent, in order
+            protocol.METRICS: MetricRecord({**metrics, protocol.NUM_EXAMPLES: examples}),
         }
     )
     return _reply(node, msg, content)
@@ -323,11 +328,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context, "site")
     received, model, server_round, initial = _received(msg)
     local_norm = node.local_norm(server_round, initial)
-    final = bool(msg.content["config"].get("final", False))  # type: ignore[union-attr]
+    final = bool(msg.content[protocol.CONFIG].get(protocol.FINAL, False))  # type: ignore[union-attr]
     examples, metrics, counts = node.evaluate(
         received.to_torch_state_dict(), model, local_norm, final
     )
-    content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": examples})})
+    content = RecordDict(
+        {protocol.METRICS: MetricRecord({**metrics, protocol.NUM_EXAMPLES: examples})}
+    )
     if counts:  # counts of this site's test set, so the server can pool metrics over sites
-        content["pooled"] = MetricRecord(pack_counts(counts))
+        content[protocol.POOLED] = MetricRecord(pack_counts(counts))
     return _reply(node, msg, content)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medmerge_core.errors import InputError
+from medmerge_core.federation.protocol import SECAGG_RECORD
 from medmerge_core.federation.site_policy import (
     Refusal,
     decide,
@@ -60,7 +61,7 @@ def check_task(message: Any, context: Any, fab_content: bytes, fab_name: str) ->
             None,
             log,
         ) from None
-    secure = "secaggplus_configs" in message.content.config_records  # a SecAgg+ stage
+    secure = SECAGG_RECORD in message.content.config_records  # a SecAgg+ stage
     refusal = decide(node_config, run_config, message_type, digest, fab_name, secure)
     if refusal is not None:
         raise refuse(

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medmerge_core.errors import InputError
+from medmerge_core.federation import protocol
 from medmerge_core.federation.config import FederationConfig
 from medmerge_core.federation.identity import new_challenge
 from medmerge_core.federation.members import Member, admit, read_member
@@ -24,7 +25,7 @@ from medmerge_core.federation.transport import ModelInfo, compress
 from medmerge_core.federation.validation import accept_merged, check_backbone
 from medmerge_core.models import StateDict
 from server.messages import addressee, ask, usable
-from server.strategy import MedMergeFedAvg, MergeProbeFedAvg
+from server.phases import MedMergeFedAvg, MergeProbeFedAvg
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -70,15 +71,15 @@ def discover(grid: Grid, cfg: FederationConfig) -> Roles:
         time.sleep(1.0)
     nodes = sorted(grid.get_node_ids())
     challenge = new_challenge() if cfg.operator_key else ""
-    content = RecordDict({"config": ConfigRecord({"challenge": challenge})})
-    sent, replies = ask(grid, nodes, "query.info", content, cfg.timeout)
+    content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.CHALLENGE: challenge})})
+    sent, replies = ask(grid, nodes, protocol.QUERY_INFO, content, cfg.timeout)
     claims: dict[int, Member] = {}
     for reply in replies:
         if not usable("discover", reply, sent, {}):
             continue
         node = addressee(reply, sent)
         try:
-            claims[node] = read_member(reply.content["info"], cfg.operator_key, challenge)
+            claims[node] = read_member(reply.content[protocol.INFO], cfg.operator_key, challenge)
         except (InputError, KeyError, TypeError, ValueError) as exc:
             log.warning("discover: node %d refused: %s", node, exc)
     roles, refused = admit(claims)
@@ -98,14 +99,14 @@ def _sites(roles: Roles) -> dict[int, Member]:
 
 def collect(grid: Grid, cfg: FederationConfig, roles: Roles) -> tuple[list[StateDict], list[str]]:
     """Phase 1: every institution returns its (possibly freshly pretrained) backbone."""
-    content = RecordDict({"config": ConfigRecord({"arch": cfg.arch})})
+    content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.ARCH: cfg.arch})})
     institutions = _with_role(roles, "institution")
-    sent, replies = ask(grid, institutions, "query.backbone", content, cfg.timeout)
+    sent, replies = ask(grid, institutions, protocol.QUERY_BACKBONE, content, cfg.timeout)
     found: list[tuple[str, StateDict]] = []
     for reply in (r for r in replies if usable("collect", r, sent, roles)):
         node = addressee(reply, sent)
         try:
-            state = reply.content["arrays"].to_torch_state_dict()
+            state = reply.content[protocol.ARRAYS].to_torch_state_dict()
         except (KeyError, TypeError) as exc:
             log.warning("collect: rejected reply from node %d: no arrays (%r)", node, exc)
             continue
@@ -128,17 +129,18 @@ def merge(grid: Grid, cfg: FederationConfig, roles: Roles, sources: list[StateDi
     if not coordinators:
         raise RuntimeError("merge: no node has role 'coordinator'")
     content = RecordDict({
-        **{f"source-{i}": ArrayRecord(compress(s, cfg.fp16)) for i, s in enumerate(sources)},
-        "config": ConfigRecord({"names": names, "arch": cfg.arch}),
+        **{protocol.source_key(i): ArrayRecord(compress(s, cfg.fp16))
+           for i, s in enumerate(sources)},
+        protocol.CONFIG: ConfigRecord({protocol.NAMES: names, protocol.ARCH: cfg.arch}),
     })  # fmt: skip
-    sent, replies = ask(grid, coordinators[:1], "train.merge", content, cfg.timeout)
+    sent, replies = ask(grid, coordinators[:1], protocol.TRAIN_MERGE, content, cfg.timeout)
     if not replies or not usable("merge", replies[0], sent, roles):
         raise RuntimeError("merge: the coordinator did not return a merged model")
     try:
         reply = replies[0].content
-        info = ModelInfo.from_config(reply.config_records["info"])
-        raw = reply.array_records["arrays"].to_torch_state_dict()
-        learned = reply.array_records["coefficients"].to_torch_state_dict()
+        info = ModelInfo.from_config(reply.config_records[protocol.INFO])
+        raw = reply.array_records[protocol.ARRAYS].to_torch_state_dict()
+        learned = reply.array_records[protocol.COEFFICIENTS].to_torch_state_dict()
     except (KeyError, TypeError, ValueError) as exc:
         raise RuntimeError(f"merge: malformed reply from the coordinator ({exc!r})") from None
     coefficients = {k: v.numpy() for k, v in learned.items()}
@@ -149,7 +151,7 @@ def merge(grid: Grid, cfg: FederationConfig, roles: Roles, sources: list[StateDi
     )
     if reason is not None:
         raise RuntimeError(f"merge: the coordinator's model is not the merge it reports: {reason}")
-    metrics = read_metrics(reply.metric_records.get("metrics", {}))
+    metrics = read_metrics(reply.metric_records.get(protocol.METRICS, {}))
     if isinstance(metrics, str):
         log.warning("merge: the coordinator's metrics are left out: %s", metrics)
         metrics = {}
@@ -195,12 +197,12 @@ def merge_federated(
 
 def target_info(grid: Grid, cfg: FederationConfig, roles: Roles, sites: list[int]) -> ModelInfo:
     """The model the sites' target data needs: every site that answers must agree."""
-    sent, replies = ask(grid, sites, "query.target", RecordDict(), cfg.timeout)
+    sent, replies = ask(grid, sites, protocol.QUERY_TARGET, RecordDict(), cfg.timeout)
     found = {}
     for reply in (r for r in replies if usable("merge", r, sent, roles)):
         node = addressee(reply, sent)
         try:
-            found[node] = ModelInfo.from_config(reply.content["info"])
+            found[node] = ModelInfo.from_config(reply.content[protocol.INFO])
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("merge: node %d described no usable target (%r)", node, exc)
     if not found:

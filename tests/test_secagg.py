@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 import client.client_app as client_module
+import server.phases as phases_module
 import server.strategy as strategy_module
 from medmerge_core.errors import InputError
 from medmerge_core.federation.config import FederationConfig
@@ -193,7 +194,7 @@ def secured(tmp_path_factory) -> dict[str, Any]:
     seen: dict[str, list] = {"updates": [], "means": [], "inmerge": []}
     mp = pytest.MonkeyPatch()
     real_content, real_mean = client_module._secure_content, strategy_module.secure_mean
-    real_inmerge = strategy_module.apply_inmerge
+    real_inmerge = phases_module.apply_inmerge
 
     def content(msg, context, state, metrics):
         reply = real_content(msg, context, state, metrics)
@@ -213,7 +214,7 @@ def secured(tmp_path_factory) -> dict[str, Any]:
 
     mp.setattr(client_module, "_secure_content", content)
     mp.setattr(strategy_module, "secure_mean", mean)
-    mp.setattr(strategy_module, "apply_inmerge", inmerge)
+    mp.setattr(phases_module, "apply_inmerge", inmerge)
     mp.setattr("server.strategy.secrets.randbits", lambda bits: SEED)
 
     def lost(node: int, msg: Message) -> bool:  # site s4 (node 7), round 2, after the keys

@@ -13,13 +13,17 @@ No Flower imports here, so every role, check and file format is testable with pl
 - `members`: `Member`, a node as admitted at discovery (role, name, data sizes); duplicate
   names and coordinators refused;
 - `identity`: operator-signed node identities and the node's proof of its SuperNode key;
+- `protocol`: the wire protocol: every message type, record key and config key by name, and
+  the layouts of the replies' `info` (`NodeInfo`, `ModelDescription`, `BackboneInfo`);
 - `rounds`: one round's arithmetic at the server: each reply's format checked, screening, the
-  weight cap, mean / median / trimmed mean or DP-FedAvg (`aggregate_round`);
+  weight cap, mean / median / trimmed mean or DP-FedAvg (`aggregate_round`), and the whole
+  round as the strategy runs it (`combine_round`, `pool_evaluations`);
 - `validation`: reply screening (`screen_replies`): keys, shapes, dtypes, NaN/Inf and
   update-norm outliers; the coordinator's merged model and coefficients;
 - `privacy`: DP-FedAvg's clipping and noised mean, and its accountant;
 - `secure_sum`: the arithmetic around secure aggregation (SecAgg+): what a site puts into the
-  masked sum, what the server does with the unmasked mean, the mask generator;
+  masked sum, what the server does with the unmasked mean (`combine_secure_round`), the mask
+  generator;
 - `audit`: a node's audit log (hashes of what it sent and received, metric values, failures);
 - `site_policy`: a site's own policy (the roles and messages it serves, the app digests a
   person there approved, privacy floors, limits) and the check of each message against it;

@@ -9,6 +9,7 @@ claim is the identity the operator signed, not what the node says).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 from medmerge_core.errors import InputError
 from medmerge_core.federation.config import ROLES, check_name
 from medmerge_core.federation.identity import verify_identity
+from medmerge_core.federation.protocol import NodeInfo
 
 
 @dataclass(frozen=True)
@@ -29,30 +31,20 @@ class Member:
     train_examples: int | None = None
     test_examples: int | None = None
 
-    def as_config(self) -> dict[str, Any]:
-        counts = {"train-examples": self.train_examples, "test-examples": self.test_examples}
-        return {"role": self.role, "name": self.name} | {
-            k: v for k, v in counts.items() if v is not None
-        }
+    def info(self, token: str | None = None, proof: str | None = None) -> NodeInfo:
+        """This member's discovery reply (`protocol.NodeInfo`), with its signed identity."""
+        return NodeInfo(self.role, self.name, self.train_examples, self.test_examples, token,
+                        proof)  # fmt: skip
 
     @classmethod
-    def from_config(cls, record: Mapping[str, Any]) -> Member:
-        """From a discovery reply; InputError naming the field that is unusable."""
-        role, name = record.get("role"), record.get("name")
-        if role not in ROLES:
-            raise InputError(f"role {str(role)[:40]!r} is not one of {ROLES}")
-        if not isinstance(name, str):
+    def from_info(cls, info: NodeInfo) -> Member:
+        """From a discovery reply whose layout was read; InputError naming the unusable field."""
+        if info.role not in ROLES:
+            raise InputError(f"role {info.role[:40]!r} is not one of {ROLES}")
+        if not info.name:
             raise InputError("name is missing")
-        check_name("name", name)
-        counts = {}
-        for key in ("train-examples", "test-examples"):
-            value = record.get(key)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise InputError(f"{key} must be a non-negative integer, got {value!r}")
-            counts[key] = value
-        return cls(role, name, counts["train-examples"], counts["test-examples"])
+        check_name("name", info.name)
+        return cls(info.role, info.name, info.train_examples, info.test_examples)
 
 
 def admit(claims: Mapping[int, Member]) -> tuple[dict[int, Member], dict[int, str]]:
@@ -72,14 +64,15 @@ def admit(claims: Mapping[int, Member]) -> tuple[dict[int, Member], dict[int, st
     return admitted, refused
 
 
-def read_member(info: Mapping[str, Any], operator_key: str, challenge: str) -> Member:
+def read_member(record: Mapping[str, Any], operator_key: str, challenge: str) -> Member:
     """The member a discovery reply's `info` describes. With the operator's key, role and name
     come from the operator-signed identity the node proved it holds (for `challenge`); the
     node's own words count only for its data sizes. InputError says why a reply is refused."""
+    info = NodeInfo.from_config(record)
     if not operator_key:
-        return Member.from_config(info)
-    token, proof = info.get("identity-token"), info.get("identity-proof")
-    if not isinstance(token, str) or not isinstance(proof, str):
+        return Member.from_info(info)
+    token, proof = info.identity_token, info.identity_proof
+    if token is None or proof is None:
         raise InputError("no signed identity (its node config needs identity and identity-key)")
     identity = verify_identity(token, proof, challenge, operator_key)
-    return Member.from_config({**info, "role": identity.role, "name": identity.name})
+    return Member.from_info(dataclasses.replace(info, role=identity.role, name=identity.name))

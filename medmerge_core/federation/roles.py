@@ -31,6 +31,7 @@ from medmerge_core.federation.identity import prove_identity, read_token
 from medmerge_core.federation.members import Member
 from medmerge_core.federation.merge_rounds import ProbePlan
 from medmerge_core.federation.privacy import clip_update
+from medmerge_core.federation.protocol import BackboneInfo
 from medmerge_core.federation.site_state import FedBNStore, site_state_dir
 from medmerge_core.federation.transport import (
     ModelInfo,
@@ -161,16 +162,15 @@ class Node:
         task = self.task
         return Member("site", self.name, len(task.train), len(task.test))
 
-    def identity_proof(self, challenge: str) -> dict[str, str]:
-        """The operator-signed identity and its proof for `challenge` (empty without one)."""
+    def identity_proof(self, challenge: str) -> tuple[str | None, str | None]:
+        """(the operator-signed identity, its proof for `challenge`); (None, None) without one."""
         token_path, key_path = self.settings.identity, self.settings.identity_key
         if token_path is None:
-            return {}
+            return None, None
         if key_path is None:
             raise InputError(f"node '{self.name}': node config identity needs identity-key")
         token = read_token(Path(token_path).expanduser())
-        proof = prove_identity(token, Path(key_path).expanduser(), challenge)
-        return {"identity-token": token, "identity-proof": proof}
+        return token, prove_identity(token, Path(key_path).expanduser(), challenge)
 
     def _released(
         self, state: Mapping[str, torch.Tensor], sent: Sequence[str], parameters: Sequence[str]
@@ -190,14 +190,14 @@ class Node:
 
     # ------------------------------------------------------------------ institution
 
-    def backbone(self) -> tuple[StateDict, dict[str, Any]]:
+    def backbone(self) -> tuple[StateDict, BackboneInfo]:
         """The node's backbone: from its checkpoint or source spec, else pretrained on its data."""
         ckpt = self.settings.checkpoint
         if ckpt is not None and (is_source_spec(ckpt) or Path(ckpt).expanduser().exists()):
             channels = self.settings.in_channels
             if self.data_spec is not None and not is_source_spec(ckpt):
                 channels = self.task.in_channels
-            return _cpu(load_source(ckpt, self.arch, channels)), {"source": self.name}
+            return _cpu(load_source(ckpt, self.arch, channels)), BackboneInfo(self.name)
         if self.data_spec is None:
             raise InputError(f"institution '{self.name}': node config needs checkpoint or data")
         if ckpt is None:
@@ -218,7 +218,7 @@ class Node:
             )
         log.info("institution %s pretrained: %s", self.name, metrics)
         state = load_source(ckpt, self.arch, self.task.in_channels)
-        return _cpu(state), {"source": self.name}
+        return _cpu(state), BackboneInfo(self.name)
 
     # ------------------------------------------------------------------ coordinator
 

@@ -22,8 +22,12 @@ import numpy as np
 import torch
 
 from medmerge_core.errors import InputError
-from medmerge_core.federation.privacy import private_mean
+from medmerge_core.federation.config import FederationConfig
+from medmerge_core.federation.privacy import epsilon, private_mean
+from medmerge_core.federation.protocol import NUM_EXAMPLES, POOLED_KEYS
+from medmerge_core.federation.transport import restore_dtypes
 from medmerge_core.federation.validation import screen_replies
+from medmerge_core.metrics import pooled_metrics
 from medmerge_core.models import StateDict
 
 MAX_METRICS = 64  # more metric keys than this in one reply is not a site's honest report
@@ -60,6 +64,42 @@ class RoundOutcome:
     rejected: dict[str, str]
 
 
+@dataclass(frozen=True)
+class RoundSettings:
+    """What one round's screening, DP and aggregation take from the run config, plus the
+    round's minimum of sites and DP-FedAvg's settings (None: no DP)."""
+
+    rule: str
+    trim_fraction: float
+    max_share: float
+    outlier_factor: float
+    min_cosine: float | None
+    allow_fp16: bool
+    min_sites: int
+    dp: Noise | None
+    dp_delta: float
+
+    @classmethod
+    def from_config(cls, cfg: FederationConfig, min_sites: int, dp: Noise | None) -> RoundSettings:
+        return cls(cfg.aggregation, cfg.trim_fraction, cfg.max_weight_share, cfg.outlier_factor,
+                   cfg.min_cosine, cfg.fp16, min_sites, dp, cfg.dp_delta)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """A finished round at the server: the new global state (`current` with the aggregate, in
+    the model's dtypes; None: unchanged, `skipped` says why), the metrics of the sites it
+    combined, every rejection with its reason, the round's fields for metrics.jsonl (`log`)
+    and the count of DP releases so far."""
+
+    state: StateDict | None
+    metrics: dict[str, float]
+    rejected: dict[str, str]
+    log: dict[str, Any]
+    skipped: str | None
+    releases: int
+
+
 def read_examples(value: Any, cap: int | None) -> int | str:
     """A reply's example count, or why it is unusable (not a finite positive integer, or more
     than `cap`, the count the site reported at discovery)."""
@@ -78,7 +118,7 @@ def read_metrics(record: Mapping[str, Any]) -> dict[str, float] | str:
         return f"{len(record)} metric keys (at most {MAX_METRICS})"
     out: dict[str, float] = {}
     for key, value in record.items():
-        if key == "num-examples":
+        if key == NUM_EXAMPLES:
             continue
         if not METRIC_KEY.match(key):
             return f"metric key {key[:40]!r} is not a plain lower-case name"
@@ -92,9 +132,9 @@ def read_metrics(record: Mapping[str, Any]) -> dict[str, float] | str:
 
 def read_report(record: Mapping[str, Any], cap: int | None) -> tuple[int, dict[str, float]] | str:
     """A reply's metric record as (example count, metrics), or why it is unusable."""
-    if "num-examples" not in record:
+    if NUM_EXAMPLES not in record:
         return "reply has no num-examples"
-    examples = read_examples(record["num-examples"], cap)
+    examples = read_examples(record[NUM_EXAMPLES], cap)
     if isinstance(examples, str):
         return examples
     metrics = read_metrics(record)
@@ -107,7 +147,7 @@ def read_counts(
     """A site's pooled-evaluation counts (`metrics.pooling_counts`, flattened), or why they are
     unusable: shapes that do not fit `num_classes`, negative or non-integer counts, or totals
     that disagree with each other or with the site's `examples` test images."""
-    if set(record) != {"confusion", "positive", "negative"}:
+    if set(record) != set(POOLED_KEYS):
         return f"pooled counts have keys {sorted(record)}"
     arrays = {}
     for key, value in record.items():
@@ -235,6 +275,64 @@ def aggregate_round(
     else:
         state = combine_updates([r.state for r in chosen], weights, rule, trim_fraction)
     return RoundOutcome(state, mean_metrics(chosen, weights), accepted, rejected)
+
+
+def combine_round(
+    replies: Mapping[str, SiteReply],
+    unreadable: Mapping[str, str],
+    current: Mapping[str, torch.Tensor],
+    meta: Mapping[str, torch.Tensor],
+    settings: RoundSettings,
+    releases: int,
+) -> RoundResult:
+    """One plain (not secure-aggregated) round from the replies whose format was read:
+    `aggregate_round` against `current` (what the sites were sent; under DP only the keys DP
+    covers), each release accounted (epsilon after `releases` + 1), and the aggregate merged
+    into `current` in the dtypes of `meta`. `unreadable`: replies already rejected (errors,
+    malformed formats) by name, listed with the screening's rejections."""
+    dp = settings.dp
+    sent = current if dp is None else {k: current[k] for k in dp.keys}
+    outcome = aggregate_round(
+        replies,
+        sent,
+        rule=settings.rule,
+        trim_fraction=settings.trim_fraction,
+        max_share=settings.max_share,
+        outlier_factor=settings.outlier_factor,
+        min_cosine=settings.min_cosine,
+        allow_fp16=settings.allow_fp16,
+        min_sites=settings.min_sites,
+        dp=dp,
+    )
+    rejected = {**unreadable, **outcome.rejected}
+    log: dict[str, Any] = {"sites": len(outcome.accepted), "rejected": sorted(rejected)}
+    if outcome.state is None:
+        skipped = f"{len(outcome.accepted)} usable site replies, min-sites is {settings.min_sites}"
+        return RoundResult(None, {}, rejected, log, skipped, releases)
+    if dp is not None:
+        releases += 1
+        log["dp_epsilon"] = epsilon(dp.multiplier, releases, settings.dp_delta)
+    state = {**current, **restore_dtypes(outcome.state, meta)}
+    return RoundResult(state, outcome.metrics, rejected, log, None, releases)
+
+
+def pool_evaluations(
+    reports: Sequence[tuple[SiteReply, Mapping[str, np.ndarray]]],
+) -> dict[str, float] | None:
+    """The sites' evaluations (reply, pooled counts) as one: example-weighted means of the
+    metrics they share, with accuracy, macro-F1 and AUROC computed over all their test images
+    when they sent counts. None when no site's evaluation was usable."""
+    if not reports:
+        return None
+    sums: dict[str, np.ndarray] = {}
+    for _, counts in reports:
+        for key, value in counts.items():
+            sums[key] = sums[key] + value if key in sums else value
+    replies = [reply for reply, _ in reports]
+    metrics = mean_metrics(replies, [float(r.examples) for r in replies])
+    if sums:
+        metrics.update(pooled_metrics(sums["confusion"], sums["positive"], sums["negative"]))
+    return metrics
 
 
 def check_rule(rule: str, trim_fraction: float, sites: int, min_cosine: float) -> list[str]:

@@ -13,13 +13,24 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from medmerge_core.errors import InputError
-from medmerge_core.federation.rounds import Noise, capped_weights
+from medmerge_core.federation.privacy import epsilon
+from medmerge_core.federation.rounds import (
+    Noise,
+    RoundResult,
+    RoundSettings,
+    SiteReply,
+    capped_weights,
+    mean_metrics,
+    read_metrics,
+)
+from medmerge_core.federation.transport import compress, restore_dtypes
 from medmerge_core.models import StateDict
 
 
@@ -87,6 +98,45 @@ def apply_mean(
             delta = (delta * sites + noise * (dp.multiplier * dp.clip)) / sites
         out[key] = sent[key].double() + delta
     return out
+
+
+def combine_secure_round(
+    current: Mapping[str, torch.Tensor],
+    meta: Mapping[str, torch.Tensor],
+    keys: Sequence[str],
+    mean: Sequence[np.ndarray] | None,
+    weights: Mapping[int, float],
+    metrics: Mapping[int, Mapping[str, Any]],
+    settings: RoundSettings,
+    clipping_range: float,
+    releases: int,
+) -> RoundResult:
+    """One secure-aggregated round from what SecAgg+ gave the server: the unmasked weighted
+    `mean` update on `keys` (None: the protocol halted), the sites summed with their weights
+    (`weights`, node -> weight) and their plaintext `metrics`. `apply_mean` adds it (and any DP
+    noise) to what the sites were sent, checked against the bound in-range updates can reach;
+    each release is accounted; the result is merged into `current` in the dtypes of `meta`."""
+    summed = list(weights)
+    if mean is None or len(summed) < settings.min_sites:
+        skipped = (
+            f"secure aggregation summed {len(summed)} site(s), min-sites is {settings.min_sites}"
+        )
+        return RoundResult(None, {}, {}, {}, skipped, releases)
+    sent = restore_dtypes(compress({k: current[k] for k in keys}, settings.allow_fp16), meta)
+    bound = clipping_range / min(weights[n] for n in summed)
+    new = apply_mean(sent, mean, keys, len(summed), bound, settings.dp)
+    if isinstance(new, str):
+        return RoundResult(None, {}, {}, {}, f"secure aggregate refused: {new}", releases)
+    log: dict[str, Any] = {}
+    if settings.dp is not None:
+        releases += 1
+        log["dp_epsilon"] = epsilon(settings.dp.multiplier, releases, settings.dp_delta)
+    reports = {n: read_metrics(metrics.get(n, {})) for n in summed}
+    usable = {n: m for n, m in reports.items() if not isinstance(m, str)}
+    averaged = mean_metrics([SiteReply({}, 1, m) for m in usable.values()],
+                            [weights[n] for n in usable])  # fmt: skip
+    state = {**current, **restore_dtypes(new, meta)}
+    return RoundResult(state, averaged, {}, log, None, releases)
 
 
 def safe_pseudo_rand_gen(

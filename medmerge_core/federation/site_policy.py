@@ -31,28 +31,18 @@ from typing import Any
 
 from medmerge_core.errors import InputError
 from medmerge_core.federation.config import ROLES, SAFE_NAME, FederationConfig, node_settings
+from medmerge_core.federation.protocol import MESSAGE_TYPES, UPDATE_MESSAGES
 
 log = logging.getLogger(__name__)
 
-# Every message type the ClientApp handles (client/client_app.py).
-MESSAGE_TYPES: tuple[str, ...] = (
-    "query.info",
-    "query.target",
-    "query.backbone",
-    "train.merge",
-    "train.probe",
-    "train",
-    "evaluate",
-)
 DP_FLOORS: tuple[str, ...] = ("no", "any", "client")  # privacy.require-dp
 STATUSES: tuple[str, ...] = ("pending", "approved", "rejected", "revoked")
 KINDS: tuple[str, ...] = ("app", "run-config")
 APPROVALS_FORMAT = "medmerge-site-approvals/1"
-# The run-config key a secure-aggregation floor needs (FederationConfig.secagg), and the
-# messages whose reply is this site's model update in a federated round: under
-# privacy.require-secure-aggregation these are answered only inside the SecAgg+ protocol.
+# The run-config key a secure-aggregation floor needs (FederationConfig.secagg). The message
+# types a policy may name are the protocol's (`MESSAGE_TYPES`); under
+# privacy.require-secure-aggregation its `UPDATE_MESSAGES` are answered only inside SecAgg+.
 SECAGG_KEY = "secagg"
-UPDATE_MESSAGES: tuple[str, ...] = ("train", "train.probe")
 
 
 class PolicyRefusal(InputError):

@@ -17,22 +17,17 @@ import torch
 from torch import nn
 
 from medmerge_core.data.base import preprocessing_record
+from medmerge_core.federation.protocol import ModelDescription
 from medmerge_core.models import StateDict, build_model, conv_weight_keys, norm_keys
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """What the server and the sites need to rebuild the merged model (sent as config)."""
-
-    arch: str
-    num_classes: int
-    in_channels: int
+class ModelInfo(ModelDescription):
+    """What the server and the sites need to rebuild the merged model: its description as it
+    travels (`protocol.ModelDescription`: `as_config` / `from_config`), and the model."""
 
     def build(self) -> nn.Module:
         return build_model(self.arch, self.num_classes, self.in_channels)
-
-    def as_config(self) -> dict[str, Any]:
-        return {"arch": self.arch, "num-classes": self.num_classes, "in-channels": self.in_channels}
 
     def checkpoint(self, state: Mapping[str, torch.Tensor], image_size: int) -> dict[str, Any]:
         """A final model as saved to disk: its weights, what rebuilds it and how to feed it
@@ -43,10 +38,6 @@ class ModelInfo:
             **self.as_config(),
             "preprocessing": preprocessing_record(image_size, self.in_channels),
         }
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ModelInfo:
-        return cls(str(config["arch"]), int(config["num-classes"]), int(config["in-channels"]))
 
 
 def model_reference(info: ModelInfo) -> tuple[StateDict, list[str], list[str]]:
