@@ -217,15 +217,15 @@ def test_the_baked_model_equals_the_probe_on_cuda(
 
 def test_gpu_check_smoke_run_writes_every_section(tmp_path: Path) -> None:
     """`gpu_check --smoke`: the same code on the CPU at tiny sizes, in well under a minute."""
-    from benchmarks import gpu_check
+    from benchmarks import gpu_check, gpu_check_plan
 
     assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["schema"] == gpu_check.SCHEMA and report["mode"] == "smoke"
+    assert report["schema"] == gpu_check_plan.SCHEMA and report["mode"] == "smoke"
     assert report["mode_reason"] == "--smoke"
     assert {"torch", "cuda", "python", "packages"} <= report["environment"].keys()
     sections = report["sections"]
-    assert list(sections) == list(gpu_check.SECTIONS)
+    assert list(sections) == list(gpu_check_plan.SECTIONS)
     for name, record in sections.items():
         assert {"status", "reason", "figures", "targets", "skipped", "seconds"} <= record.keys()
         assert record["status"] in ("smoke", "skipped"), (name, record["reason"])
@@ -243,18 +243,18 @@ def test_gpu_check_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert all(simulation["figures"]["binaries"].values())
     assert simulation["figures"]["federation_config"] == (
         "num-supernodes=6 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
-    )  # on CUDA: a share of gpu_check.SIM_GPUS (0.5) per ClientApp
-    assert gpu_check.SIM_GPUS == 0.5
+    )  # on CUDA: a share of gpu_check_plan.SIM_GPUS (0.5) per ClientApp
+    assert gpu_check_plan.SIM_GPUS == 0.5
     # The CPU smoke figures are positive numbers; speed targets are recorded, not judged.
     probe = sections["probe_ratio"]["figures"]
-    for arch in gpu_check.PROBE_ARCHS:
+    for arch in gpu_check_plan.PROBE_ARCHS:
         assert all(probe[arch][k] > 0 for k in ("ft_ms", "probe_ms", "probe_over_ft")), arch
     assert [t["pass"] for t in sections["probe_ratio"]["targets"]] == [None, None]
     assert sections["ft_throughput"]["figures"]["bench_step"]["images_per_s"] > 0
     assert sections["ft_throughput"]["targets"][0]["target"] == ">= 2000"
     demo = sections["demo"]
     assert demo["figures"]["wall_s"] > 0 and demo["figures"]["missing_methods"] == []
-    assert set(gpu_check.DEMO_METHODS) <= demo["figures"]["test_accuracy"].keys()
+    assert set(gpu_check_plan.DEMO_METHODS) <= demo["figures"]["test_accuracy"].keys()
     assert all(t["pass"] is True for t in demo["targets"])
     assert report["summary"]["fail"] == report["summary"]["error"] == 0
 
@@ -293,7 +293,7 @@ def test_a_section_that_raises_is_recorded_and_the_others_still_run(
 
 
 def test_on_cuda_every_target_is_judged() -> None:
-    from benchmarks.gpu_check import Section
+    from benchmarks.gpu_check_plan import Section
 
     section = Section()
     section.check("probe/FT", 1.02, "<=", 1.05, speed=True)
