@@ -11,23 +11,24 @@ import numpy as np
 from medmerge_core.io import atomic_write_json
 from medmerge_core.settings import InMergeSettings
 from simulations import faithful_inmerge as study
+from simulations import faithful_inmerge_runs as inmerge_runs
 
 CONDITIONS = ["clean", *(f"{c}/{s}" for c in ("blur", "noise") for s in (1, 2))]
 
 
 def test_the_public_settings_merge_only_in_the_phase_after_normal_training() -> None:
-    public = study.variant_settings("public", epochs=20)
+    public = inmerge_runs.variant_settings("public", epochs=20)
     assert (public.p, public.rule, public.tau, public.alpha) == (0.3, "absolute", 0.3, 0.8)
     assert public.skip_layers == 10 and public.start_epoch == 20
-    assert study.variant_settings("quantile", 20) == InMergeSettings()
-    assert study.variant_settings("baseline", 20) is None
+    assert inmerge_runs.variant_settings("quantile", 20) == InMergeSettings()
+    assert inmerge_runs.variant_settings("baseline", 20) is None
 
 
 def fake_seed(root, seed: int, right: dict[str, float]) -> None:
     """A seed as run_seed leaves it: each variant's results.json and conditions.json."""
     rng = np.random.default_rng(seed)
     labels = np.arange(80) % 2
-    for variant in study.VARIANTS:
+    for variant in inmerge_runs.VARIANTS:
         folder = root / f"{variant}-seed{seed}"
         predicted = {}
         for key in CONDITIONS:
@@ -35,7 +36,7 @@ def fake_seed(root, seed: int, right: dict[str, float]) -> None:
             predicted[key] = "".join(str(int(p)) for p in np.where(hit, labels, 1 - labels))
         # one FT rate (--ft-lrs 1e-4) is no choice, so the run records no "lr"
         ft = {"best_epoch": 25 if variant == "public" else 5, "val": {"macro_f1": 0.7}, "steps": 90}
-        atomic_write_json(folder / "results.json", {study.METHOD: {"stages": {"ft": ft}}})
+        atomic_write_json(folder / "results.json", {inmerge_runs.METHOD: {"stages": {"ft": ft}}})
         merged = None if variant == "baseline" else f"{seed} of 50 drawn kernels in 40 layers"
         atomic_write_json(folder / "conditions.json", {"predicted": predicted, "merged": merged,
                           "labels": "".join(str(int(t)) for t in labels)})  # fmt: skip
@@ -72,7 +73,9 @@ def test_collect_compares_each_variant_on_clean_and_corrupted_images(tmp_path, m
 
 
 def test_a_report_needs_two_finished_seeds(tmp_path, capsys) -> None:
-    fake_seed(tmp_path / "runs" / "inmerge-labels0.05", 0, dict.fromkeys(study.VARIANTS, 0.7))
+    fake_seed(
+        tmp_path / "runs" / "inmerge-labels0.05", 0, dict.fromkeys(inmerge_runs.VARIANTS, 0.7)
+    )
     args = ["--report", "--out", str(tmp_path / "runs"), "--collected", str(tmp_path / "c"),
             "--results", str(tmp_path / "R.md")]  # fmt: skip
     assert study.main(args) == 2
@@ -85,12 +88,12 @@ def test_seeds_collected_earlier_are_kept_and_a_changed_protocol_is_refused(
     monkeypatch.setattr(study, "source_activity", lambda: {"public": "x", "quantile": "y"})
     runs = tmp_path / "runs" / "inmerge-labels0.05"
     for seed in (0, 1):
-        fake_seed(runs, seed, dict.fromkeys(study.VARIANTS, 0.7))
+        fake_seed(runs, seed, dict.fromkeys(inmerge_runs.VARIANTS, 0.7))
     args = ["--report", "--out", str(tmp_path / "runs"), "--collected", str(tmp_path / "c"),
             "--results", str(tmp_path / "R.md")]  # fmt: skip
     assert study.main(args) == 0
     shutil.rmtree(runs)  # another day: only seed 2's runs are on this machine
-    fake_seed(runs, 2, dict.fromkeys(study.VARIANTS, 0.7))
+    fake_seed(runs, 2, dict.fromkeys(inmerge_runs.VARIANTS, 0.7))
     assert study.main(args) == 0
     collected = json.loads((tmp_path / "c" / "inmerge-labels0.05.json").read_text())
     assert sorted(collected["seeds"]) == ["0", "1", "2"]

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from simulations import departures, federated_probe, label_efficiency, reproduce, reproduce_report
+from simulations import (
+    departures,
+    federated_probe,
+    label_efficiency,
+    reproduce,
+    reproduce_findings,
+    reproduce_report,
+)
 from simulations.stats import PairedComparison
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +106,12 @@ def test_reproduce_findings_adjust_each_family_by_holm() -> None:
         runs["ft:A"] = _run(0.7 + 0.001 * seed, 0.75)
         runs["medmerge"] = _run(0.8 + 0.002 * seed, 0.85)
         main[seed] = runs
-    rows = reproduce_report.findings({"main": main})
+    rows = reproduce_findings.findings({"main": main})
     first = next(r for r in rows if r[0] == "MedMerge − FT A" and r[1] == "macro-F1")
     assert first[4] == "0.031" and first[5].endswith("(of 5)") and float(first[5][:5]) >= 0.05
     assert first[-1] == "within noise"
     assert len(rows) == 10  # 5 baselines x 2 metrics
-    text = reproduce_report.families_text({"main": main})
+    text = reproduce_findings.families_text({"main": main})
     assert "MedMerge against each of its 5 other methods" in text
 
 
