@@ -1,8 +1,8 @@
 """The two federated phases, each what it adds to the rounds they share (`server.strategy`).
 
-`MedMergeFedAvg` is the fine-tuning: InMerge on each aggregate (after the DP noise), metrics
+`FineTuningRounds` is the fine-tuning: InMerge on each aggregate (after the DP noise), metrics
 pooled over the sites' test sets after every round, and a last evaluation of the final model.
-`MergeProbeFedAvg` is the federated merge probe (`merge-mode = "federated"`), which sends the
+`ProbeRounds` is the federated merge probe (`merge-mode = "federated"`), which sends the
 source backbones to a site once and names them by digest afterwards. Apart from the shared
 rounds so that `strategy` stays about one round and how its messages come and go.
 """
@@ -36,7 +36,7 @@ from server.strategy import FederatedRounds, metric_fields
 log = logging.getLogger("flwr")
 
 
-class MedMergeFedAvg(FederatedRounds):
+class FineTuningRounds(FederatedRounds):
     """Federated fine-tuning of the merged model, with InMerge on each aggregate (after the DP
     noise), evaluation pooled over the sites' test sets after every round, and the final model
     saved and evaluated. The InMerge generator is part of the checkpointed state."""
@@ -103,7 +103,7 @@ class MedMergeFedAvg(FederatedRounds):
         return state
 
 
-class MergeProbeFedAvg(FederatedRounds):
+class ProbeRounds(FederatedRounds):
     """The federated merge probe (`merge-mode = "federated"`): each round every site trains the
     probe from the aggregate (`Node.probe_round`) and returns its probe state. The source
     backbones go to a site with its first message of the run (and again after it failed, in

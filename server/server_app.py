@@ -25,7 +25,7 @@ from medmerge_core.federation.transport import ModelInfo, compress
 from medmerge_core.federation.validation import accept_merged, check_backbone
 from medmerge_core.models import StateDict
 from server.messages import addressee, ask, usable
-from server.phases import MedMergeFedAvg, MergeProbeFedAvg
+from server.phases import FineTuningRounds, ProbeRounds
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -56,7 +56,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> list[dict[str, Any
         learn = merge if cfg.merge_mode == "coordinator" else merge_federated
         merged = learn(grid, cfg, roles, *saved, run)
     state, info, releases = merged
-    strategy = MedMergeFedAvg(cfg, info, sites, run, releases)
+    strategy = FineTuningRounds(cfg, info, sites, run, releases)
     strategy.start(grid, ArrayRecord(state), cfg.rounds, cfg.timeout)
     return strategy.history
 
@@ -169,7 +169,7 @@ def merge_federated(
     names: list[str],
     run: FederationRun,
 ) -> tuple[StateDict, ModelInfo, int]:
-    """Phase 2, federated: every site trains the probe each round (`MergeProbeFedAvg`), the
+    """Phase 2, federated: every site trains the probe each round (`ProbeRounds`), the
     server bakes the last aggregate once. Returns (merged model, its description, DP releases)."""
     sites = _sites(roles)
     if not sites:
@@ -178,7 +178,7 @@ def merge_federated(
         log.info("merge-mode 'federated': the coordinator node takes no part")
     info = target_info(grid, cfg, roles, list(sites))
     plan = ProbePlan(tuple(sources), tuple(names), info, cfg.merge, cfg.seed)
-    strategy = MergeProbeFedAvg(cfg, plan, sites, run)
+    strategy = ProbeRounds(cfg, plan, sites, run)
     result = strategy.start(grid, ArrayRecord(plan.initial), cfg.merge_rounds, cfg.timeout)
     state, coefficients = plan.bake(result.arrays.to_torch_state_dict())
     last = strategy.history[-1] if strategy.history else {}

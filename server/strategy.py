@@ -3,8 +3,8 @@
 `FederatedRounds.start` runs the rounds as Flower's own `Strategy.start` does, plus what a
 hospital federation needs: resume after the last checkpointed round, a checkpoint and a log
 line after every round, reply screening, and optional differential privacy (DP-FedAvg with an
-accountant whose releases span both phases). The phases themselves (`MedMergeFedAvg`, the
-fine-tuning; `MergeProbeFedAvg`, the federated merge probe) are in `server.phases`. The
+accountant whose releases span both phases). The phases themselves (`FineTuningRounds`, the
+fine-tuning; `ProbeRounds`, the federated merge probe) are in `server.phases`. The
 science (screening, DP, aggregation, dtype restoration, pooled metrics) is in medmerge_core
 (`rounds.combine_round`, `secure_sum.combine_secure_round`, `rounds.pool_evaluations`); this
 class builds the messages (`Message(...)`, Flower's public API), unpacks the replies
