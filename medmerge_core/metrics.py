@@ -3,6 +3,9 @@
 
 scikit-learn's implementations are used because they are the reference the field reports
 against (edge cases such as absent classes and ties in AUROC are handled the standard way).
+They are imported where they are used: every Flower message starts a ClientApp process that
+imports this module, and most messages compute no metric (scipy and scikit-learn add about
+1 s to each start).
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 
 def _safe_auroc(y_true: np.ndarray, scores: np.ndarray, **kwargs: object) -> float:
     """AUROC, or NaN where it is undefined (a split with a single class)."""
+    from sklearn.metrics import roc_auc_score
+
     if len(np.unique(y_true)) < 2:
         return float("nan")
     try:
@@ -43,6 +46,8 @@ def classification_metrics(
     Multi-label: labels [N, L] with NaN meaning "ignore"; predictions at probability 0.5;
     accuracy is element-wise over the observed entries; AUROC is macro over defined labels.
     """
+    from sklearn.metrics import accuracy_score, f1_score
+
     logits = np.asarray(logits, dtype=np.float64)
     if not multilabel:
         labels = np.asarray(labels).astype(np.int64)
@@ -147,6 +152,8 @@ def _resampled_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.nd
     """Accuracy, macro-F1 and one-vs-rest macro AUROC of each resample: probs [B, n, k],
     labels [B, n]. Same definitions as `classification_metrics` (absent classes give F1 0;
     AUROC is NaN for a resample with one class, and averages the classes present)."""
+    from scipy.stats import rankdata
+
     b, n, k = probs.shape
     preds = probs.argmax(2)
     accuracy = (preds == labels).mean(1)
