@@ -34,9 +34,10 @@ from typing import Any
 from rich.console import Console
 
 from client.client_app import app as client_app
+from medmerge_core.coerce import add_arguments, from_arguments
 from medmerge_core.errors import InputError
 from medmerge_core.io import read_jsonl
-from medmerge_core.settings import StageSettings, add_arguments, from_arguments
+from medmerge_core.settings import StageSettings
 from server.server_app import run_federation
 from simulations.common import (
     markdown_table,
