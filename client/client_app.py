@@ -33,12 +33,9 @@ from medmerge_core.federation.config import SAFE_NAME, FederationConfig
 from medmerge_core.federation.merge_rounds import sources_digest
 from medmerge_core.federation.roles import Node
 from medmerge_core.federation.secure_sum import safe_pseudo_rand_gen, site_delta
-from medmerge_core.federation.site_policy import (
-    PolicyRefusal,
-    decide,
-    installed_digest,
-    refuse,
-)
+from medmerge_core.federation.site_digests import installed_digest
+from medmerge_core.federation.site_enforcement import decide, refuse
+from medmerge_core.federation.site_policy import PolicyRefusal
 from medmerge_core.federation.transport import ModelInfo, compress, pack_counts
 from medmerge_core.models import StateDict
 

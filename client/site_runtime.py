@@ -24,18 +24,15 @@ from typing import Any
 
 from medmerge_core.errors import InputError
 from medmerge_core.federation.protocol import SECAGG_RECORD
-from medmerge_core.federation.site_policy import (
-    Refusal,
-    decide,
+from medmerge_core.federation.site_approvals import read_approvals, set_status
+from medmerge_core.federation.site_digests import (
     fab_digest,
     fab_files,
     files_digest,
     installed_digest,
-    load_policy,
-    read_approvals,
-    refuse,
-    set_status,
 )
+from medmerge_core.federation.site_enforcement import decide, refuse
+from medmerge_core.federation.site_policy import Refusal, load_policy
 
 log = logging.getLogger("flwr")  # the ClientApp process's own log (the SuperNode's log file)
 

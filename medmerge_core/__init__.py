@@ -1,8 +1,9 @@
 """MedMerge Federation core: the science, with no Flower imports.
 
-- `settings`: every training setting declared once (stage, probe, InMerge) and the one
-  coercer behind the YAML config, the federation's run config and the drivers' command lines;
-  also `differences`, the keys in which two configs differ;
+- `settings`: every training setting declared once (stage, probe, InMerge); also
+  `differences`, the keys in which two configs differ; `coerce`: the one coercer that reads
+  any settings dataclass, behind the YAML config, the federation's run config and the drivers'
+  command lines;
 - `models`: architectures (+ `cifar_resnet`, the CIFAR-10 ResNets, and `efficientnet_lite`,
   EfficientNet-Lite0), source loading, and the model-key helpers (norm, conv, mergeable keys);
 - `merge`: MedMerge arithmetic (`MergedModel`, `bake`); `probe`: learning a merge (one code

@@ -30,7 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from medmerge_core.settings import add_arguments, from_arguments
+from medmerge_core.coerce import add_arguments, from_arguments
 from simulations.common import (
     markdown_table,
     mean_std,

@@ -25,13 +25,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from medmerge_core.data.splits import check_label_budget
-from medmerge_core.errors import InputError
-from medmerge_core.experiment.pipelines import default_pipelines, pipeline_ids
-from medmerge_core.settings import (
+from medmerge_core.coerce import (
     add_arguments,
     from_arguments,
 )
+from medmerge_core.data.splits import check_label_budget
+from medmerge_core.errors import InputError
+from medmerge_core.experiment.pipelines import default_pipelines, pipeline_ids
 from simulations.common import (
     set_threads,
     update_section,

@@ -26,6 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from medmerge_core.coerce import add_arguments, from_arguments
 from medmerge_core.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from medmerge_core.data.base import ArraySplit, BatchLoader, TaskData
 from medmerge_core.experiment.config import ExperimentConfig, ModelConfig
@@ -34,7 +35,7 @@ from medmerge_core.experiment.runner import run_experiment
 from medmerge_core.inmerge import inmerge_
 from medmerge_core.io import atomic_write_json, load_torch_file
 from medmerge_core.models import build_model, load_source
-from medmerge_core.settings import InMergeSettings, StageSettings, add_arguments, from_arguments
+from medmerge_core.settings import InMergeSettings, StageSettings
 from medmerge_core.train import Runtime, evaluate
 from simulations.common import (
     load_medmnist_file,

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from medmerge_core.coerce import build
 from medmerge_core.errors import InputError
 from medmerge_core.inmerge import (
     InMergeStats,
@@ -25,7 +26,7 @@ from medmerge_core.inmerge import (
     merge_kernels,
 )
 from medmerge_core.models import build_model, conv_layers, conv_weight_keys
-from medmerge_core.settings import InMergeSettings, build
+from medmerge_core.settings import InMergeSettings
 
 ALL = {
     "p": 1.0,

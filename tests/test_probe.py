@@ -13,12 +13,13 @@ import medmerge_core.io as medmerge_io
 import medmerge_core.train as train_module
 from medmerge_core.cli import main
 from medmerge_core.coefficients import coefficient_summary
+from medmerge_core.coerce import build
 from medmerge_core.data.base import BatchLoader
 from medmerge_core.errors import InputError
 from medmerge_core.merge import MergedModel, project_to_simplex
 from medmerge_core.models import build_model, load_source, save_checkpoint
 from medmerge_core.probe import learn_merge
-from medmerge_core.settings import ProbeSettings, StageSettings, build
+from medmerge_core.settings import ProbeSettings, StageSettings
 from medmerge_core.train import FitOptions, Runtime, fit
 
 

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from medmerge_core.coerce import (
+    add_arguments,
+    build,
+    flat_keys,
+    from_arguments,
+    from_flat,
+)
 from medmerge_core.errors import InputError
 from medmerge_core.experiment.config import config_from_dict
 from medmerge_core.settings import (
     InMergeSettings,
     ProbeSettings,
     StageSettings,
-    add_arguments,
-    build,
-    flat_keys,
-    from_arguments,
-    from_flat,
 )
 
 

@@ -16,17 +16,10 @@ from client.client_app import app as client_app
 from client.client_app import running_app_digest
 from client.site_runtime import app_digest, check_task, guard
 from medmerge_core.cli import main as medmerge
-from medmerge_core.federation.site_policy import (
-    PolicyRefusal,
-    check,
-    decide,
-    fab_digest,
-    installed_digest,
-    load_policy,
-    read_approvals,
-    run_config_digest,
-    set_status,
-)
+from medmerge_core.federation.site_approvals import read_approvals, set_status
+from medmerge_core.federation.site_digests import fab_digest, installed_digest, run_config_digest
+from medmerge_core.federation.site_enforcement import decide
+from medmerge_core.federation.site_policy import PolicyRefusal, check, load_policy
 from medmerge_core.io import read_jsonl
 from server.server_app import run_federation
 from simulations.inprocess import InProcessGrid

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from medmerge_core.federation.site_policy import read_approvals
+from medmerge_core.federation.site_approvals import read_approvals
 from medmerge_core.io import read_jsonl
 from tests.test_federation_network import (
     BIN,

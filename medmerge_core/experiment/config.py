@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from medmerge_core.coerce import build
 from medmerge_core.errors import InputError
 from medmerge_core.experiment.pipelines import check_pipelines, default_pipelines
 from medmerge_core.experiment.tracking import TRACKING_KINDS, TrackingKind
@@ -22,7 +23,6 @@ from medmerge_core.settings import (
     InMergeSettings,
     ProbeSettings,
     StageSettings,
-    build,
 )
 
 # Keys that changed meaning: a one-line pointer instead of a silent new behaviour.

@@ -7,7 +7,9 @@ No Flower imports here, so every role, check and file format is testable with pl
 - `data`: data specs and deterministic, label-stratified shards of a node's data;
 - `roles`: `Node`, one node with its role, settings and data; its methods are the roles'
   steps: `backbone` (institution), `merge` (coordinator), `probe_round` / `train` /
-  `evaluate` (site);
+  `evaluate` (site, from `site_steps`);
+- `site_steps`: `SiteSteps`, the site's steps that `Node` mixes in (local fine-tuning, a
+  federated probe round, evaluation, its FedBN norm layers, what of a trained state leaves);
 - `merge_rounds`: the federated merge probe (`merge-mode = "federated"`): `ProbePlan`, the
   server's start, keys and bake, and the digest by which sites cache the sources;
 - `members`: `Member`, a node as admitted at discovery (role, name, data sizes); duplicate
@@ -25,8 +27,12 @@ No Flower imports here, so every role, check and file format is testable with pl
   masked sum, what the server does with the unmasked mean (`combine_secure_round`), the mask
   generator;
 - `audit`: a node's audit log (hashes of what it sent and received, metric values, failures);
-- `site_policy`: a site's own policy (the roles and messages it serves, the app digests a
-  person there approved, privacy floors, limits) and the check of each message against it;
+- `site_policy`: a site's own policy (the roles and messages it serves, whether apps need
+  approval, privacy floors, limits) and the check of each message against it;
+- `site_approvals`: the site's approvals file (pending / approved / rejected / revoked
+  digests); `site_digests`: the digests it names (an app's files, a run config);
+- `site_enforcement`: the node's side of its policy: its decision on a message (what is first
+  seen recorded as pending) and a refusal logged, audited and raised;
 - `transport`: `ModelInfo`, the keys that travel (FedBN), fp16 compression and dtype
   restoration after FedAvg;
 - `site_state`: `FedBNStore`, a site's private norm layers per round on its own disk;

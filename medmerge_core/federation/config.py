@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medmerge_core.coerce import from_flat
 from medmerge_core.errors import InputError
-from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings, from_flat
+from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 
 ROLES: tuple[str, ...] = ("institution", "coordinator", "site")
 DP_MODES: tuple[str, ...] = ("none", "server", "client")
@@ -46,7 +47,7 @@ RENAMED_KEYS = {
 class FederationConfig:
     """The run config (`[tool.flwr.app.config]` plus `-c` overrides), typed and checked.
 
-    Flat dashed keys (`settings.from_flat`): a field `batch_size` is `batch-size`; a block's
+    Flat dashed keys (`coerce.from_flat`): a field `batch_size` is `batch-size`; a block's
     fields are `<block>-<field>` (`ft-lr`, `merge-coef-lr`, `inmerge-tau`); `inmerge` alone is
     its on/off switch. Tuples are comma-separated strings.
     """

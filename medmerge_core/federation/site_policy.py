@@ -7,38 +7,26 @@ as a second line). Decisions on apps are kept in an approvals file (pending / ap
 rejected / revoked, as in Fed-BioMed), written by `medmerge site ...` and, for an app first
 seen, by the node itself as `pending`.
 
-No Flower here: plain values in, a `Refusal` naming the rule out (docs/site-policy.md).
+No Flower here: plain values in, a `Refusal` naming the rule out (docs/site-policy.md). The
+approvals file is `site_approvals`, the digests it names `site_digests`, and the node's side
+(deciding, recording pending entries, auditing a refusal) `site_enforcement`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
-import getpass
-import hashlib
-import io
-import json
-import logging
-import os
-import time
 import tomllib
-import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medmerge_core.errors import InputError
-from medmerge_core.federation.config import ROLES, SAFE_NAME, FederationConfig, node_settings
+from medmerge_core.federation.config import ROLES, FederationConfig, node_settings
 from medmerge_core.federation.protocol import MESSAGE_TYPES, UPDATE_MESSAGES
-
-log = logging.getLogger(__name__)
+from medmerge_core.federation.site_approvals import Approval
+from medmerge_core.federation.site_digests import run_config_digest
 
 DP_FLOORS: tuple[str, ...] = ("no", "any", "client")  # privacy.require-dp
-STATUSES: tuple[str, ...] = ("pending", "approved", "rejected", "revoked")
-KINDS: tuple[str, ...] = ("app", "run-config")
-APPROVALS_FORMAT = "medmerge-site-approvals/1"
 # The run-config key a secure-aggregation floor needs (FederationConfig.secagg). The message
 # types a policy may name are the protocol's (`MESSAGE_TYPES`); under
 # privacy.require-secure-aggregation its `UPDATE_MESSAGES` are answered only inside SecAgg+.
@@ -255,203 +243,6 @@ def parse_policy(raw: Mapping[str, Any], path: Path) -> SitePolicy:
     return policy
 
 
-# ---------------------------------------------------------------------------- digests
-
-
-def is_bundle_file(path: str) -> bool:
-    """Whether a file of an app folder is part of its code: everything but Flower's manifest
-    and the byte code Python writes beside the sources when they are imported."""
-    parts = path.split("/")
-    return parts[0] != ".info" and "__pycache__" not in parts and not path.endswith(".pyc")
-
-
-def files_digest(files: Mapping[str, bytes]) -> str:
-    """The app digest: SHA-256 over every bundle file's path and SHA-256, in path order. The
-    same files give the same digest whether they come zipped (a FAB) or installed (a folder)."""
-    digest = hashlib.sha256()
-    for name in sorted(n for n in files if is_bundle_file(n)):
-        digest.update(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\n".encode())
-    return digest.hexdigest()
-
-
-def fab_files(fab: bytes) -> dict[str, bytes]:
-    """The files of a Flower app bundle (a zip), by path."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(fab)) as archive:
-            return {i.filename: archive.read(i) for i in archive.infolist() if not i.is_dir()}
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise InputError(f"app bundle: not a Flower app bundle (FAB) ({exc})") from exc
-
-
-def fab_digest(fab: bytes) -> str:
-    return files_digest(fab_files(fab))
-
-
-def folder_files(root: Path) -> dict[str, bytes]:
-    """The files of an installed app folder (as Flower unpacked a FAB), by relative path."""
-    files = {}
-    for path in sorted(root.rglob("*")):
-        name = path.relative_to(root).as_posix()
-        if path.is_file() and is_bundle_file(name):
-            files[name] = path.read_bytes()
-    return files
-
-
-def installed_digest(root: Path) -> str:
-    return files_digest(folder_files(root))
-
-
-def run_config_digest(run_config: Mapping[str, Any]) -> str:
-    """SHA-256 of the run config as key-sorted JSON (what a run-config approval names)."""
-    text = json.dumps(dict(run_config), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------- approvals
-
-
-@dataclass(frozen=True)
-class Approval:
-    digest: str
-    kind: str  # "app" or "run-config"
-    status: str  # pending, approved, rejected, revoked
-    name: str = ""  # what it is (the FAB's id and version; a run name)
-    updated: str = ""  # when the status was last set (UTC)
-    by: str = ""  # who set it ("node" for a pending entry the node recorded)
-    note: str = ""
-    detail: Mapping[str, Any] | None = None  # for a pending run config: the config itself
-    history: tuple[Mapping[str, Any], ...] = ()  # the earlier statuses, oldest first
-
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            k: getattr(self, k) for k in ("kind", "status", "name", "updated", "by", "note")
-        }
-        if self.detail is not None:
-            out["detail"] = dict(self.detail)
-        out["history"] = [dict(h) for h in self.history]
-        return out
-
-
-def read_approvals(path: Path) -> dict[str, Approval]:
-    """The site's decisions, by digest; no file yet: none."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise InputError(f"approvals {path}: unreadable ({type(exc).__name__})") from exc
-    if not isinstance(raw, dict) or raw.get("format") != APPROVALS_FORMAT:
-        raise InputError(f"approvals {path}: not a {APPROVALS_FORMAT} file")
-    entries = raw.get("entries", {})
-    out = {}
-    for digest, entry in entries.items() if isinstance(entries, dict) else ():
-        try:
-            approval = Approval(digest=digest, **entry)
-            approval = dataclasses.replace(approval, history=tuple(approval.history))
-        except TypeError as exc:
-            raise InputError(f"approvals {path}: entry {digest[:12]}: {exc}") from exc
-        if approval.status not in STATUSES or approval.kind not in KINDS:
-            raise InputError(f"approvals {path}: entry {digest[:12]}: bad status or kind")
-        out[digest] = approval
-    return out
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One writer at a time (the officer's CLI, several ClientApps recording a new app)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _write_approvals(path: Path, entries: Mapping[str, Approval]) -> None:
-    from medmerge_core.io import atomic_write_json
-
-    body = {
-        "format": APPROVALS_FORMAT,
-        "entries": {d: a.as_json() for d, a in sorted(entries.items())},
-    }
-    atomic_write_json(path, body)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def set_status(
-    path: Path,
-    digest: str,
-    status: str,
-    kind: str | None = None,
-    name: str = "",
-    note: str = "",
-    by: str | None = None,
-) -> Approval:
-    """Record a decision on `digest` (atomically, under the approvals lock). `revoke` needs an
-    approved entry; `kind` defaults to the entry's own, else "app"."""
-    if status not in STATUSES:
-        raise InputError(f"status: expected one of {', '.join(STATUSES)}, got '{status}'")
-    check_digest(digest)
-    with _locked(path):
-        entries = read_approvals(path)
-        old = entries.get(digest)
-        if status == "revoked" and (old is None or old.status != "approved"):
-            now = "not recorded" if old is None else old.status
-            raise InputError(
-                f"revoke {digest[:12]}: only an approved digest can be revoked ({now})"
-            )
-        kind = kind or (old.kind if old is not None else "app")
-        if kind not in KINDS:
-            raise InputError(f"kind: expected one of {', '.join(KINDS)}, got '{kind}'")
-        entry = Approval(
-            digest=digest,
-            kind=kind,
-            status=status,
-            name=name or (old.name if old is not None else ""),
-            updated=_now(),
-            by=by if by is not None else _user(),
-            note=note,
-            detail=old.detail if old is not None else None,
-            history=() if old is None else (*old.history, _earlier(old)),
-        )
-        entries[digest] = entry
-        _write_approvals(path, entries)
-    return entry
-
-
-def _earlier(entry: Approval) -> dict[str, Any]:
-    return {"status": entry.status, "updated": entry.updated, "by": entry.by, "note": entry.note}
-
-
-def record_pending(
-    path: Path, digest: str, kind: str, name: str, detail: Mapping[str, Any] | None = None
-) -> None:
-    """A digest first seen by the node goes into the approvals file as pending, for a person to
-    decide on; an entry already there (any status) is left alone."""
-    with _locked(path):
-        entries = read_approvals(path)
-        if digest in entries:
-            return
-        entries[digest] = Approval(digest, kind, "pending", name, _now(), "node", "", detail)
-        _write_approvals(path, entries)
-
-
-def check_digest(digest: str) -> None:
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise InputError(f"digest: expected 64 lower-case hex digits, got '{digest[:80]}'")
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
-
-
 # ---------------------------------------------------------------------------- the check
 
 
@@ -559,101 +350,3 @@ def _limits(policy: SitePolicy, cfg: FederationConfig, data: str | None) -> Refu
     if policy.data is not None and data is not None and data not in policy.data:
         return Refusal("limits.data", "this node's data spec is not one the policy lists")
     return None
-
-
-# ---------------------------------------------------------------------------- the node's side
-
-
-def decide(
-    node_config: Mapping[str, Any],
-    run_config: Mapping[str, Any],
-    message_type: str,
-    app_digest: str | None,
-    app_name: str = "",
-    secure: bool = False,
-) -> Refusal | None:
-    """The node's decision on one message: None without `policy` in the node config, else the
-    policy's check. An app or run config first seen is recorded as pending. A policy that
-    cannot be read refuses (rule "policy"), so a broken file never lets everything through."""
-    source = node_config.get("policy")
-    if source in (None, ""):
-        return None
-    try:
-        policy = load_policy(str(source))
-        approvals = read_approvals(policy.approvals)
-    except InputError as exc:
-        return Refusal("policy", str(exc))
-    refusal = check(policy, approvals, message_type, node_config, run_config, app_digest, secure)
-    if refusal is None:
-        return None
-    try:
-        if refusal.rule == "apps.require-approved" and app_digest not in approvals:
-            record_pending(policy.approvals, str(app_digest), "app", app_name)
-        elif refusal.rule == "apps.require-approved-run-config":
-            digest = run_config_digest(run_config)
-            if digest not in approvals:
-                name = str(run_config.get("run-name", ""))
-                record_pending(policy.approvals, digest, "run-config", name, dict(run_config))
-    except (OSError, InputError) as exc:  # the refusal stands; the officer sees it in the log
-        log.warning("site policy: could not record a pending entry: %s", exc)
-    return refusal
-
-
-def audit_refusal(
-    node_config: Mapping[str, Any],
-    run_config: Mapping[str, Any],
-    message_type: str,
-    run_id: int,
-    refusal: Refusal,
-    enforced_by: str,
-    app_digest: str | None,
-) -> Path:
-    """One line in the node's audit log (`audit.audit_file`) for a refused message: the rule,
-    its detail, the app digest and who refused it (the site runtime or the ClientApp). When
-    the run config cannot be read, the line goes to <audit-dir>/_site-policy/<name>.jsonl."""
-    from medmerge_core.federation.audit import DEPLOYED_AUDIT_DIR, audit_file
-    from medmerge_core.io import append_jsonl
-
-    try:
-        cfg = FederationConfig.from_run_config(run_config)
-        path = audit_file(node_settings(node_config, cfg), cfg)
-    except InputError:
-        root = Path(str(node_config.get("audit-dir") or DEPLOYED_AUDIT_DIR)).expanduser()
-        name = str(node_config.get("name", "node"))
-        path = root / "_site-policy" / f"{name if SAFE_NAME.match(name) else 'node'}.jsonl"
-    append_jsonl(
-        path,
-        {
-            "time": time.time(),
-            "run_id": run_id,
-            "message_type": message_type,
-            "refused": {
-                "rule": refusal.rule,
-                "detail": refusal.detail,
-                "app_digest": app_digest,
-                "by": enforced_by,
-            },
-        },
-    )
-    return path
-
-
-def refuse(
-    node_config: dict[str, Any],
-    run_config: dict[str, Any],
-    message_type: str,
-    run_id: int,
-    refusal: Refusal,
-    by: str,
-    app_digest: str | None,
-    logger: logging.Logger = log,
-) -> PolicyRefusal:
-    """Log a refusal, write it to the node's audit log, and return the exception to raise
-    (the site runtime and the ClientApp both refuse through here)."""
-    name = str(node_config.get("name", "node"))
-    logger.warning("%s: %s (%s, run %s)", name, refusal, message_type, run_id)
-    try:
-        audit_refusal(node_config, run_config, message_type, run_id, refusal, by, app_digest)
-    except OSError as exc:  # the refusal stands even when the audit disk fails
-        logger.error("%s: could not write the refusal to the audit log: %s", name, exc)
-    return PolicyRefusal(refusal)
