@@ -15,7 +15,7 @@ import time
 import pytest
 
 from medmerge_core.io import read_jsonl
-from tests.test_federation_network import INSTITUTIONS, Consortium, tiny_run
+from tests.consortium import INSTITUTIONS, Consortium, tiny_run
 
 pytestmark = pytest.mark.network
 

@@ -22,7 +22,7 @@ import pytest
 
 from medmerge_core.federation.site_approvals import read_approvals
 from medmerge_core.io import read_jsonl
-from tests.test_federation_network import (
+from tests.consortium import (
     BIN,
     DEPLOY,
     INSTITUTIONS,
