@@ -20,17 +20,19 @@ BACKGROUND_NICENESS = 10  # the other tests, beside a consortium whose heartbeat
 torch.set_num_threads(1 if XDIST_WORKER else min(2, torch.get_num_threads()))
 
 
+def in_network_file(path: str) -> bool:
+    return path.endswith(NETWORK_FILE_SUFFIX)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Network tests first (stable): they are the longest unit of work, so one worker starts on
     them while the others take the rest."""
     for item in items:
-        if (item.get_closest_marker("network") is not None) != item.path.name.endswith(
-            NETWORK_FILE_SUFFIX
-        ):
+        if (item.get_closest_marker("network") is not None) != in_network_file(item.path.name):
             raise pytest.UsageError(
                 f"{item.nodeid}: network tests live in *{NETWORK_FILE_SUFFIX} files, and only they"
             )
-    items.sort(key=lambda item: not item.path.name.endswith(NETWORK_FILE_SUFFIX))
+    items.sort(key=lambda item: not in_network_file(item.path.name))
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
@@ -42,7 +44,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     class NetworkTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "network" if path.endswith(NETWORK_FILE_SUFFIX) else path
+            return "network" if in_network_file(path) else path
 
     config.option.loadscopereorder = False  # keep the collection order: network first
     return NetworkTogether(config, log)
