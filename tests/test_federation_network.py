@@ -48,59 +48,46 @@ from tests.consortium import (
 pytestmark = pytest.mark.network
 
 
-def test_tls_authenticated_federated_probe_and_fine_tuning_complete(tmp_path) -> None:
-    """Over the wire: TLS, authentication, the audit log, the federated merge probe (the site
-    keeps the sources in its run state between messages) and DP clipped at the site, with
-    the releases of both phases accounted."""
+def test_tls_authenticated_probe_and_rounds_complete_with_a_supernode_killed_mid_round(
+    tmp_path,
+) -> None:
+    """Over the wire: TLS, authentication, the audit log, the federated merge probe (each site
+    keeps the sources in its run state between messages) and DP clipped at the site, with the
+    releases of both phases accounted. Then site-3's SuperNode is SIGKILLed once it has taken
+    its round-1 training message: the SuperLink sees its heartbeats stop, answers for it with
+    an error, and the ServerApp finishes round 1 with the other two sites, then round 2.
+    (One consortium for both scenarios: each costs minutes of ClientApp processes.)"""
     nodes = {
         **INSTITUTIONS,
-        "site-1": ["role=site", "data=synthetic:target", "shard=0/2"],
-        "site-2": ["role=site", "data=synthetic:target", "shard=1/2"],
-    }
+        **{f"site-{i + 1}": ["role=site", "data=synthetic:target", f"shard={i}/3"]
+           for i in range(3)},
+    }  # fmt: skip
     with Consortium(tmp_path, nodes) as consortium:
-        overrides = {"wait-nodes": 4, "dp": '"client"', "dp-noise-multiplier": 0.5,
+        overrides = {"wait-nodes": 5, "rounds": 2, "dp": '"client"', "dp-noise-multiplier": 0.5,
                      "merge-mode": '"federated"', "merge-rounds": 2}  # fmt: skip
         run_id = consortium.start_run(tiny_run(tmp_path, **overrides))
+        # The probe's messages are "train.probe": the first "train" one is round 1's.
+        consortium.wait_for_log("site-3", "Receiving: train message", time.monotonic() + 900)
+        consortium.kill("site-3")
         status = consortium.final_status(run_id)
         assert status == ["finished:completed"], (status, consortium.tail())
     assert (tmp_path / "runs" / "federation" / "final.pt").exists()
     records = read_jsonl(tmp_path / "runs" / "federation" / "metrics.jsonl")
     probe = [(r["round"], r["sites"]) for r in records if r["phase"] == "probe-round"]
-    assert probe == [(1, 2), (2, 2)]
-    (round_1,) = [r for r in records if r["phase"] == "round"]
-    assert round_1["dp_epsilon"] == epsilon(0.5, 3, 1e-5)  # 2 probe releases, then 1
+    assert probe == [(1, 3), (2, 3)]
+    rounds = [r for r in records if r["phase"] == "round"]
+    assert [(r["round"], r["sites"]) for r in rounds] == [(1, 2), (2, 2)]
+    (rejected,) = rounds[0]["rejected"]
+    assert "site-3" in rejected
+    assert rounds[1]["rejected"] == []
+    # 2 probe releases, then one per round
+    assert [r["dp_epsilon"] for r in rounds] == [epsilon(0.5, 3, 1e-5), epsilon(0.5, 4, 1e-5)]
     logs = {p.stem: read_jsonl(p) for p in (tmp_path / "audit" / "federation").glob("*.jsonl")}
     assert set(logs) == set(nodes) and all(logs.values())  # each SuperNode logged on its disk
     assert all(line["message_type"] for lines in logs.values() for line in lines)
-    for site in ("site-1", "site-2"):  # the sources came once; round 2 used the cached copy
+    for site in ("site-1", "site-2", "site-3"):  # the sources came once; round 2 used the cache
         probes = [line for line in logs[site] if line["message_type"] == "train.probe"]
         assert ["source-0" in line["received"]["arrays"] for line in probes] == [True, False]
-
-
-def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path) -> None:
-    """site-2's SuperNode is SIGKILLed once it has taken its round-1 training message: the
-    SuperLink sees its heartbeats stop, answers for it with an error, and the ServerApp
-    finishes round 1 with site-1 alone, then round 2."""
-    nodes = {
-        **INSTITUTIONS,
-        "coordinator": ["role=coordinator", "data=synthetic:target", "shard=0/3"],
-        "site-1": ["role=site", "data=synthetic:target", "shard=1/3"],
-        "site-2": ["role=site", "data=synthetic:target", "shard=2/3"],
-    }
-    with Consortium(tmp_path, nodes) as consortium:
-        run_id = consortium.start_run(tiny_run(tmp_path, rounds=2, **{"wait-nodes": 5}))
-        consortium.wait_for_log("site-2", "Receiving: train message", time.monotonic() + 600)
-        consortium.kill("site-2")
-        status = consortium.final_status(run_id)
-        assert status == ["finished:completed"], (status, consortium.tail())
-    rounds = [
-        r for r in read_jsonl(tmp_path / "runs/federation/metrics.jsonl") if r["phase"] == "round"
-    ]
-    assert [(r["round"], r["sites"]) for r in rounds] == [(1, 1), (2, 1)]
-    (rejected,) = rounds[0]["rejected"]
-    assert "site-2" in rejected
-    assert rounds[1]["rejected"] == []
-    assert (tmp_path / "runs" / "federation" / "final.pt").exists()
 
 
 def test_a_superlink_and_a_serverapp_killed_mid_run_lose_no_round(tmp_path) -> None:
