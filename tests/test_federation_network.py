@@ -59,7 +59,7 @@ def test_tls_authenticated_federated_probe_and_fine_tuning_complete(tmp_path) ->
     }
     with Consortium(tmp_path, nodes) as consortium:
         overrides = {"wait-nodes": 4, "dp": '"client"', "dp-noise-multiplier": 0.5,
-                     "merge-mode": '"federated"', "merge-rounds": 2}  # fmt: skip
+                     "probe-mode": '"federated"', "probe-rounds": 2}  # fmt: skip
         run_id = consortium.start_run(tiny_run(tmp_path, **overrides))
         status = consortium.final_status(run_id)
         assert status == ["finished:completed"], (status, consortium.tail())
@@ -125,8 +125,8 @@ def test_a_superlink_and_a_serverapp_killed_mid_run_lose_no_round(tmp_path) -> N
         return subprocess.run(check, capture_output=True, text=True, timeout=60)
 
     with Consortium(tmp_path, nodes) as consortium:
-        config = tiny_run(tmp_path, rounds=2, **{"wait-nodes": 3, "merge-mode": '"federated"',
-                                                 "merge-rounds": 1})  # fmt: skip
+        config = tiny_run(tmp_path, rounds=2, **{"wait-nodes": 3, "probe-mode": '"federated"',
+                                                 "probe-rounds": 1})  # fmt: skip
         first = consortium.start_run(config)
         consortium.wait_for_log("site-1", "Receiving: train message", time.monotonic() + 600)
         registered = consortium.node_ids()
