@@ -14,8 +14,8 @@
    ServerApp's streamed log). Ray runs its workers at niceness 15, so any other job on the
    machine slows (c) more than (a) and (b): measure on an idle machine.
 3. `--fp16`: final test metrics of the same run with fp32 and fp16 weights on the wire.
-4. `--merge-modes`: the default simulation (`flwr run`) with the coordinator's probe and with
-   the federated probe (`merge-mode = "federated"`), interleaved: wall time, merge phase, bytes
+4. `--probe-modes`: the default simulation (`flwr run`) with the coordinator's probe and with
+   the federated probe (`probe-mode = "federated"`), interleaved: wall time, merge phase, bytes
    per probe round.
 5. `--privacy`: the per-round cost of DP-FedAvg (`dp = "server"`, noise 1) and of SecAgg+
    (`secagg = true`, alone and with client-side DP; docs/secure-aggregation.md) as ratios to
@@ -26,7 +26,7 @@
 Every federated run prints the kernels InMerge merged on each round's aggregate.
 
 Usage: python benchmarks/bench_federation.py [--bytes] [--overhead [--simulation]] [--fp16]
-       [--privacy] [--merge-modes]
+       [--privacy] [--probe-modes]
        [--sim-cpus C [C ...]] [--out DIR] [--rounds R] [--n-train N] [--repeats K]
        (defaults 2, 200, 1; val/test are 2/5 and 3/5 of N)
        `--rounds 3 --n-train 400` is the pyproject's default simulation.
@@ -158,7 +158,7 @@ def privacy_cost(small: dict, repeats: int) -> None:
     Console().print(table)
 
 
-def merge_mode_cost(small: dict, repeats: int, out: Path, cpus: int) -> None:
+def probe_mode_cost(small: dict, repeats: int, out: Path, cpus: int) -> None:
     """The default simulation with the coordinator's probe and with the federated probe,
     interleaved: wall time from `flwr run` to the end, the merge phase, and bytes."""
     modes = ("coordinator", "federated")
@@ -167,7 +167,7 @@ def merge_mode_cost(small: dict, repeats: int, out: Path, cpus: int) -> None:
     for repeat in range(repeats):
         for mode in modes[repeat % 2 :] + modes[: repeat % 2]:
             name = f"mode-{mode}-{repeat}"
-            config = {**small, "run-name": name, "merge-mode": mode}
+            config = {**small, "run-name": name, "probe-mode": mode}
             took, record, phases = simulated(config, out / f"flwr-{name}", cpus)
             seconds[mode].append(took)
             merge[mode].append(phases["merge"])
@@ -261,16 +261,16 @@ def main() -> None:
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--privacy", action="store_true", help="DP-FedAvg / FedAvg per round")
     parser.add_argument(
-        "--merge-modes",
+        "--probe-modes",
         action="store_true",
-        help="the simulation with merge-mode coordinator vs federated (first --sim-cpus)",
+        help="the simulation with probe-mode coordinator vs federated (first --sim-cpus)",
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--n-train", type=int, default=200, help="synthetic train images")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved, order rotating")
     args = parser.parse_args()
-    everything = not (args.bytes or args.overhead or args.fp16 or args.privacy or args.merge_modes)
+    everything = not (args.bytes or args.overhead or args.fp16 or args.privacy or args.probe_modes)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_federation_"))
     small = {
         "output-dir": str(out),
@@ -286,8 +286,8 @@ def main() -> None:
         overhead(small, args.repeats, args.sim_cpus if args.simulation else [], out, last)
     if args.privacy or everything:
         privacy_cost(small, max(args.repeats, 3))
-    if args.merge_modes:
-        merge_mode_cost(small, args.repeats, out, args.sim_cpus[0])
+    if args.probe_modes:
+        probe_mode_cost(small, args.repeats, out, args.sim_cpus[0])
     if args.fp16 or everything:
         for fp16 in (False, True):
             if fp16 not in last:  # the fp32 run is the overhead run when that was measured

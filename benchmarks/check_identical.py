@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIG = {
     "arch": "shufflenet_v2_x0_5", "image-size": 16, "synthetic-n-train": 32,
-    "synthetic-n-val": 16, "synthetic-n-test": 16, "rounds": 2, "merge-steps": 20,
+    "synthetic-n-val": 16, "synthetic-n-test": 16, "rounds": 2, "probe-steps": 20,
     "min-sites": 2, "inmerge-rule": "absolute", "inmerge-tau": -1.0, "batch-size": 16,
 }  # fmt: skip
 NODES = [

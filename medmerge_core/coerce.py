@@ -1,5 +1,5 @@
 """The one coercer that reads any settings dataclass: from a nested mapping (`build`: the YAML
-config), a flat mapping with dashed keys (`from_flat`: Flower's run config, `merge-coef-lr`) and
+config), a flat mapping with dashed keys (`from_flat`: Flower's run config, `probe-coef-lr`) and
 the command line (`add_arguments` / `from_arguments`: the study drivers); generic over the
 dataclass, so it lives apart from the settings it reads (`settings`).
 """
@@ -145,9 +145,9 @@ def flat_keys(cls: type) -> dict[str, tuple[str, ...]]:
 
 def from_flat(cls: type, flat: Mapping[str, Any], where: str = "run config",
               renamed: Mapping[str, str] | None = None) -> Any:  # fmt: skip
-    """A settings dataclass from a flat mapping with dashed keys (`merge-coef-lr = 0.01`).
+    """A settings dataclass from a flat mapping with dashed keys (`probe-coef-lr = 0.01`).
 
-    Errors name the dashed key as typed: `run config merge-constraint: unknown 'x'; ...`."""
+    Errors name the dashed key as typed: `run config probe-constraint: unknown 'x'; ...`."""
     keys = flat_keys(cls)
     hints = typing.get_type_hints(cls)
     defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
@@ -187,7 +187,7 @@ def from_flat(cls: type, flat: Mapping[str, Any], where: str = "run config",
 
 
 def _flat_message(message: str, keys: Mapping[str, tuple[str, ...]]) -> str:
-    """'merge.constraint: ...' -> 'merge-constraint: ...' (the key the user typed)."""
+    """'probe.constraint: ...' -> 'probe-constraint: ...' (the key the user typed)."""
     where, sep, problem = message.partition(": ")
     by_path = {".".join(path): key for key, path in keys.items()}
     return f"{by_path[where]}{sep}{problem}" if where in by_path else message

@@ -95,8 +95,9 @@ def train_probe(
     """Train the probe for its budget (the best epoch on validation macro-F1): the one training
     step of the coordinator's probe and of every site's federated probe round.
 
-    BN and head train at (lr, weight_decay), the coefficients at `settings.coef_lr` without
-    decay. Returns the probe on the runtime's device, and None for a zero budget.
+    BN and head train at (lr, weight_decay): `lr` is the probe's BN/head rate (lp.lr in an
+    experiment config, probe-lr in a run config). The coefficients train at `settings.coef_lr`
+    without decay. Returns the probe on the runtime's device, and None for a zero budget.
     """
     if not settings.trains:  # an untrained merge is baked where the sources are
         return merged, None

@@ -64,11 +64,12 @@ class StageSettings:
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """The MedMerge probe: the `merge:` config block and the federation's merge-* keys.
+    """The MedMerge probe: the `merge:` config block and the federation's probe-* keys.
 
     The budget is `epochs` epochs when that is > 0, else `steps` optimiser steps (0: no
-    training, the sources' uniform average). BN and the head train with the LP learning rate
-    and weight decay; the coefficients with `coef_lr` and no weight decay.
+    training, the sources' uniform average). BN and the head train at the probe's BN/head rate
+    (lp.lr in an experiment config, probe-lr in a run config) and its weight decay; the
+    coefficients with `coef_lr` and no weight decay.
     """
 
     granularity: Granularity = "kernel"

@@ -2,7 +2,7 @@
 
 `FineTuningRounds` is the fine-tuning: InMerge on each aggregate (after the DP noise), metrics
 pooled over the sites' test sets after every round, and a last evaluation of the final model.
-`ProbeRounds` is the federated merge probe (`merge-mode = "federated"`), which sends the
+`ProbeRounds` is the federated merge probe (`probe-mode = "federated"`), which sends the
 source backbones to a site once and names them by digest afterwards. Apart from the shared
 rounds so that `strategy` stays about one round and how its messages come and go.
 """
@@ -104,7 +104,7 @@ class FineTuningRounds(FederatedRounds):
 
 
 class ProbeRounds(FederatedRounds):
-    """The federated merge probe (`merge-mode = "federated"`): each round every site trains the
+    """The federated merge probe (`probe-mode = "federated"`): each round every site trains the
     probe from the aggregate (`Node.probe_round`) and returns its probe state. The source
     backbones go to a site with its first message of the run (and again after it failed, in
     case it lost its cache); later messages name them by digest only."""

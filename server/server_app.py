@@ -53,7 +53,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> list[dict[str, Any
         if saved is None:
             saved = collect(grid, cfg, roles)
             run.save_sources(*saved)
-        learn = merge if cfg.merge_mode == "coordinator" else merge_federated
+        learn = merge if cfg.probe_mode == "coordinator" else merge_federated
         merged = learn(grid, cfg, roles, *saved, run)
     state, info, releases = merged
     strategy = FineTuningRounds(cfg, info, sites, run, releases)
@@ -146,7 +146,7 @@ def merge(grid: Grid, cfg: FederationConfig, roles: Roles, sources: list[StateDi
     coefficients = {k: v.numpy() for k, v in learned.items()}
     state = accept_merged(raw, coefficients, info, len(names), allow_fp16=cfg.fp16)
     sent = tuple(compress(s, cfg.fp16) for s in sources)  # what the coordinator merged
-    reason = ProbePlan(sent, tuple(names), info, cfg.merge, cfg.seed).check_baked(
+    reason = ProbePlan(sent, tuple(names), info, cfg.probe, cfg.seed).check_baked(
         raw, coefficients, cfg.fp16
     )
     if reason is not None:
@@ -173,13 +173,13 @@ def merge_federated(
     server bakes the last aggregate once. Returns (merged model, its description, DP releases)."""
     sites = _sites(roles)
     if not sites:
-        raise RuntimeError("merge: merge-mode 'federated' needs nodes with role 'site'")
+        raise RuntimeError("merge: probe-mode 'federated' needs nodes with role 'site'")
     if _with_role(roles, "coordinator"):
-        log.info("merge-mode 'federated': the coordinator node takes no part")
+        log.info("probe-mode 'federated': the coordinator node takes no part")
     info = target_info(grid, cfg, roles, list(sites))
-    plan = ProbePlan(tuple(sources), tuple(names), info, cfg.merge, cfg.seed)
+    plan = ProbePlan(tuple(sources), tuple(names), info, cfg.probe, cfg.seed)
     strategy = ProbeRounds(cfg, plan, sites, run)
-    result = strategy.start(grid, ArrayRecord(plan.initial), cfg.merge_rounds, cfg.timeout)
+    result = strategy.start(grid, ArrayRecord(plan.initial), cfg.probe_rounds, cfg.timeout)
     state, coefficients = plan.bake(result.arrays.to_torch_state_dict())
     last = strategy.history[-1] if strategy.history else {}
     sent = {k: v for k, v in plan.initial.items() if k in strategy.keys}
@@ -191,7 +191,7 @@ def merge_federated(
     }
     run.save_merged(state, info, coefficients, names, metrics, strategy.releases)
     run.log({"phase": "merge", "mode": "federated", "sources": names, **metrics})
-    log.info("merge: federated over %d rounds: %s", cfg.merge_rounds, metrics)
+    log.info("merge: federated over %d rounds: %s", cfg.probe_rounds, metrics)
     return state, info, strategy.releases
 
 

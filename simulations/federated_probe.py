@@ -11,7 +11,7 @@ test set. Sources as in the main real-image study: A = the CIFAR-10 ResNet-56, B
 pretrained on pneumoniamnist from A (made once, cached under --out). Conditions:
 
 - `coordinator-share`: a coordinator holding one site's share (site 0's) learns the merge;
-- `federated`: the probe federated over all sites (`merge-mode = "federated"`);
+- `federated`: the probe federated over all sites (`probe-mode = "federated"`);
 - `coordinator-all`: a coordinator holding all the training labels (the upper bound);
 
 each followed by the same federated fine-tuning over all the sites. Every run is a whole
@@ -78,10 +78,10 @@ def report(s: FederatedProbeSettings, results: dict, sources: dict[str, str]) ->
         + (f", {s.source_train} images" if s.source_train else "")
         + ").",
         "",
-        f"Merge: every learner runs the probe for {s.merge_steps} steps: a coordinator in one "
-        f"go, each site of the federated probe over {s.merge_rounds} rounds "
-        f"({-(-s.merge_steps // s.merge_rounds)} steps a round); coefficients at lr "
-        f"{s.merge_coef_lr:g}, BN and head at {s.merge_lr:g}, best epoch on the learner's own "
+        f"Merge: every learner runs the probe for {s.probe_steps} steps: a coordinator in one "
+        f"go, each site of the federated probe over {s.probe_rounds} rounds "
+        f"({-(-s.probe_steps // s.probe_rounds)} steps a round); coefficients at lr "
+        f"{s.probe_coef_lr:g}, BN and head at {s.probe_lr:g}, best epoch on the learner's own "
         f"validation share. Then the same federated fine-tuning for every condition: "
         f"{s.rounds} rounds of {s.ft.epochs} local epoch(s) at lr {s.ft.lr:g} (AdamW, batch "
         f"{s.batch_size}, InMerge on each aggregate at its defaults), all sites. Every site is "

@@ -37,11 +37,11 @@ class FederatedProbeSettings:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     partitions: tuple[str, ...] = PARTITIONS
     # The probe: every learner (a coordinator, or each site of the federated probe, over
-    # `merge_rounds` rounds) gets `merge_steps` steps, as one coordinator would.
-    merge_steps: int = 300
-    merge_rounds: int = 10
-    merge_lr: float = 1e-3
-    merge_coef_lr: float = 1e-2
+    # `probe_rounds` rounds) gets `probe_steps` steps, as one coordinator would.
+    probe_steps: int = 300
+    probe_rounds: int = 10
+    probe_lr: float = 1e-3  # the probe's BN/head rate (probe-lr in the run config)
+    probe_coef_lr: float = 1e-2
     rounds: int = 10  # federated fine-tuning rounds, ft.epochs local epochs each
     # Every site is honest here: direction screening off (-1). At 3 sites its default (0)
     # rejected honest replies whose cosine to the others' median update was -0.02 to -0.08.
@@ -111,11 +111,11 @@ def run_config(s: FederatedProbeSettings, partition: str, condition: str, seed: 
         "seed": seed,
         "batch-size": s.batch_size,
         "label-skew": s.alpha if partition == "dirichlet" else 0.0,
-        "merge-mode": "federated" if federated else "coordinator",
-        "merge-rounds": s.merge_rounds,
-        "merge-steps": s.merge_steps,
-        "merge-lr": s.merge_lr,
-        "merge-coef-lr": s.merge_coef_lr,
+        "probe-mode": "federated" if federated else "coordinator",
+        "probe-rounds": s.probe_rounds,
+        "probe-steps": s.probe_steps,
+        "probe-lr": s.probe_lr,
+        "probe-coef-lr": s.probe_coef_lr,
         "rounds": s.rounds,
         "ft-epochs": s.ft.epochs,
         "ft-lr": s.ft.lr,

@@ -386,7 +386,7 @@ def tiny_run(tmp_path: Path, **extra: object) -> str:
         "synthetic-n-test": 8,
         "rounds": 1,
         "min-sites": 1,
-        "merge-epochs": 1,
+        "probe-epochs": 1,
         "batch-size": 8,
         "timeout": 600.0,
         **extra,

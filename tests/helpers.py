@@ -30,7 +30,7 @@ def run_config(tmp_path, **overrides) -> dict:
         "synthetic-n-val": 16,
         "synthetic-n-test": 16,
         "rounds": 2,
-        "merge-epochs": 1,
+        "probe-epochs": 1,
         "min-sites": 2,
         "batch-size": 16,
     }

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from medmerge_core.coerce import flat_keys
 from medmerge_core.errors import InputError
-from medmerge_core.federation.config import FederationConfig, node_settings
+from medmerge_core.federation.config import RENAMED_KEYS, FederationConfig, node_settings
 from medmerge_core.federation.data import MIN_SHARD, dirichlet_shards, shard_task
 from medmerge_core.federation.roles import Node, solo_threads
 from medmerge_core.federation.run import FederationRun
@@ -38,11 +39,27 @@ def test_run_config_is_typed_and_typos_are_errors() -> None:
         FederationConfig.from_run_config({"inmerge-p": 2.0})
     with pytest.raises(InputError, match=r"run config local-epochs: renamed ft-epochs"):
         FederationConfig.from_run_config({"local-epochs": 2})
+    with pytest.raises(InputError, match=r"weight-decay: now per phase: .*probe-weight-decay"):
+        FederationConfig.from_run_config({"weight-decay": 0.01})
     switched = FederationConfig.from_run_config({"inmerge": False, "inmerge-tau": 0.1})
     assert switched.inmerge is None
     assert FederationConfig.from_run_config({"inmerge-tau": 0.1}).inmerge == InMergeSettings(
         tau=0.1
     )
+
+
+PROBE_KEYS = ("steps", "epochs", "coef-lr", "granularity", "constraint", "freeze-bn", "lr",
+              "weight-decay", "mode", "rounds")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PROBE_KEYS)
+def test_the_probes_old_merge_keys_point_to_their_probe_names(name: str) -> None:
+    """The probe's settings were `merge-*`; an old key is a one-line pointer, not a typo."""
+    old, new = f"merge-{name}", f"probe-{name}"
+    assert new in flat_keys(FederationConfig) and RENAMED_KEYS[old] == f"renamed {new}"
+    with pytest.raises(InputError, match=rf"^run config {old}: renamed {new}$") as caught:
+        FederationConfig.from_run_config({old: 0.001})
+    assert "\n" not in str(caught.value)
 
 
 def test_roles_from_node_config_and_from_partition_id(tmp_path) -> None:
@@ -209,19 +226,19 @@ def test_only_the_training_split_is_label_skewed(tiny_task) -> None:
     assert sum(len(p.train) for p in skewed) == len(tiny_task.train)
 
 
-def test_merge_mode_rounds_and_label_skew_are_checked() -> None:
-    cfg = FederationConfig.from_run_config({"merge-mode": "federated", "merge-rounds": 2})
-    assert (cfg.merge_mode, cfg.merge_rounds) == ("federated", 2)
+def test_probe_mode_rounds_and_label_skew_are_checked() -> None:
+    cfg = FederationConfig.from_run_config({"probe-mode": "federated", "probe-rounds": 2})
+    assert (cfg.probe_mode, cfg.probe_rounds) == ("federated", 2)
     # A site's round gets the probe's budget spread over the rounds, rounded up.
     assert ProbeSettings(steps=300).per_round(7).steps == 43
     assert ProbeSettings(epochs=3).per_round(2) == ProbeSettings(epochs=2)
     site = Node.from_configs({"role": "site", "data": "synthetic:target"},
-                             {"merge-mode": "federated", "merge-rounds": 10})  # fmt: skip
+                             {"probe-mode": "federated", "probe-rounds": 10})  # fmt: skip
     assert site.probe.steps == 30
-    with pytest.raises(InputError, match=r"^run config merge-mode: expected one of"):
-        FederationConfig.from_run_config({"merge-mode": "central"})
-    with pytest.raises(InputError, match="merge-rounds: must be >= 1"):
-        FederationConfig.from_run_config({"merge-rounds": 0})
+    with pytest.raises(InputError, match=r"^run config probe-mode: expected one of"):
+        FederationConfig.from_run_config({"probe-mode": "central"})
+    with pytest.raises(InputError, match="probe-rounds: must be >= 1"):
+        FederationConfig.from_run_config({"probe-rounds": 0})
     with pytest.raises(InputError, match="label-skew: must be >= 0"):
         FederationConfig.from_run_config({"label-skew": -1.0})
 

@@ -357,7 +357,7 @@ def test_simulation_roles_from_partition_ids(tmp_path) -> None:
 
 
 def probe_config(tmp_path, **overrides) -> dict:
-    return run_config(tmp_path, **{"merge-mode": "federated", "merge-rounds": 2, "rounds": 1,
+    return run_config(tmp_path, **{"probe-mode": "federated", "probe-rounds": 2, "rounds": 1,
                                    **overrides})  # fmt: skip
 
 
@@ -384,7 +384,7 @@ def test_federated_probe_with_one_site_and_one_round_equals_the_coordinators(tmp
     merged = {}
     for mode in ("coordinator", "federated"):
         same_threads = {"node-threads": torch.get_num_threads()}  # as the site's, bit for bit
-        rc = probe_config(tmp_path / mode, rounds=0, **{"merge-mode": mode, "merge-rounds": 1,
+        rc = probe_config(tmp_path / mode, rounds=0, **{"probe-mode": mode, "probe-rounds": 1,
                                                        "min-sites": 1, **same_threads})  # fmt: skip
         grid = InProcessGrid(client_app, one, rc)
         run_federation(grid, rc)
@@ -492,7 +492,7 @@ def test_dp_accounts_the_probe_and_fine_tuning_releases_together(tmp_path) -> No
 
 
 def test_fedbn_keeps_the_probe_norm_layers_at_the_sites(tmp_path) -> None:
-    rc = probe_config(tmp_path, fedbn=True, **{"merge-rounds": 1})
+    rc = probe_config(tmp_path, fedbn=True, **{"probe-rounds": 1})
     grid = InProcessGrid(client_app, nodes(tmp_path), rc)
     run_federation(grid, rc)
     _, _, norm = model_reference(ModelInfo(ARCH, 3, 1))

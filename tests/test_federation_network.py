@@ -64,7 +64,7 @@ def test_tls_authenticated_probe_and_rounds_complete_with_a_supernode_killed_mid
     }  # fmt: skip
     with Consortium(tmp_path, nodes) as consortium:
         overrides = {"wait-nodes": 5, "rounds": 2, "dp": '"client"', "dp-noise-multiplier": 0.5,
-                     "merge-mode": '"federated"', "merge-rounds": 2}  # fmt: skip
+                     "probe-mode": '"federated"', "probe-rounds": 2}  # fmt: skip
         run_id = consortium.start_run(tiny_run(tmp_path, **overrides))
         # The probe's messages are "train.probe": the first "train" one is round 1's.
         consortium.wait_for_log("site-3", "Receiving: train message", time.monotonic() + 900)
@@ -112,8 +112,8 @@ def test_a_superlink_and_a_serverapp_killed_mid_run_lose_no_round(tmp_path) -> N
         return subprocess.run(check, capture_output=True, text=True, timeout=60)
 
     with Consortium(tmp_path, nodes) as consortium:
-        config = tiny_run(tmp_path, rounds=2, **{"wait-nodes": 3, "merge-mode": '"federated"',
-                                                 "merge-rounds": 1})  # fmt: skip
+        config = tiny_run(tmp_path, rounds=2, **{"wait-nodes": 3, "probe-mode": '"federated"',
+                                                 "probe-rounds": 1})  # fmt: skip
         first = consortium.start_run(config)
         consortium.wait_for_log("site-1", "Receiving: train message", time.monotonic() + 600)
         registered = consortium.node_ids()

@@ -195,15 +195,15 @@ def test_federation_probe_keys_reach_the_probe_settings() -> None:
     from medmerge_core.federation.config import FederationConfig
 
     cfg = FederationConfig.from_run_config(
-        {"merge-steps": 7, "merge-coef-lr": 0.05, "merge-constraint": "clamp"}
+        {"probe-steps": 7, "probe-coef-lr": 0.05, "probe-constraint": "clamp"}
     )
-    assert cfg.merge == ProbeSettings(steps=7, coef_lr=0.05, constraint="clamp")
-    by_epochs = FederationConfig.from_run_config({"merge-steps": 300, "merge-epochs": 2})
-    assert by_epochs.merge == ProbeSettings(epochs=2)  # the pyproject's steps, epochs > 0 win
-    with pytest.raises(InputError, match=r"run config merge-steps: .*not both"):
-        FederationConfig.from_run_config({"merge-steps": 7, "merge-epochs": 2})
-    with pytest.raises(InputError, match=r"run config merge-constraint"):
-        FederationConfig.from_run_config({"merge-constraint": "simplex"})
+    assert cfg.probe == ProbeSettings(steps=7, coef_lr=0.05, constraint="clamp")
+    by_epochs = FederationConfig.from_run_config({"probe-steps": 300, "probe-epochs": 2})
+    assert by_epochs.probe == ProbeSettings(epochs=2)  # the pyproject's steps, epochs > 0 win
+    with pytest.raises(InputError, match=r"run config probe-steps: .*not both"):
+        FederationConfig.from_run_config({"probe-steps": 7, "probe-epochs": 2})
+    with pytest.raises(InputError, match=r"run config probe-constraint"):
+        FederationConfig.from_run_config({"probe-constraint": "simplex"})
 
 
 def test_the_old_merge_lr_key_points_to_its_replacement() -> None:

@@ -322,7 +322,7 @@ def test_federated_probe_study_tiny_end_to_end(data_root: Path, tmp_path: Path) 
         "--data-root", str(data_root), "--out", str(tmp_path / "runs"), "--results", str(results),
         "--arch", "shufflenet_v2_x0_5", "--image-size", "16", "--source-a", "random:1",
         "--sites", "2",
-        "--alpha", "5", "--seeds", "0", "1", "--merge-steps", "2", "--merge-rounds", "2",
+        "--alpha", "5", "--seeds", "0", "1", "--probe-steps", "2", "--probe-rounds", "2",
         "--rounds", "1", "--source-epochs", "1",
     ]  # fmt: skip
     federated_probe.main(argv)

@@ -59,7 +59,7 @@ def _stage(msg: Message) -> str | None:
         ({"dp": "server"}, "dp"),
         ({"min-cosine": 0.0}, "min-cosine"),
         ({"outlier-factor": 10.0}, "outlier-factor"),
-        ({"merge-mode": "federated"}, "merge-mode"),
+        ({"probe-mode": "federated"}, "probe-mode"),
         ({"min-sites": 2}, "min-sites"),
         (
             {"dp": "client", "dp-clipping-norm": 2.0, "secagg-clipping-range": 1.0},

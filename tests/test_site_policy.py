@@ -154,7 +154,7 @@ def test_a_missing_or_relative_policy_is_refused_in_one_line_and_fails_closed(tm
         ({"dp-noise-multiplier": 0.3}, "privacy.min-noise-multiplier"),
         ({"min-sites": 1}, "privacy.min-sites"),
         ({"rounds": 5}, "limits.max-rounds"),
-        ({"merge-mode": "federated", "merge-rounds": 3}, "limits.max-rounds"),  # 2 + 3 > 4
+        ({"probe-mode": "federated", "probe-rounds": 3}, "limits.max-rounds"),  # 2 + 3 > 4
         ({"ft-epochs": 3}, "limits.max-local-epochs"),
         ({"pretrain-epochs": 3}, "limits.max-local-epochs"),
         ({"sim-target-data": "synthetic:other"}, "limits.data"),  # what the run names

@@ -86,8 +86,8 @@ def test_approval_lifecycle_and_privacy_floor_over_tls_and_auth(tmp_path) -> Non
 
         def submit(name: str, source: Path = app, **extra: object) -> int:
             settings = {"run-name": f'"{name}"', "wait-nodes": 3, "dp": '"client"',
-                        "dp-noise-multiplier": 0.5, "merge-mode": '"federated"',
-                        "merge-rounds": 1, "rounds": 0, **extra}  # fmt: skip
+                        "dp-noise-multiplier": 0.5, "probe-mode": '"federated"',
+                        "probe-rounds": 1, "rounds": 0, **extra}  # fmt: skip
             overrides = tiny_run(tmp_path, **settings)
             overrides += f' operator-key="{consortium.operator_key}"'
             out = consortium.flwr("run", str(source), "hospitals", "--format", "json", "-c",

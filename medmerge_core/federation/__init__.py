@@ -10,7 +10,7 @@ No Flower imports here, so every role, check and file format is testable with pl
   `evaluate` (site, from `site_steps`);
 - `site_steps`: `SiteSteps`, the site's steps that `Node` mixes in (local fine-tuning, a
   federated probe round, evaluation, its FedBN norm layers, what of a trained state leaves);
-- `merge_rounds`: the federated merge probe (`merge-mode = "federated"`): `ProbePlan`, the
+- `merge_rounds`: the federated merge probe (`probe-mode = "federated"`): `ProbePlan`, the
   server's start, keys and bake, and the digest by which sites cache the sources;
 - `members`: `Member`, a node as admitted at discovery (role, name, data sizes); duplicate
   names and coordinators refused;

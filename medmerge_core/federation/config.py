@@ -21,7 +21,7 @@ from medmerge_core.settings import InMergeSettings, ProbeSettings, StageSettings
 ROLES: tuple[str, ...] = ("institution", "coordinator", "site")
 DP_MODES: tuple[str, ...] = ("none", "server", "client")
 AGGREGATIONS: tuple[str, ...] = ("mean", "median", "trimmed-mean")
-MERGE_MODES: tuple[str, ...] = ("coordinator", "federated")
+PROBE_MODES: tuple[str, ...] = ("coordinator", "federated")
 # Settings that may change between a run and its resumption without invalidating it.
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
     {
@@ -39,7 +39,17 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Run-config keys that were renamed: a one-line pointer instead of "unknown key".
 RENAMED_KEYS = {
     "local-epochs": "renamed ft-epochs",
-    "weight-decay": "now per phase: pretrain-weight-decay, merge-weight-decay, ft-weight-decay",
+    "weight-decay": "now per phase: pretrain-weight-decay, probe-weight-decay, ft-weight-decay",
+    "merge-steps": "renamed probe-steps",
+    "merge-epochs": "renamed probe-epochs",
+    "merge-coef-lr": "renamed probe-coef-lr",
+    "merge-granularity": "renamed probe-granularity",
+    "merge-constraint": "renamed probe-constraint",
+    "merge-freeze-bn": "renamed probe-freeze-bn",
+    "merge-lr": "renamed probe-lr",
+    "merge-weight-decay": "renamed probe-weight-decay",
+    "merge-mode": "renamed probe-mode",
+    "merge-rounds": "renamed probe-rounds",
 }
 
 
@@ -48,7 +58,7 @@ class FederationConfig:
     """The run config (`[tool.flwr.app.config]` plus `-c` overrides), typed and checked.
 
     Flat dashed keys (`coerce.from_flat`): a field `batch_size` is `batch-size`; a block's
-    fields are `<block>-<field>` (`ft-lr`, `merge-coef-lr`, `inmerge-tau`); `inmerge` alone is
+    fields are `<block>-<field>` (`ft-lr`, `probe-coef-lr`, `inmerge-tau`); `inmerge` alone is
     its on/off switch. Tuples are comma-separated strings.
     """
 
@@ -77,16 +87,17 @@ class FederationConfig:
     node_threads: int = 0
     # Phase 1: institutions pretrain when they have data and no checkpoint yet.
     pretrain: StageSettings = field(default_factory=lambda: StageSettings(epochs=2, lr=1e-3))
-    # Phase 2: the MedMerge probe at the coordinator; BN and head at merge-lr, merge-weight-decay.
-    merge: ProbeSettings = field(default_factory=ProbeSettings)
-    merge_lr: float = 1e-3
-    merge_weight_decay: float = 0.01
+    # Phase 2: the MedMerge probe at the coordinator; BN and head at probe-lr, probe-weight-decay
+    # (the probe's BN/head rate: lp.lr in an experiment config, probe-lr in a run config).
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    probe_lr: float = 1e-3
+    probe_weight_decay: float = 0.01
     # Who learns the merge: "coordinator" (one node, on its own target data) or "federated"
-    # (every site, the probe's budget spread over `merge-rounds` rounds, each round averaged by
+    # (every site, the probe's budget spread over `probe-rounds` rounds, each round averaged by
     # the server with the fine-tuning's screening, robust aggregation and DP;
     # federation.merge_rounds).
-    merge_mode: str = "coordinator"
-    merge_rounds: int = 5
+    probe_mode: str = "coordinator"
+    probe_rounds: int = 5
     # Phase 3: federated fine-tuning at the sites, `ft` per round, InMerge on each aggregate.
     rounds: int = 3
     ft: StageSettings = field(default_factory=lambda: StageSettings(epochs=1, lr=1e-4))
@@ -154,10 +165,10 @@ class FederationConfig:
             raise InputError(f"max-weight-share: must be in (0, 1], got {self.max_weight_share}")
         if self.label_skew < 0:
             raise InputError(f"label-skew: must be >= 0 (0: stratified), got {self.label_skew}")
-        if self.merge_mode not in MERGE_MODES:
-            raise InputError(f"merge-mode: expected one of {MERGE_MODES}, got '{self.merge_mode}'")
-        if self.merge_rounds < 1:
-            raise InputError(f"merge-rounds: must be >= 1, got {self.merge_rounds}")
+        if self.probe_mode not in PROBE_MODES:
+            raise InputError(f"probe-mode: expected one of {PROBE_MODES}, got '{self.probe_mode}'")
+        if self.probe_rounds < 1:
+            raise InputError(f"probe-rounds: must be >= 1, got {self.probe_rounds}")
         for name in ("rounds", "wait_nodes", "node_threads"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name.replace('_', '-')}: must be >= 0")
@@ -171,8 +182,8 @@ class FederationConfig:
             raise InputError(f"aggregation: unknown '{self.aggregation}'; expected {AGGREGATIONS}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise InputError(f"trim-fraction: must be in [0, 0.5), got {self.trim_fraction}")
-        if not self.merge_lr > 0 or self.merge_weight_decay < 0:
-            raise InputError("merge-lr: must be > 0 (and merge-weight-decay >= 0)")
+        if not self.probe_lr > 0 or self.probe_weight_decay < 0:
+            raise InputError("probe-lr: must be > 0 (and probe-weight-decay >= 0)")
         self._check_secagg()
 
     def _check_secagg(self) -> None:
@@ -194,9 +205,9 @@ class FederationConfig:
             raise InputError(f"min-cosine: the direction screen needs {need}; set -1 (off)")
         if self.outlier_factor != float("inf"):
             raise InputError(f"outlier-factor: the norm screen needs {need}; set inf (off)")
-        if self.merge_mode != "coordinator":
+        if self.probe_mode != "coordinator":
             raise InputError(
-                'merge-mode: "federated" probe rounds are not secure-aggregated; use '
+                'probe-mode: "federated" probe rounds are not secure-aggregated; use '
                 '"coordinator" with secagg = true'
             )
         if self.min_sites < 3:

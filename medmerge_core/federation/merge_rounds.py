@@ -1,4 +1,4 @@
-"""The federated merge probe (`merge-mode = "federated"`), without Flower.
+"""The federated merge probe (`probe-mode = "federated"`), without Flower.
 
 Every site runs the coordinator's probe step (`probe.train_probe`) on its own target data from
 the server's probe state, and returns only what the probe learns (`MergedModel.probe_state`:

@@ -81,11 +81,11 @@ class Node(SiteSteps):
             seed=cfg.seed,
             batch_size=cfg.batch_size,
             pretrain=cfg.pretrain,
-            probe=cfg.merge
-            if cfg.merge_mode == "coordinator"
-            else cfg.merge.per_round(cfg.merge_rounds),
-            probe_lr=cfg.merge_lr,
-            probe_weight_decay=cfg.merge_weight_decay,
+            probe=cfg.probe
+            if cfg.probe_mode == "coordinator"
+            else cfg.probe.per_round(cfg.probe_rounds),
+            probe_lr=cfg.probe_lr,
+            probe_weight_decay=cfg.probe_weight_decay,
             ft=cfg.ft,
             inmerge=cfg.inmerge_local,
             fedbn_dir=site_state_dir(settings, cfg) if cfg.fedbn else None,

@@ -333,15 +333,15 @@ def _floors(policy: SitePolicy, cfg: FederationConfig) -> Refusal | None:
 
 
 def _limits(policy: SitePolicy, cfg: FederationConfig, data: str | None) -> Refusal | None:
-    rounds = cfg.rounds + (cfg.merge_rounds if cfg.merge_mode == "federated" else 0)
+    rounds = cfg.rounds + (cfg.probe_rounds if cfg.probe_mode == "federated" else 0)
     if policy.max_rounds is not None and rounds > policy.max_rounds:
-        what = "rounds + merge-rounds" if cfg.merge_mode == "federated" else "rounds"
+        what = "rounds + probe-rounds" if cfg.probe_mode == "federated" else "rounds"
         return Refusal("limits.max-rounds", f"{what} {rounds} > {policy.max_rounds}")
     if policy.max_local_epochs is not None:
         for key, epochs in (
             ("ft-epochs", cfg.ft.epochs),
             ("pretrain-epochs", cfg.pretrain.epochs),
-            ("merge-epochs", cfg.merge.epochs),
+            ("probe-epochs", cfg.probe.epochs),
         ):
             if epochs > policy.max_local_epochs:
                 return Refusal(
