@@ -1,6 +1,7 @@
-"""Shared fixtures (tiny synthetic tasks, one quick-demo run folder per test session) and how
-the suite shares the machine: the network tests run first, all on one xdist worker, at normal
-priority; the others run beside them, one torch thread per worker, at lower priority."""
+"""Shared fixtures (tiny synthetic tasks, one quick-demo run folder per test session, the
+identity tests' key pairs and token) and how the suite shares the machine: the network tests
+run first, all on one xdist worker, at normal priority; the others run beside them, one torch
+thread per worker, at lower priority."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from medmerge_core.data.base import ArraySplit, TaskData
+from medmerge_core.federation.identity import sign_identity
+from tests.helpers import keygen, pub
 
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set by pytest-xdist in its workers
 NETWORK_FILE_SUFFIX = "_network.py"  # where every `network` test lives, and only those
@@ -100,3 +103,22 @@ def quick_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick_demo") / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+# The identity tests' key pairs and a site-1 token signed by the operator, made once per module
+# (tests/test_identity.py, tests/test_identity_signing.py).
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("keys")
+    return {
+        "operator": keygen(folder, "operator", "ed25519"),
+        "rogue_operator": keygen(folder, "rogue", "ed25519"),
+        "site-1": keygen(folder, "site-1"),
+        "site-2": keygen(folder, "site-2"),
+        "ed_node": keygen(folder, "ed_node", "ed25519"),
+    }
+
+
+@pytest.fixture(scope="module")
+def token(keys) -> str:
+    return sign_identity(keys["operator"], pub(keys["site-1"]), "site-1", "site")
