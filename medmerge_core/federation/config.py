@@ -36,20 +36,14 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset(
 )
 # Names that become a folder or file name (run-name, a node's name): one safe path component.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The probe's settings were merge-* keys: "merge" now names only the arithmetic.
+PROBE_KEYS_ONCE_MERGE = ("steps", "epochs", "coef-lr", "granularity", "constraint", "freeze-bn",
+                         "lr", "weight-decay", "mode", "rounds")  # fmt: skip
 # Run-config keys that were renamed: a one-line pointer instead of "unknown key".
 RENAMED_KEYS = {
     "local-epochs": "renamed ft-epochs",
     "weight-decay": "now per phase: pretrain-weight-decay, probe-weight-decay, ft-weight-decay",
-    "merge-steps": "renamed probe-steps",
-    "merge-epochs": "renamed probe-epochs",
-    "merge-coef-lr": "renamed probe-coef-lr",
-    "merge-granularity": "renamed probe-granularity",
-    "merge-constraint": "renamed probe-constraint",
-    "merge-freeze-bn": "renamed probe-freeze-bn",
-    "merge-lr": "renamed probe-lr",
-    "merge-weight-decay": "renamed probe-weight-decay",
-    "merge-mode": "renamed probe-mode",
-    "merge-rounds": "renamed probe-rounds",
+    **{f"merge-{key}": f"renamed probe-{key}" for key in PROBE_KEYS_ONCE_MERGE},
 }
 
 
